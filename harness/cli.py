@@ -1,0 +1,134 @@
+"""The ``specsweep`` command: run sweeps, write reports, list what is available, build the zoo.
+
+Exit codes: 0 success, 1 some cells failed, 2 bad input (one line naming the field and the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from harness.errors import ConfigError
+
+EXIT_OK, EXIT_FAILED_CELLS, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``specsweep`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"specsweep: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specsweep", description="Benchmark speculative decoding strategies.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a sweep file and write its report")
+    run.add_argument("sweep", help="sweep YAML file, e.g. configs/quickstart.yaml")
+    run.add_argument("--address", help="Ray cluster address to join ('auto' for the running cluster)")
+    run.add_argument("--results-dir", default="results", help="parent directory of run directories (default: results)")
+    run.add_argument("--run-name", help="run directory name under results/<sweep>/ (default: a timestamp); "
+                     "an existing one is resumed")
+    run.add_argument("--resume", metavar="RUN_DIR", help="resume this run directory, skipping finished cells")
+    run.add_argument("--retry-failed", action="store_true", help="on resume, run failed cells again")
+    run.set_defaults(handler=cmd_run)
+
+    report = commands.add_parser("report", help="(re)write cells.csv, report.md and plots of a run directory")
+    report.add_argument("run_dir")
+    report.set_defaults(handler=cmd_report)
+
+    listing = commands.add_parser("list", help="list strategies, prompt sets and zoo models")
+    listing.set_defaults(handler=cmd_list)
+
+    zoo = commands.add_parser("zoo", help="the embedded model zoo")
+    zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True)
+    build = zoo_commands.add_parser("build", help="build (or show) the zoo: tokenizer, target and distilled drafts")
+    build.add_argument("--sweep", help="take the zoo settings from this sweep file's zoo: section")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.set_defaults(handler=cmd_zoo_build)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.config import load_sweep
+    from harness.report import write_report
+    from harness.scheduler import run_sweep
+
+    sweep = load_sweep(args.sweep)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not run_dir.is_dir():
+            raise ConfigError("--resume", f"{run_dir} is not a run directory", "pass an existing results/<sweep>/<run> path")
+    else:
+        run_dir = Path(args.results_dir) / sweep.name / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "sweep.yaml").write_text(Path(args.sweep).read_text())
+    outcome = run_sweep(sweep, run_dir, address=args.address or sweep.run.address, retry_failed=args.retry_failed)
+    report = write_report(run_dir)
+    print(f"{outcome.ok} of {outcome.total} cells ok, {outcome.failed} failed")
+    print(f"report: {report}")
+    return EXIT_FAILED_CELLS if outcome.failed else EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "cells.jsonl").exists():
+        raise ConfigError("run_dir", f"{run_dir} has no cells.jsonl", "pass a results/<sweep>/<run> directory")
+    print(f"report: {write_report(run_dir)}")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from harness.corpus import DOMAINS
+    from strategies import available
+    from training.zoo import ZooConfig, is_built, zoo_dir
+
+    print("strategies:")
+    for name, cls in available().items():
+        fields = ", ".join(
+            f"{f.name}" + ("" if f.default is dataclasses.MISSING else f"={f.default}")
+            for f in dataclasses.fields(cls.Params))
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:<16} {doc}  params: {fields or '-'}")
+    print("prompt sets:")
+    for domain in DOMAINS:
+        print(f"  zoo:{domain:<12} held-out {domain} prompts of the embedded zoo corpus")
+    print("  <path>.jsonl     a Spec-Bench-format file (question_id, category, turns)")
+    print("  hf:<dataset>     a Hugging Face dataset (split, field), where a hub is reachable")
+    config = ZooConfig()
+    state = f"built in {zoo_dir(config)}" if is_built(config) else "not built yet (built on first use)"
+    print(f"zoo models ({state}):")
+    shapes = (config.target, *config.drafts)
+    for shape in shapes:
+        print(f"  zoo:{shape.name:<12} Llama, {shape.layers} layers x {shape.hidden} hidden")
+    return EXIT_OK
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from training.zoo import ZooConfig, build_zoo, format_manifest, zoo_dir
+
+    if args.sweep:
+        from harness.config import load_sweep
+
+        config = load_sweep(args.sweep).zoo
+    else:
+        config = ZooConfig()
+    manifest = build_zoo(config, force=args.force)
+    print(format_manifest(manifest))
+    print(f"models in {zoo_dir(config)}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Sweep files: YAML -> a validated ``Sweep`` -> ``Cell`` objects with stable, content-hashed ids.
+
+Every problem in a sweep file is reported as one ``ConfigError`` line naming
+the field and the fix, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.errors import ConfigError
+from harness.models import DEVICES, DTYPES, ModelSpec, parse_model_spec
+from harness.paths import content_hash
+from harness.prompts import PromptSetSpec, parse_prompt_set
+
+TOP_KEYS = ("name", "description", "zoo", "models", "prompts", "strategies", "run")
+MODEL_KEYS = ("target", "targets", "drafts", "dtype", "device")
+STRATEGY_KEYS = ("name", "params", "grid")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How cells are run: generation length, warm-up, seed, temperature, workers and Ray."""
+
+    max_new_tokens: int = 64
+    warmup_prompts: int = 2
+    seed: int = 0
+    temperature: float = 0.0
+    workers: int = 1
+    num_cpus: int | None = None
+    address: str | None = None
+    max_prompt_tokens: int | None = None
+    max_retries: int = 2
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """One strategy entry: fixed params plus a grid of lists to sweep over."""
+
+    name: str
+    params: dict[str, Any]
+    grid: dict[str, list[Any]]
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every grid point merged over the fixed params, in a stable order."""
+        keys = list(self.grid)
+        combos = itertools.product(*(self.grid[key] for key in keys)) if keys else [()]
+        return [{**self.params, **dict(zip(keys, combo))} for combo in combos]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: a strategy with fixed params on one shard of one prompt set, for one target."""
+
+    sweep: str
+    target: str
+    target_spec: ModelSpec
+    drafts: dict[str, ModelSpec]
+    prompt_set: PromptSetSpec
+    shard: int
+    strategy: str
+    params: dict[str, Any]
+    run: RunSettings
+    device: str
+    cell_id: str = ""
+
+    def identity(self) -> dict[str, Any]:
+        """The content the cell id is hashed from (what determines its result)."""
+        return {
+            "sweep": self.sweep,
+            "target": [self.target, self.target_spec.as_dict()],
+            "drafts": {name: spec.as_dict() for name, spec in sorted(self.drafts.items())},
+            "prompt_set": self.prompt_set.key(),
+            "shard": self.shard,
+            "strategy": self.strategy,
+            "params": self.params,
+            "generation": {
+                "max_new_tokens": self.run.max_new_tokens,
+                "warmup_prompts": self.run.warmup_prompts,
+                "seed": self.run.seed,
+                "temperature": self.run.temperature,
+                "max_prompt_tokens": self.run.max_prompt_tokens,
+            },
+            "device": self.device,
+        }
+
+    @property
+    def label(self) -> str:
+        params = ",".join(f"{key}={_short(value)}" for key, value in self.params.items())
+        return f"{self.strategy}({params}) {self.prompt_set.name}[{self.shard}/{self.prompt_set.shards}] on {self.target}"
+
+
+def _short(value: Any) -> str:
+    return str(value).replace(" ", "")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep file."""
+
+    name: str
+    path: Path
+    zoo: Any  # training.zoo.ZooConfig
+    targets: dict[str, ModelSpec]
+    drafts: dict[str, ModelSpec]
+    device: str
+    prompt_sets: tuple[PromptSetSpec, ...]
+    strategies: tuple[StrategySpec, ...]
+    run: RunSettings
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def cells(self) -> list[Cell]:
+        """The sweep's grid expanded into cells (targets x prompt shards x strategy grid points)."""
+        cells = []
+        for target, target_spec in self.targets.items():
+            for prompt_set in self.prompt_sets:
+                for shard_index in range(prompt_set.shards):
+                    for strategy in self.strategies:
+                        for params in strategy.points():
+                            cell = Cell(self.name, target, target_spec, self.drafts, prompt_set, shard_index,
+                                        strategy.name, params, self.run, self.device)
+                            cells.append(_with_id(cell))
+        return cells
+
+    def uses_zoo(self) -> bool:
+        return any(spec.zoo_name for spec in (*self.targets.values(), *self.drafts.values()))
+
+
+def _with_id(cell: Cell) -> Cell:
+    from dataclasses import replace
+
+    return replace(cell, cell_id=content_hash(cell.identity())[:16])
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate the sweep file at ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("sweep file", f"{path} not found", "pass the path of a sweep YAML file, e.g. configs/quickstart.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError("sweep file", f"{path} is not valid YAML{where}", "fix the YAML syntax") from None
+    return parse_sweep(raw, base_dir=path.resolve().parent, path=path)
+
+
+def parse_sweep(raw: Any, base_dir: Path, path: Path | None = None) -> Sweep:
+    """Validate a sweep mapping (the parsed YAML)."""
+    from training.zoo import ZooConfig
+
+    raw = _mapping(raw, "sweep file", "the file must be a YAML mapping with name, models, prompts, strategies")
+    _no_unknown(raw, TOP_KEYS, "")
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError("name", f"expected a sweep name of letters, digits, '_', '-' or '.', got {name!r}",
+                          "add e.g. name: my-sweep")
+    zoo = ZooConfig.from_dict(_mapping(raw.get("zoo", {}), "zoo", "write zoo overrides as a mapping"))
+
+    models = _mapping(raw.get("models"), "models", "add models: {target: zoo:target, drafts: {...}}")
+    _no_unknown(models, MODEL_KEYS, "models")
+    dtype = models.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ConfigError("models.dtype", f"unknown dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
+    device = models.get("device", "auto")
+    if device not in DEVICES:
+        raise ConfigError("models.device", f"unknown device {device!r}", f"choose one of {', '.join(DEVICES)}")
+    if ("target" in models) == ("targets" in models):
+        raise ConfigError("models.target", "give exactly one of target (one model) or targets (a name -> model mapping)")
+    raw_targets = {"target": models["target"]} if "target" in models else _mapping(models["targets"], "models.targets", "")
+    targets = {str(key): parse_model_spec(value, f"models.targets.{key}", dtype, zoo.model_names, base_dir)
+               for key, value in raw_targets.items()}
+    if not targets:
+        raise ConfigError("models.targets", "no target model", "name at least one")
+    raw_drafts = _mapping(models.get("drafts", {}), "models.drafts", "write drafts as a name -> model mapping")
+    drafts = {str(key): parse_model_spec(value, f"models.drafts.{key}", dtype, zoo.model_names, base_dir)
+              for key, value in raw_drafts.items()}
+
+    raw_prompts = raw.get("prompts")
+    if not isinstance(raw_prompts, list) or not raw_prompts:
+        raise ConfigError("prompts", "expected a non-empty list of prompt sets", "add e.g. - {name: code, source: zoo:code}")
+    prompt_sets = tuple(parse_prompt_set(item, f"prompts[{index}]", base_dir) for index, item in enumerate(raw_prompts))
+    names = [spec.name for spec in prompt_sets]
+    if len(set(names)) != len(names):
+        raise ConfigError("prompts[].name", "prompt set names repeat", "give each prompt set its own name")
+
+    run = _parse_run(raw.get("run", {}))
+    strategies = _parse_strategies(raw.get("strategies"), drafts, run)
+    return Sweep(name=name, path=Path(path) if path else base_dir / "<inline>", zoo=zoo, targets=targets,
+                 drafts=drafts, device=device, prompt_sets=prompt_sets, strategies=strategies, run=run, raw=raw)
+
+
+def _parse_strategies(raw: Any, drafts: dict[str, ModelSpec], run: RunSettings) -> tuple[StrategySpec, ...]:
+    from strategies import parse_params, strategy_class
+
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("strategies", "expected a non-empty list", "add e.g. - {name: speculative, grid: {gamma: [2, 4]}}")
+    specs = []
+    for index, item in enumerate(raw):
+        where = f"strategies[{index}]"
+        item = _mapping(item, where, "write each strategy as {name: ..., params: {...}, grid: {...}}")
+        _no_unknown(item, STRATEGY_KEYS, where)
+        name = item.get("name")
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}.name", "missing strategy name", "run `specsweep list` to see the strategies")
+        strategy_class(name, f"{where}.name")
+        params = _mapping(item.get("params", {}), f"{where}.params", "write fixed parameters as a mapping")
+        grid = _mapping(item.get("grid", {}), f"{where}.grid", "write the grid as parameter -> list of values")
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}.grid.{key}", f"expected a non-empty list of values, got {values!r}",
+                                  "put a single fixed value under params instead")
+            if key in params:
+                raise ConfigError(f"{where}.grid.{key}", "also given under params", "keep it in one of the two")
+        spec = StrategySpec(name=name, params=dict(params), grid={key: list(values) for key, values in grid.items()})
+        for point in spec.points():
+            checked = parse_params(name, point, where)
+            for draft in checked.drafts():
+                if draft not in drafts:
+                    raise ConfigError(f"{where}.draft", f"draft {draft!r} is not in models.drafts",
+                                      f"choose one of {', '.join(drafts) or '(none defined: add models.drafts)'}")
+            check_sampling = getattr(checked, "check_sampling", None)
+            if check_sampling:
+                check_sampling(run.temperature, where)
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _parse_run(raw: Any) -> RunSettings:
+    raw = _mapping(raw, "run", "write run settings as a mapping")
+    allowed = RunSettings.__dataclass_fields__
+    _no_unknown(raw, tuple(allowed), "run")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        expected = {"temperature": (int, float), "address": (str,)}.get(key, (int,))
+        optional = key in ("num_cpus", "address", "max_prompt_tokens")
+        if value is None and optional:
+            values[key] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, expected):
+            kind = "a number" if key == "temperature" else "a string" if key == "address" else "an integer"
+            raise ConfigError(f"run.{key}", f"expected {kind}, got {value!r}")
+        values[key] = float(value) if key == "temperature" else value
+    run = RunSettings(**values)
+    for key, low in (("max_new_tokens", 1), ("warmup_prompts", 0), ("workers", 1), ("max_retries", 0)):
+        if getattr(run, key) < low:
+            raise ConfigError(f"run.{key}", f"must be >= {low}, got {getattr(run, key)}")
+    if run.temperature < 0:
+        raise ConfigError("run.temperature", f"must be >= 0, got {run.temperature}", "use 0 for greedy decoding")
+    if run.num_cpus is not None and run.num_cpus < 1:
+        raise ConfigError("run.num_cpus", f"must be >= 1, got {run.num_cpus}")
+    return run
+
+
+def _mapping(value: Any, where: str, fix: str) -> dict[str, Any]:
+    if value is None:
+        raise ConfigError(where, "missing", fix)
+    if not isinstance(value, dict):
+        raise ConfigError(where, f"expected a mapping, got {type(value).__name__}", fix)
+    return value
+
+
+def _no_unknown(mapping: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(map(str, mapping)) - set(allowed))
+    if unknown:
+        field_name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(field_name, "unknown key", f"allowed: {', '.join(allowed)}")

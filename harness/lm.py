@@ -1,0 +1,203 @@
+"""``CausalLM``: the one wrapper through which strategies use a Hugging Face causal LM.
+
+It owns a KV cache for a single sequence (batch size 1) and offers the few
+operations speculative decoding needs: ``prefill`` a prompt, ``extend`` the
+cached sequence with new tokens (optionally with a custom attention mask and
+position ids, for tree verification), ``crop`` the cache back after a
+rejection, and ``keep`` a subset of cached positions (tree compaction). It
+counts forward passes and their (synchronised) time so that every strategy is
+measured the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+def crop_to(cache, length: int) -> None:
+    """Shorten a transformers ``Cache`` to its first ``length`` positions (works on 4.x and 5.x)."""
+    extra = cache.get_seq_length() - length
+    if extra < 0:
+        raise ValueError(f"cannot crop a cache of {cache.get_seq_length()} positions to {length}")
+    if extra:
+        cache.crop(-extra)
+
+
+def keep_positions(cache, positions: torch.Tensor) -> None:
+    """Keep only the cached positions ``positions`` (in order) in every layer of a ``DynamicCache``."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", True) and layer.keys is not None and layer.keys.numel():
+            layer.keys = layer.keys.index_select(-2, positions)
+            layer.values = layer.values.index_select(-2, positions)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels on ``device`` so that host clocks measure finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class ForwardStats:
+    """Forward-pass counts and seconds of one model, split into prefill and decode calls."""
+
+    prefill_calls: int = 0
+    prefill_seconds: float = 0.0
+    decode_calls: int = 0
+    decode_seconds: float = 0.0
+    decode_tokens: int = 0
+
+    @property
+    def calls(self) -> int:
+        return self.prefill_calls + self.decode_calls
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "calls": self.calls,
+            "prefill_calls": self.prefill_calls,
+            "prefill_seconds": self.prefill_seconds,
+            "decode_calls": self.decode_calls,
+            "decode_seconds": self.decode_seconds,
+            "decode_tokens": self.decode_tokens,
+        }
+
+
+@dataclass
+class StepOutput:
+    """What one forward pass returns: logits for each new token, and hidden states if asked for."""
+
+    logits: torch.Tensor  # [new_tokens, vocab], float32
+    hidden_states: torch.Tensor | None = None  # [new_tokens, hidden] from the last layer (pre-norm)
+    extras: dict = field(default_factory=dict)
+
+
+class CausalLM:
+    """A Hugging Face causal LM with its own KV cache for one sequence."""
+
+    def __init__(self, model: torch.nn.Module, name: str, num_parameters: int | None = None) -> None:
+        self.model = model.eval()
+        self.name = name
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.num_parameters = num_parameters or sum(p.numel() for p in model.parameters())
+        self.vocab_size = int(model.config.vocab_size)
+        self.eos_token_id = _eos_ids(model)
+        self.stats = ForwardStats()
+        self.cache = None
+        self.last_logits: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def length(self) -> int:
+        """Number of positions held in the KV cache."""
+        return 0 if self.cache is None else self.cache.get_seq_length()
+
+    def reset(self) -> None:
+        """Drop the cache (start a new sequence); statistics are kept."""
+        self.cache = None
+        self.last_logits = None
+
+    def reset_stats(self) -> ForwardStats:
+        """Return the statistics gathered so far and start counting afresh."""
+        stats, self.stats = self.stats, ForwardStats()
+        return stats
+
+    # ------------------------------------------------------------------ forward passes
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int] | torch.Tensor, output_hidden_states: bool = False) -> StepOutput:
+        """Start a new sequence with ``ids``; return logits for every prompt position."""
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache()
+        return self._forward(ids, prefill=True, output_hidden_states=output_hidden_states)
+
+    @torch.inference_mode()
+    def extend(
+        self,
+        ids: list[int] | torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> StepOutput:
+        """Append ``ids`` to the cached sequence; return logits for each of them.
+
+        ``attention_mask`` (``[new, cached + new]`` booleans, True = may attend) and
+        ``position_ids`` (``[new]``) replace the causal defaults, for tree verification.
+        """
+        if self.cache is None:
+            raise RuntimeError(f"{self.name}: extend() before prefill()")
+        return self._forward(ids, prefill=False, attention_mask=attention_mask, position_ids=position_ids,
+                             output_hidden_states=output_hidden_states)
+
+    def crop(self, length: int) -> None:
+        """Roll the cache back to its first ``length`` positions."""
+        if self.cache is not None:
+            crop_to(self.cache, length)
+        self.last_logits = None
+
+    def keep(self, positions: list[int] | torch.Tensor) -> None:
+        """Keep only the cached ``positions`` (ascending), e.g. the accepted path of a verified tree."""
+        index = torch.as_tensor(positions, dtype=torch.long, device=self.device)
+        keep_positions(self.cache, index)
+        self.last_logits = None
+
+    def _forward(
+        self,
+        ids: list[int] | torch.Tensor,
+        prefill: bool,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> StepOutput:
+        input_ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(1, -1)
+        n_new = input_ids.shape[1]
+        if n_new == 0:
+            raise ValueError(f"{self.name}: forward pass with no tokens")
+        past = self.cache.get_seq_length()
+        if position_ids is None:
+            position_ids = torch.arange(past, past + n_new, device=self.device)
+        kwargs = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = _additive_mask(attention_mask, self.dtype)
+        synchronize(self.device)
+        started = time.perf_counter()
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids.reshape(1, -1).to(self.device),
+            past_key_values=self.cache,
+            use_cache=True,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        logits = out.logits[0].float()
+        synchronize(self.device)
+        elapsed = time.perf_counter() - started
+        if prefill:
+            self.stats.prefill_calls += 1
+            self.stats.prefill_seconds += elapsed
+        else:
+            self.stats.decode_calls += 1
+            self.stats.decode_seconds += elapsed
+            self.stats.decode_tokens += n_new
+        self.last_logits = logits[-1]
+        hidden = out.hidden_states[-1][0] if output_hidden_states else None
+        return StepOutput(logits=logits, hidden_states=hidden)
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Turn a boolean ``[new, total]`` mask into the ``[1, 1, new, total]`` additive mask models accept."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed.bool(), torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def _eos_ids(model: torch.nn.Module) -> frozenset[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)

@@ -1,0 +1,195 @@
+"""Running one cell in-process: the autoregressive baseline and the strategy on the same prompts, paired.
+
+For each prompt (and each turn of a multi-turn prompt) the baseline runs and
+then the strategy, back to back on the same models, so that every speedup is
+paired. Greedy cells also check that the strategy's tokens equal the
+baseline's; in float32 a mismatch fails the cell.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from harness.config import Cell
+from harness.lm import synchronize
+from harness.model_cache import ModelCache
+from harness.paths import content_hash
+from harness.prompts import Prompt, load_prompts, shard
+from strategies import ModelSet, Sampling, Trace, build
+from strategies.registry import strategy_class
+
+QA_TEMPLATE = "Question: {question}\nAnswer:"
+
+
+class CellFailure(RuntimeError):
+    """A cell ran but its result is invalid (e.g. a lossless strategy changed the greedy output)."""
+
+
+def model_set_for(cell: Cell, cache: ModelCache) -> ModelSet:
+    """Load (or reuse) the cell's target and the drafts its params name."""
+    params = strategy_class(cell.strategy).Params.from_dict(cell.params, f"cell {cell.cell_id}")
+    target = cache.model(cell.target_spec, "target")
+    drafts = {name: cache.model(cell.drafts[name], f"draft:{name}") for name in params.drafts()}
+    for name, draft in drafts.items():
+        if draft.vocab_size != target.vocab_size:
+            raise CellFailure(f"draft {name!r} has vocabulary {draft.vocab_size}, target {target.vocab_size}: "
+                              "a draft must share the target's tokenizer")
+    return ModelSet(target=target, drafts=drafts)
+
+
+def prompt_token_ids(tokenizer, conversation: list[str], kind: str, limit: int) -> list[int]:
+    """Token ids of a conversation so far (user turns and answers alternating), left-truncated to ``limit``."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(conversation)]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) else list(ids)
+    else:
+        parts = []
+        for index, text in enumerate(conversation):
+            if index % 2 == 1:
+                parts.append(" " + text.strip() + "\n\n")
+            elif kind == "zoo":
+                parts.append(text)
+            else:
+                parts.append(QA_TEMPLATE.format(question=text.strip()))
+        ids = tokenizer("".join(parts))["input_ids"]
+    ids = list(ids)
+    return ids[-limit:] if len(ids) > limit else ids
+
+
+def run_prompt(strategy, baseline, prompt: Prompt, tokenizer, cell: Cell, limit: int, device: torch.device) -> dict[str, Any]:
+    """Run every turn of ``prompt`` with the baseline and the strategy; return the per-prompt record."""
+    record: dict[str, Any] = {"prompt_id": prompt.prompt_id, "category": prompt.category, "turns": []}
+    baseline_answers: list[str] = []
+    for turn_index in range(len(prompt.turns)):
+        conversation = []
+        for index, turn in enumerate(prompt.turns[: turn_index + 1]):
+            conversation.append(turn)
+            if index < turn_index:
+                conversation.append(baseline_answers[index])
+        ids = prompt_token_ids(tokenizer, conversation, cell.prompt_set.kind, limit)
+        seed = int(content_hash([cell.run.seed, prompt.prompt_id, turn_index])[:8], 16)
+        base_trace = timed(baseline, ids, cell, seed, device)
+        strat_trace = timed(strategy, ids, cell, seed, device)
+        baseline_answers.append(tokenizer.decode(base_trace.tokens, skip_special_tokens=True))
+        record["turns"].append({
+            "prompt_tokens": len(ids),
+            "baseline": trace_record(base_trace),
+            "strategy": trace_record(strat_trace),
+            **match_record(base_trace.tokens, strat_trace.tokens),
+        })
+    return record
+
+
+def timed(strategy, ids: list[int], cell: Cell, seed: int, device: torch.device) -> Trace:
+    """``strategy.generate`` with synchronised wall-clock time and a seeded generator."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sampling = Sampling(temperature=cell.run.temperature, generator=generator)
+    synchronize(device)
+    started = time.perf_counter()
+    trace = strategy.generate(ids, cell.run.max_new_tokens, sampling)
+    synchronize(device)
+    trace.wall_s = time.perf_counter() - started
+    return trace
+
+
+def trace_record(trace: Trace) -> dict[str, Any]:
+    """The JSON-ready fields of a trace."""
+    return {
+        "new_tokens": trace.new_tokens,
+        "wall_s": trace.wall_s,
+        "target_calls": trace.target_calls,
+        "steps": len(trace.steps),
+        "drafted": trace.drafted,
+        "accepted": trace.accepted,
+        "tau": trace.tau,
+        "alpha": trace.alpha,
+        "cost_units": trace.cost_units,
+        "forward": trace.forward,
+        "tokens": trace.tokens,
+        "extras": trace.extras,
+    }
+
+
+def match_record(baseline: list[int], strategy: list[int]) -> dict[str, Any]:
+    """Whether two token lists are equal and, if not, the first position where they differ."""
+    divergence = next((i for i, (a, b) in enumerate(zip(baseline, strategy)) if a != b), None)
+    if divergence is None and len(baseline) != len(strategy):
+        divergence = min(len(baseline), len(strategy))
+    return {"tokens_match": divergence is None, "first_divergence": divergence}
+
+
+def run_cell(cell: Cell, cache: ModelCache, worker: str = "local") -> dict[str, Any]:
+    """Run ``cell`` and return its result record (status ``ok`` or ``failed`` with the error)."""
+    started = time.time()
+    record: dict[str, Any] = {"cell_id": cell.cell_id, "label": cell.label, "cell": cell.identity(),
+                              "worker": worker, "started": started}
+    try:
+        models = model_set_for(cell, cache)
+        tokenizer = cache.tokenizer(cell.target_spec)
+        prompts = shard(load_prompts(cell.prompt_set, cache.zoo_config.corpus), cell.shard, cell.prompt_set.shards)
+        if not prompts:
+            raise CellFailure(f"prompt set {cell.prompt_set.name!r} shard {cell.shard} has no prompts")
+        baseline = build("autoregressive", {}, models)
+        strategy = build(cell.strategy, cell.params, models)
+        limit = prompt_limit(cell, models)
+        record["env"] = environment(cache, models, cell)
+        for prompt in prompts[: cell.run.warmup_prompts]:
+            run_prompt(strategy, baseline, prompt, tokenizer, cell, limit, cache.device)
+        record["prompts"] = [run_prompt(strategy, baseline, p, tokenizer, cell, limit, cache.device) for p in prompts]
+        check_lossless(cell, record)
+        record["status"] = "ok"
+    except Exception as error:  # a failing strategy must not stop the sweep
+        record["status"] = "failed"
+        record["error"] = f"{type(error).__name__}: {error}"
+        record["traceback"] = traceback.format_exc()
+    record["seconds"] = time.time() - started
+    return record
+
+
+def prompt_limit(cell: Cell, models: ModelSet) -> int:
+    """Longest prompt (in tokens) that leaves room for generation within every model's context."""
+    contexts = [getattr(m.model.config, "max_position_embeddings", 1 << 30) for m in (models.target, *models.drafts.values())]
+    limit = min(contexts) - cell.run.max_new_tokens - 8
+    if cell.run.max_prompt_tokens:
+        limit = min(limit, cell.run.max_prompt_tokens)
+    if limit < 1:
+        raise CellFailure(f"max_new_tokens {cell.run.max_new_tokens} leaves no room for a prompt in a "
+                          f"{min(contexts)}-token context")
+    return limit
+
+
+def check_lossless(cell: Cell, record: dict[str, Any]) -> None:
+    """Fail a greedy float32 cell whose tokens differ from the baseline's."""
+    if cell.run.temperature > 0 or cell.target_spec.dtype != "float32":
+        return
+    for prompt in record["prompts"]:
+        for index, turn in enumerate(prompt["turns"]):
+            if not turn["tokens_match"]:
+                raise CellFailure(f"greedy output differs from the baseline on prompt {prompt['prompt_id']} "
+                                  f"turn {index} at token {turn['first_divergence']}")
+
+
+def environment(cache: ModelCache, models: ModelSet, cell: Cell) -> dict[str, Any]:
+    """Device, dtype, library versions, host and seed for the record."""
+    import transformers
+
+    device = cache.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {
+        "device": str(device),
+        "device_name": name,
+        "dtype": cell.target_spec.dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "threads": torch.get_num_threads(),
+        "seed": cell.run.seed,
+        "parameters": {role: model.num_parameters for role, model in models.all().items()},
+    }

@@ -1,0 +1,43 @@
+"""The worker: a Ray actor pinned to one GPU (or some CPUs) that keeps models loaded and runs cells."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from harness.config import Cell
+from harness.model_cache import ModelCache
+from harness.runner import run_cell
+
+
+class Worker:
+    """Runs cells in one process, reusing the models it has loaded. Wrapped with ``ray.remote`` by the scheduler."""
+
+    def __init__(self, zoo_config: Any, device: str, name: str, threads: int | None = None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.name = name
+        self.cache = ModelCache(zoo_config, device)
+        if device == "cpu" and self.cache.device.type != "cpu":
+            raise RuntimeError(f"worker {name}: asked for a CPU worker but got {self.cache.device}")
+
+    def run(self, cell: Cell) -> dict[str, Any]:
+        """Run ``cell`` and return its record."""
+        record = run_cell(cell, self.cache, worker=self.name)
+        record["model_loads"] = dict(self.cache.loads)
+        return record
+
+    def describe(self) -> dict[str, Any]:
+        """Where this worker runs and what it holds."""
+        import torch
+
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "device": str(self.cache.device),
+            "threads": torch.get_num_threads(),
+            "loads": dict(self.cache.loads),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }

@@ -1,0 +1,205 @@
+"""The strategy interface: every decoding method is a ``Strategy`` that turns a prompt into a ``Trace``.
+
+A strategy is registered by name with a params dataclass (a ``StrategyParams``
+subclass) that validates itself; it sees models only through
+:class:`harness.lm.CausalLM`, gathered in a :class:`ModelSet`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from harness.errors import ConfigError
+from harness.lm import CausalLM
+from strategies.sampling import Sampling
+
+
+@dataclass
+class Step:
+    """One verification step: how many tokens were drafted and how many of them the target accepted."""
+
+    drafted: int
+    accepted: int
+
+
+@dataclass
+class Trace:
+    """What one strategy did on one prompt (see PROTOCOL.md for the definitions)."""
+
+    tokens: list[int]
+    steps: list[Step]
+    forward: dict[str, dict[str, float]] = field(default_factory=dict)
+    cost_units: float = 0.0
+    wall_s: float = 0.0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def target_calls(self) -> int:
+        return int(self.forward.get("target", {}).get("calls", 0))
+
+    @property
+    def drafted(self) -> int:
+        return sum(step.drafted for step in self.steps)
+
+    @property
+    def accepted(self) -> int:
+        return sum(step.accepted for step in self.steps)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens per verification step (1.0 for autoregressive decoding)."""
+        return self.new_tokens / max(1, len(self.steps))
+
+    @property
+    def alpha(self) -> float | None:
+        """Accepted draft tokens / drafted tokens, or None when nothing was drafted."""
+        return self.accepted / self.drafted if self.drafted else None
+
+
+@dataclass
+class ModelSet:
+    """The models a strategy may use: the target and the sweep's drafts by name."""
+
+    target: CausalLM
+    drafts: dict[str, CausalLM] = field(default_factory=dict)
+
+    def draft(self, name: str) -> CausalLM:
+        if name not in self.drafts:
+            raise KeyError(f"draft {name!r} is not loaded; loaded: {', '.join(self.drafts) or 'none'}")
+        return self.drafts[name]
+
+    def all(self) -> dict[str, CausalLM]:
+        return {"target": self.target, **{f"draft:{name}": model for name, model in self.drafts.items()}}
+
+
+@dataclass(frozen=True)
+class StrategyParams:
+    """Base class of strategy parameters: typed fields, checked by ``from_dict`` and ``validate``."""
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str) -> "StrategyParams":
+        """Build params from a mapping, raising ``ConfigError`` on unknown keys, wrong types or bad values."""
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}", "unknown parameter",
+                              f"allowed: {', '.join(fields) or 'none'}")
+        values = {}
+        for name, value in raw.items():
+            values[name] = _coerce(value, hints[name], f"{where}.{name}")
+        missing = [name for name, f in fields.items() if name not in values
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{where}.{missing[0]}", "required parameter is missing", "add it to the grid")
+        params = cls(**values)
+        params.validate(where)
+        return params
+
+    def validate(self, where: str) -> None:
+        """Check value ranges; raise ``ConfigError`` naming the field. Subclasses extend this."""
+
+    def drafts(self) -> list[str]:
+        """Names of the sweep drafts these params use (checked against the sweep's ``models.drafts``)."""
+        return []
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a simple type hint (int, float, bool, str, list/tuple of those, Optional)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(where, f"expected a list, got {value!r}", "write it as a YAML list")
+        inner = typing.get_args(hint) or (Any,)
+        if origin is tuple and len(inner) == 2 and inner[1] is Ellipsis:
+            inner = (inner[0],)
+        items = [_coerce(item, inner[0] if len(inner) == 1 else inner[i], f"{where}[{i}]") for i, item in enumerate(value)]
+        return tuple(items)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(where, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(where, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(where, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(where, f"expected a string, got {value!r}")
+        return value
+    return value
+
+
+class Strategy(ABC):
+    """A decoding method. Subclasses set ``Params`` and implement ``generate``."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[StrategyParams]] = StrategyParams
+
+    def __init__(self, params: StrategyParams, models: ModelSet) -> None:
+        self.params = params
+        self.models = models
+
+    @abstractmethod
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
+        """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` (stopping at EOS)."""
+
+    def cost_units(self, forward: dict[str, dict[str, float]]) -> float:
+        """Parameter-count cost (CS Drafting's ``model_parameters`` counter): Σ calls × parameters."""
+        return float(sum(stats["calls"] * stats["parameters"] for stats in forward.values()))
+
+    def finish(self, tokens: list[int], steps: list[Step], used: dict[str, CausalLM], max_new_tokens: int,
+               **extras: Any) -> Trace:
+        """Build the Trace: cut ``tokens`` at EOS and ``max_new_tokens``; gather forward counts of ``used``."""
+        tokens = truncate(tokens, max_new_tokens, self.models.target.eos_token_id)
+        forward = {}
+        for role, model in used.items():
+            stats = model.reset_stats().as_dict()
+            stats["parameters"] = model.num_parameters
+            forward[role] = stats
+        return Trace(tokens=tokens, steps=steps, forward=forward, cost_units=self.cost_units(forward), extras=extras)
+
+
+def truncate(tokens: list[int], max_new_tokens: int, eos: frozenset[int]) -> list[int]:
+    """``tokens`` up to and including the first EOS, at most ``max_new_tokens`` long."""
+    tokens = tokens[:max_new_tokens]
+    for index, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: index + 1]
+    return tokens
+
+
+def stop_reached(tokens: list[int], max_new_tokens: int, eos: frozenset[int]) -> bool:
+    """Whether generation is over: enough tokens, or an EOS among them."""
+    return len(tokens) >= max_new_tokens or any(token in eos for token in tokens)

@@ -1,0 +1,49 @@
+"""Strategies registered by name, as lm-evaluation-harness registers tasks and models."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+from harness.errors import ConfigError
+from strategies.base import ModelSet, Strategy, StrategyParams
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+S = TypeVar("S", bound=type[Strategy])
+
+
+def register(name: str) -> Callable[[S], S]:
+    """Class decorator: make a ``Strategy`` subclass available under ``name``."""
+    def decorate(cls: S) -> S:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"strategy {name!r} is registered twice ({_REGISTRY[name].__module__}, {cls.__module__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available() -> dict[str, type[Strategy]]:
+    """Registered strategies by name, sorted."""
+    return dict(sorted(_REGISTRY.items()))
+
+
+def strategy_class(name: str, where: str = "strategies[].name") -> type[Strategy]:
+    """The class registered as ``name``; ``ConfigError`` listing the choices if there is none."""
+    if name not in _REGISTRY:
+        raise ConfigError(where, f"unknown strategy {name!r}", f"choose one of {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def parse_params(name: str, raw: dict[str, Any], where: str) -> StrategyParams:
+    """Validated params for strategy ``name`` from a mapping."""
+    return strategy_class(name).Params.from_dict(raw, where)
+
+
+def build(name: str, params: StrategyParams | dict[str, Any], models: ModelSet) -> Strategy:
+    """An instance of strategy ``name`` over ``models``."""
+    cls = strategy_class(name)
+    if isinstance(params, dict):
+        params = cls.Params.from_dict(params, f"strategy {name}")
+    return cls(params, models)
