@@ -30,6 +30,10 @@ class Sampling:
             return int(logits.argmax(-1))
         return self.draw(self.probs(logits))
 
+    def choose(self, probs: torch.Tensor) -> int:
+        """One token from a distribution returned by ``probs`` (its argmax when greedy)."""
+        return int(probs.argmax(-1)) if self.greedy else self.draw(probs)
+
     def draw(self, probs: torch.Tensor) -> int:
         """One token drawn from ``probs`` with this run's generator."""
         return int(torch.multinomial(probs, 1, generator=self.generator))

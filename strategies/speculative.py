@@ -65,8 +65,7 @@ def verify(
         total = float(residual.sum())
         # p == q up to rounding: any draw from p is exact then.
         return index, sampling.draw(residual / total if total > 0 else p)
-    last = target_probs[len(drafted)]
-    return len(drafted), int(last.argmax()) if sampling.greedy else sampling.draw(last)
+    return len(drafted), sampling.choose(target_probs[len(drafted)])
 
 
 def draft_tokens(draft: CausalLM, sequence: list[int], count: int, sampling: Sampling) -> tuple[list[int], list[torch.Tensor]]:
@@ -81,7 +80,7 @@ def draft_tokens(draft: CausalLM, sequence: list[int], count: int, sampling: Sam
     tokens, probs = [], []
     for index in range(count):
         q = sampling.probs(logits)
-        token = int(q.argmax()) if sampling.greedy else sampling.draw(q)
+        token = sampling.choose(q)
         tokens.append(token)
         probs.append(q)
         if index + 1 < count:
@@ -125,7 +124,7 @@ class Speculative(Strategy):
                 accepted, next_token = verify(p_rows, torch.stack(q_rows), drafted, sampling)
             else:  # one token left: a plain target step
                 drafted, accepted = [], 0
-                next_token = sampling.pick(target_distributions(target, sequence, [], sampling)[-1])
+                next_token = sampling.choose(target_distributions(target, sequence, [], sampling)[-1])
             steps.append(Step(drafted=len(drafted), accepted=accepted))
             kept = len(sequence) + accepted
             sequence.extend(drafted[:accepted])

@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny zoo built once per test session in a temporary ``$SPECSWEEP_HOME``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+TESTS = Path(__file__).parent
+TINY_ZOO = yaml.safe_load((TESTS / "tiny_zoo.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def specsweep_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("specsweep_home")
+    previous = os.environ.get("SPECSWEEP_HOME")
+    os.environ["SPECSWEEP_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("SPECSWEEP_HOME", None)
+    else:
+        os.environ["SPECSWEEP_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(specsweep_home):
+    """The tiny zoo's config, built (once) under the session's ``$SPECSWEEP_HOME``."""
+    from training.zoo import ZooConfig, build_zoo
+
+    config = ZooConfig.from_dict(TINY_ZOO)
+    build_zoo(config, log=lambda message: None)
+    return config
+
+
+@pytest.fixture(scope="session")
+def zoo_models(tiny_zoo):
+    """The tiny zoo's target, drafts and tokenizer, loaded in float32 on the CPU."""
+    from harness.models import ModelSpec, load_model, load_tokenizer
+    from strategies import ModelSet
+
+    device = torch.device("cpu")
+    target = load_model(ModelSpec("zoo:target"), tiny_zoo, device, "target")
+    drafts = {name: load_model(ModelSpec(f"zoo:{name}"), tiny_zoo, device, name) for name in ("draft-1l", "draft-2l")}
+    tokenizer = load_tokenizer(ModelSpec("zoo:target"), tiny_zoo)
+    return ModelSet(target=target, drafts=drafts), tokenizer
+
+
+@pytest.fixture(scope="session")
+def zoo_prompts(tiny_zoo, zoo_models) -> list[list[int]]:
+    """Token ids of held-out prompts from three zoo domains."""
+    from harness.corpus import heldout_prompts
+
+    _, tokenizer = zoo_models
+    texts = []
+    for domain in ("code", "prose", "math"):
+        texts += heldout_prompts(domain, 2, config=tiny_zoo.corpus)
+    return [tokenizer(text)["input_ids"] for text in texts]
+
+
+def write_sweep(path: Path, **overrides) -> Path:
+    """Write a small valid sweep file on the tiny zoo, with top-level ``overrides`` merged in."""
+    sweep = {
+        "name": "tiny",
+        "zoo": TINY_ZOO,
+        "models": {"target": "zoo:target", "drafts": {"small": "zoo:draft-1l"}, "device": "cpu"},
+        "prompts": [{"name": "code", "source": "zoo:code", "count": 3}],
+        "strategies": [{"name": "speculative", "params": {"draft": "small"}, "grid": {"gamma": [2, 3]}}],
+        "run": {"max_new_tokens": 12, "warmup_prompts": 1, "workers": 1, "num_cpus": 2},
+    }
+    sweep.update(overrides)
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path

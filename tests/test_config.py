@@ -1,0 +1,98 @@
+"""Sweep files: validation errors are one line naming the field, exit code 2; grids expand to stable cells."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.cli import main
+from harness.config import load_sweep
+from tests.conftest import TINY_ZOO, write_sweep
+
+SPEC_BENCH_LINE = '{"question_id": 1, "category": "writing", "turns": ["Write a haiku.", "Now another."]}\n'
+
+BAD_CASES = {
+    "unknown top-level key": ({"modles": {}}, "modles: unknown key"),
+    "unknown strategy": ({"strategies": [{"name": "telepathy"}]}, "strategies[0].name: unknown strategy 'telepathy'"),
+    "wrong type": ({"strategies": [{"name": "speculative", "params": {"draft": "small", "gamma": "four"}}]},
+                   "strategies[0].gamma: expected an integer"),
+    "bad value": ({"strategies": [{"name": "speculative", "params": {"draft": "small", "gamma": 0}}]},
+                  "strategies[0].gamma: must be >= 1"),
+    "unknown param": ({"strategies": [{"name": "speculative", "params": {"draft": "small", "gama": 2}}]},
+                      "strategies[0].gama: unknown parameter"),
+    "draft not defined": ({"strategies": [{"name": "speculative", "params": {"draft": "huge"}}]},
+                          "strategies[0].draft: draft 'huge' is not in models.drafts"),
+    "grid value not a list": ({"strategies": [{"name": "speculative", "params": {"draft": "small"}, "grid": {"gamma": 4}}]},
+                              "strategies[0].grid.gamma: expected a non-empty list"),
+    "missing models": ({"models": None}, "models: missing"),
+    "unknown zoo model": ({"models": {"target": "zoo:giant"}}, "models.targets.target.id: the zoo has no model 'giant'"),
+    "missing local model": ({"models": {"target": "./no/such/model"}}, "models.targets.target.id: local model path"),
+    "bad dtype": ({"models": {"target": "zoo:target", "dtype": "float8"}}, "models.dtype: unknown dtype 'float8'"),
+    "missing prompt file": ({"prompts": [{"name": "sb", "source": "missing.jsonl"}]}, "prompts[0].source: prompt file"),
+    "unknown zoo prompts": ({"prompts": [{"name": "x", "source": "zoo:poetry"}]}, "prompts[0].source: unknown zoo prompt set"),
+    "negative temperature": ({"run": {"temperature": -1}}, "run.temperature: must be >= 0"),
+    "run type": ({"run": {"max_new_tokens": "many"}}, "run.max_new_tokens: expected an integer"),
+    "unknown run key": ({"run": {"gpus": 2}}, "run.gpus: unknown key"),
+    "bad zoo key": ({"zoo": {**TINY_ZOO, "layers": 3}}, "zoo.layers: unknown key"),
+    "bad name": ({"name": "my sweep!"}, "name: expected a sweep name"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_sweep_gives_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case):
+    overrides, expected = BAD_CASES[case]
+    import harness.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before validation finished")
+
+    monkeypatch.setattr(harness.models, "load_model", no_loading)
+    path = write_sweep(tmp_path / "sweep.yaml", **overrides)
+    code = main(["run", str(path), "--results-dir", str(tmp_path / "results")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert expected in err, err
+
+
+def test_missing_sweep_file_and_invalid_yaml(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "sweep file:" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    assert main(["run", str(broken)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_grid_expansion_and_stable_ids(tmp_path):
+    path = write_sweep(tmp_path / "sweep.yaml",
+                       prompts=[{"name": "code", "source": "zoo:code", "count": 4, "shards": 2}],
+                       strategies=[{"name": "speculative", "params": {"draft": "small"}, "grid": {"gamma": [2, 3, 4]}},
+                                   {"name": "autoregressive"}])
+    cells = load_sweep(path).cells()
+    assert len(cells) == 2 * (3 + 1)
+    assert len({cell.cell_id for cell in cells}) == len(cells)
+    assert [cell.cell_id for cell in load_sweep(path).cells()] == [cell.cell_id for cell in cells]
+    gammas = sorted(cell.params["gamma"] for cell in cells if cell.strategy == "speculative")
+    assert gammas == [2, 2, 3, 3, 4, 4]
+    # changing a generation setting changes every id
+    changed = write_sweep(tmp_path / "changed.yaml", run={"max_new_tokens": 13},
+                          prompts=[{"name": "code", "source": "zoo:code", "count": 4, "shards": 2}],
+                          strategies=[{"name": "autoregressive"}])
+    assert not {c.cell_id for c in load_sweep(changed).cells()} & {c.cell_id for c in cells}
+
+
+def test_spec_bench_prompts_load_and_shard(tmp_path):
+    from harness.prompts import load_prompts, shard
+
+    data = tmp_path / "question.jsonl"
+    data.write_text("".join(SPEC_BENCH_LINE.replace('"question_id": 1', f'"question_id": {i}')
+                            .replace("writing", "math" if i % 2 else "writing") for i in range(6)))
+    path = write_sweep(tmp_path / "sweep.yaml", prompts=[{"name": "sb", "source": str(data), "categories": ["math"]}])
+    spec = load_sweep(path).prompt_sets[0]
+    prompts = load_prompts(spec)
+    assert [p.prompt_id for p in prompts] == ["1", "3", "5"]
+    assert prompts[0].turns == ("Write a haiku.", "Now another.")
+    assert [p.prompt_id for p in shard(prompts, 1, 2)] == ["3"]

@@ -1,0 +1,117 @@
+"""Speculative decoding is lossless: greedy output equals the baseline's, sampling keeps the target's distribution."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from harness.lm import CausalLM
+from strategies import ModelSet, Sampling, build
+from strategies.speculative import verify
+
+
+@pytest.mark.parametrize("draft", ["draft-1l", "draft-2l"])
+@pytest.mark.parametrize("gamma", [1, 2, 4, 7])
+def test_greedy_speculative_equals_autoregressive(zoo_models, zoo_prompts, draft, gamma):
+    models, _ = zoo_models
+    baseline = build("autoregressive", {}, models)
+    strategy = build("speculative", {"draft": draft, "gamma": gamma}, models)
+    for ids in zoo_prompts:
+        expected = baseline.generate(ids, 40, Sampling())
+        got = strategy.generate(ids, 40, Sampling())
+        assert got.tokens == expected.tokens
+        assert got.target_calls <= expected.target_calls
+        assert got.drafted >= got.accepted
+
+
+def test_trace_counts_are_consistent(zoo_models, zoo_prompts):
+    models, _ = zoo_models
+    trace = build("speculative", {"draft": "draft-1l", "gamma": 3}, models).generate(zoo_prompts[0], 30, Sampling())
+    # one target forward per verification step, plus the prefill
+    assert trace.target_calls == len(trace.steps) + 1
+    assert trace.new_tokens == len(trace.steps) + trace.accepted
+    assert trace.cost_units == sum(s["calls"] * s["parameters"] for s in trace.forward.values())
+    baseline = build("autoregressive", {}, models).generate(zoo_prompts[0], 30, Sampling())
+    assert baseline.tau == 1.0 and baseline.alpha is None and baseline.target_calls == baseline.new_tokens
+
+
+def test_max_new_tokens_is_respected(zoo_models, zoo_prompts):
+    models, _ = zoo_models
+    for limit in (1, 2, 5):
+        trace = build("speculative", {"draft": "draft-2l", "gamma": 4}, models).generate(zoo_prompts[2], limit, Sampling())
+        assert trace.new_tokens <= limit
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
+    return 0.5 * float((p - q).abs().sum())
+
+
+def test_verify_rule_recovers_target_distribution():
+    """One position, exact p and q: accepted-or-resampled tokens follow p, not q (a wrong rule fails)."""
+    generator = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(6, generator=generator) * 2, 0)
+    q = torch.softmax(torch.randn(6, generator=generator) * 2, 0)
+    sampling = Sampling(temperature=1.0, generator=generator)
+    counts = torch.zeros(6)
+    draws = 20000
+    for _ in range(draws):
+        drafted = sampling.draw(q)
+        accepted, correction = verify(torch.stack([p, p]), q[None], [drafted], sampling)
+        counts[drafted if accepted else correction] += 1
+    empirical = counts / draws
+    assert total_variation(empirical, p) < 0.015
+    assert total_variation(q, p) > 0.1  # the test can tell the draft's distribution from the target's
+
+
+def tiny_llama(seed: int, vocab: int = 8):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # peaked, distinct distributions
+    return model.eval()
+
+
+def exact_joint(model: CausalLM, prompt: list[int], vocab: int, length: int) -> torch.Tensor:
+    """P(t1..t_length | prompt) under ``model``, by enumerating every sequence."""
+    joint = torch.zeros((vocab,) * length)
+    for tokens in itertools.product(range(vocab), repeat=length):
+        probability = 1.0
+        for position in range(length):
+            logits = model.prefill(prompt + list(tokens[:position])).logits[-1]
+            probability *= float(torch.softmax(logits, -1)[tokens[position]])
+        joint[tokens] = probability
+    return joint
+
+
+def test_sampling_speculative_keeps_target_distribution():
+    """End to end with caches: the joint law of the first three sampled tokens equals the target's.
+
+    With gamma 2 and three tokens this covers acceptance and residual resampling at
+    both drafted positions, the bonus token, and a second round after a rejection.
+    """
+    vocab, length = 4, 3
+    target = CausalLM(tiny_llama(1, vocab), "target")
+    draft = CausalLM(tiny_llama(2, vocab), "draft")
+    models = ModelSet(target=target, drafts={"d": draft})
+    prompt = [1, 3, 2]
+    truth = exact_joint(target, prompt, vocab, length).flatten()
+    draft_joint = exact_joint(draft, prompt, vocab, length).flatten()
+    strategy = build("speculative", {"draft": "d", "gamma": 2}, models)
+    generator = torch.Generator().manual_seed(1234)
+    counts = torch.zeros((vocab,) * length)
+    runs = 3000
+    for _ in range(runs):
+        tokens = strategy.generate(prompt, length, Sampling(temperature=1.0, generator=generator)).tokens
+        counts[tuple(tokens)] += 1
+    distance = total_variation(counts.flatten() / runs, truth)
+    assert distance < 0.06, f"sampled joint distribution is {distance:.3f} (TV) away from the target's"
+    assert total_variation(draft_joint, truth) > 0.2  # a rule that returned draft tokens would fail
