@@ -100,9 +100,11 @@ def load_model(spec: ModelSpec, zoo_config, device, name: str):
     """Load ``spec`` onto ``device`` as a ``CausalLM`` named ``name``."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from harness.lm import CausalLM
 
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(
         pretrained_location(spec, zoo_config),
         revision=spec.revision,

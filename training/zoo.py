@@ -143,7 +143,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         single=f"{BOS} $A", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=1024
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=1 << 20
     )
 
 
@@ -290,6 +290,9 @@ def build_zoo(config: ZooConfig, log: Callable[[str], None] = print, force: bool
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and not force:
         return json.loads(manifest_path.read_text())
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     log(f"building zoo {config.key()} in {out}")
