@@ -19,9 +19,10 @@ from harness.models import DEVICES, DTYPES, ModelSpec, parse_model_spec
 from harness.paths import content_hash
 from harness.prompts import PromptSetSpec, parse_prompt_set
 
-TOP_KEYS = ("name", "description", "zoo", "models", "prompts", "strategies", "run")
+TOP_KEYS = ("name", "description", "plugins", "zoo", "models", "prompts", "strategies", "run")
 MODEL_KEYS = ("target", "targets", "drafts", "dtype", "device")
-STRATEGY_KEYS = ("name", "params", "grid")
+STRATEGY_KEYS = ("name", "params", "grid", "runtime_env")
+BASELINE = "autoregressive"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -38,6 +39,7 @@ class RunSettings:
     address: str | None = None
     max_prompt_tokens: int | None = None
     max_retries: int = 2
+    cache_memory_gb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class StrategySpec:
     name: str
     params: dict[str, Any]
     grid: dict[str, list[Any]]
+    runtime_env: dict[str, Any] = field(default_factory=dict)
 
     def points(self) -> list[dict[str, Any]]:
         """Every grid point merged over the fixed params, in a stable order."""
@@ -57,7 +60,12 @@ class StrategySpec:
 
 @dataclass(frozen=True)
 class Cell:
-    """One unit of work: a strategy with fixed params on one shard of one prompt set, for one target."""
+    """One unit of work: a strategy with fixed params on one shard of one prompt set, for one target.
+
+    ``kind`` is ``baseline`` for the autoregressive run that every strategy cell on
+    the same (target, shard, generation settings, device type) is paired against,
+    and ``strategy`` otherwise; a strategy cell names its baseline in ``baseline_id``.
+    """
 
     sweep: str
     target: str
@@ -69,14 +77,17 @@ class Cell:
     params: dict[str, Any]
     run: RunSettings
     device: str
+    kind: str = "strategy"
+    baseline_id: str = ""
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    plugins: tuple[str, ...] = ()
     cell_id: str = ""
 
     def identity(self) -> dict[str, Any]:
         """The content the cell id is hashed from (what determines its result)."""
-        return {
-            "sweep": self.sweep,
+        identity = {
+            "kind": self.kind,
             "target": [self.target, self.target_spec.as_dict()],
-            "drafts": {name: spec.as_dict() for name, spec in sorted(self.drafts.items())},
             "prompt_set": self.prompt_set.key(),
             "shard": self.shard,
             "strategy": self.strategy,
@@ -90,11 +101,19 @@ class Cell:
             },
             "device": self.device,
         }
+        if self.kind == "strategy":
+            identity["drafts"] = {name: spec.as_dict() for name, spec in sorted(self.drafts.items())}
+            identity["baseline_id"] = self.baseline_id
+            if self.runtime_env:
+                identity["runtime_env"] = self.runtime_env
+        return identity
 
     @property
     def label(self) -> str:
         params = ",".join(f"{key}={_short(value)}" for key, value in self.params.items())
-        return f"{self.strategy}({params}) {self.prompt_set.name}[{self.shard}/{self.prompt_set.shards}] on {self.target}"
+        where = f"{self.prompt_set.name}[{self.shard}/{self.prompt_set.shards}]"
+        name = "baseline" if self.kind == "baseline" else f"{self.strategy}({params})"
+        return f"{name} {where} on {self.target}"
 
 
 def _short(value: Any) -> str:
@@ -116,16 +135,30 @@ class Sweep:
     run: RunSettings
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    def cells(self) -> list[Cell]:
-        """The sweep's grid expanded into cells (targets x prompt shards x strategy grid points)."""
+    plugins: tuple[str, ...] = ()
+
+    def cells(self, device_type: str = "cpu") -> list[Cell]:
+        """The grid expanded into cells: one baseline per (target, prompt shard), then the strategy cells.
+
+        ``device_type`` (``cpu`` or ``cuda``) is where the workers run; it is part
+        of every cell id, so results from different device types never pair.
+        """
+        from strategies import parse_params
+
         cells = []
         for target, target_spec in self.targets.items():
             for prompt_set in self.prompt_sets:
                 for shard_index in range(prompt_set.shards):
+                    baseline = _with_id(Cell(self.name, target, target_spec, {}, prompt_set, shard_index, BASELINE,
+                                             {}, self.run, device_type, kind="baseline", plugins=self.plugins))
+                    cells.append(baseline)
                     for strategy in self.strategies:
                         for params in strategy.points():
-                            cell = Cell(self.name, target, target_spec, self.drafts, prompt_set, shard_index,
-                                        strategy.name, params, self.run, self.device)
+                            used = parse_params(strategy.name, params, strategy.name).drafts()
+                            cell = Cell(self.name, target, target_spec, {name: self.drafts[name] for name in used},
+                                        prompt_set, shard_index, strategy.name, params, self.run, device_type,
+                                        baseline_id=baseline.cell_id, runtime_env=strategy.runtime_env,
+                                        plugins=self.plugins)
                             cells.append(_with_id(cell))
         return cells
 
@@ -166,6 +199,7 @@ def parse_sweep(raw: Any, base_dir: Path, path: Path | None = None) -> Sweep:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError("name", f"expected a sweep name of letters, digits, '_', '-' or '.', got {name!r}",
                           "add e.g. name: my-sweep")
+    plugins = _load_plugins(raw.get("plugins", []), base_dir)
     zoo = ZooConfig.from_dict(_mapping(raw.get("zoo", {}), "zoo", "write zoo overrides as a mapping"))
 
     models = _mapping(raw.get("models"), "models", "add models: {target: zoo:target, drafts: {...}}")
@@ -198,7 +232,31 @@ def parse_sweep(raw: Any, base_dir: Path, path: Path | None = None) -> Sweep:
     run = _parse_run(raw.get("run", {}))
     strategies = _parse_strategies(raw.get("strategies"), drafts, run)
     return Sweep(name=name, path=Path(path) if path else base_dir / "<inline>", zoo=zoo, targets=targets,
-                 drafts=drafts, device=device, prompt_sets=prompt_sets, strategies=strategies, run=run, raw=raw)
+                 drafts=drafts, device=device, prompt_sets=prompt_sets, strategies=strategies, run=run, raw=raw,
+                 plugins=plugins)
+
+
+def _load_plugins(raw: Any, base_dir: Path) -> tuple[str, ...]:
+    """Import the sweep's plugin modules (dotted names or .py paths) so their strategies register."""
+    from strategies.registry import import_plugin
+
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        raise ConfigError("plugins", f"expected a list of module names or .py paths, got {raw!r}")
+    resolved = []
+    for index, item in enumerate(raw):
+        if item.endswith(".py"):
+            path = Path(item).expanduser()
+            path = path if path.is_absolute() or path.exists() else base_dir / path
+            if not path.is_file():
+                raise ConfigError(f"plugins[{index}]", f"plugin file {item!r} not found", "fix the path")
+            item = str(path.resolve())
+        try:
+            import_plugin(item)
+        except ImportError as error:
+            raise ConfigError(f"plugins[{index}]", f"cannot import {item!r} ({error})",
+                              "give an importable module name or a .py path") from None
+        resolved.append(item)
+    return tuple(resolved)
 
 
 def _parse_strategies(raw: Any, drafts: dict[str, ModelSpec], run: RunSettings) -> tuple[StrategySpec, ...]:
@@ -217,13 +275,16 @@ def _parse_strategies(raw: Any, drafts: dict[str, ModelSpec], run: RunSettings) 
         strategy_class(name, f"{where}.name")
         params = _mapping(item.get("params", {}), f"{where}.params", "write fixed parameters as a mapping")
         grid = _mapping(item.get("grid", {}), f"{where}.grid", "write the grid as parameter -> list of values")
+        runtime_env = _mapping(item.get("runtime_env", {}), f"{where}.runtime_env",
+                               "write a Ray runtime_env mapping, e.g. {pip: [...], env_vars: {...}}")
         for key, values in grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{where}.grid.{key}", f"expected a non-empty list of values, got {values!r}",
                                   "put a single fixed value under params instead")
             if key in params:
                 raise ConfigError(f"{where}.grid.{key}", "also given under params", "keep it in one of the two")
-        spec = StrategySpec(name=name, params=dict(params), grid={key: list(values) for key, values in grid.items()})
+        spec = StrategySpec(name=name, params=dict(params), grid={key: list(values) for key, values in grid.items()},
+                            runtime_env=dict(runtime_env))
         for point in spec.points():
             checked = parse_params(name, point, where)
             for draft in checked.drafts():
@@ -243,15 +304,15 @@ def _parse_run(raw: Any) -> RunSettings:
     _no_unknown(raw, tuple(allowed), "run")
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        expected = {"temperature": (int, float), "address": (str,)}.get(key, (int,))
-        optional = key in ("num_cpus", "address", "max_prompt_tokens")
+        expected = {"temperature": (int, float), "cache_memory_gb": (int, float), "address": (str,)}.get(key, (int,))
+        optional = key in ("num_cpus", "address", "max_prompt_tokens", "cache_memory_gb")
         if value is None and optional:
             values[key] = None
             continue
         if isinstance(value, bool) or not isinstance(value, expected):
-            kind = "a number" if key == "temperature" else "a string" if key == "address" else "an integer"
+            kind = "a number" if float in expected else "a string" if key == "address" else "an integer"
             raise ConfigError(f"run.{key}", f"expected {kind}, got {value!r}")
-        values[key] = float(value) if key == "temperature" else value
+        values[key] = float(value) if float in expected else value
     run = RunSettings(**values)
     for key, low in (("max_new_tokens", 1), ("warmup_prompts", 0), ("workers", 1), ("max_retries", 0)):
         if getattr(run, key) < low:

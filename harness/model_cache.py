@@ -1,4 +1,4 @@
-"""Models and tokenizers loaded once per worker and reused across cells (least recently used evicted first)."""
+"""Models and tokenizers loaded once per worker and reused across cells, least recently used evicted first."""
 
 from __future__ import annotations
 
@@ -8,29 +8,52 @@ from typing import Any
 from harness.models import ModelSpec, load_model, load_tokenizer, pick_device
 
 
-class ModelCache:
-    """Holds ``CausalLM`` wrappers and tokenizers keyed by spec; counts loads."""
+def model_bytes(model) -> int:
+    """Bytes held by a ``CausalLM``'s parameters and buffers."""
+    tensors = [*model.model.parameters(), *model.model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
-    def __init__(self, zoo_config: Any, device: str = "auto", max_models: int | None = None) -> None:
+
+class ModelCache:
+    """Holds ``CausalLM`` wrappers and tokenizers keyed by spec, within a memory budget; counts loads."""
+
+    def __init__(self, zoo_config: Any, device: str = "auto", max_bytes: int | None = None) -> None:
         self.zoo_config = zoo_config
         self.device = pick_device(device)
-        self.max_models = max_models
+        self.max_bytes = max_bytes
         self.models: OrderedDict[tuple, Any] = OrderedDict()
         self.tokenizers: dict[tuple, Any] = {}
         self.loads: dict[str, int] = {}
 
+    @staticmethod
+    def key(spec: ModelSpec) -> tuple:
+        return (spec.id, spec.dtype, spec.revision)
+
     def model(self, spec: ModelSpec, name: str):
-        """The ``CausalLM`` for ``spec``, loading it on first use."""
-        key = (spec.id, spec.dtype, spec.revision)
+        """The ``CausalLM`` for ``spec``, loading it on first use and evicting older models over budget."""
+        key = self.key(spec)
         if key in self.models:
             self.models.move_to_end(key)
             return self.models[key]
-        while self.max_models is not None and len(self.models) >= self.max_models:
-            self.models.popitem(last=False)
         model = load_model(spec, self.zoo_config, self.device, name)
         self.models[key] = model
         self.loads[spec.id] = self.loads.get(spec.id, 0) + 1
+        self._evict(keep=key)
         return model
+
+    def _evict(self, keep: tuple) -> None:
+        if self.max_bytes is None:
+            return
+        while self.held_bytes() > self.max_bytes and len(self.models) > 1:
+            oldest = next(key for key in self.models if key != keep)
+            del self.models[oldest]
+            if self.device.type == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+
+    def held_bytes(self) -> int:
+        return sum(model_bytes(model) for model in self.models.values())
 
     def tokenizer(self, spec: ModelSpec):
         """The tokenizer of ``spec``, loading it on first use."""
@@ -40,4 +63,4 @@ class ModelCache:
         return self.tokenizers[key]
 
     def holds(self, spec: ModelSpec) -> bool:
-        return (spec.id, spec.dtype, spec.revision) in self.models
+        return self.key(spec) in self.models

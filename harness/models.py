@@ -76,9 +76,16 @@ def _resolve(path: str, base_dir: Path) -> Path:
 def pretrained_location(spec: ModelSpec, zoo_config) -> str:
     """What to pass to ``from_pretrained`` for ``spec`` (a zoo directory, a path or a hub id)."""
     if spec.zoo_name is not None:
+        import platform
+
         from training.zoo import model_path
 
-        return str(model_path(zoo_config, spec.zoo_name))
+        path = model_path(zoo_config, spec.zoo_name)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"zoo model {spec.zoo_name!r} is not built at {path} on node {platform.node()}: on a multi-node "
+                "cluster put $SPECSWEEP_HOME on a shared filesystem, or run `specsweep zoo build` on every node")
+        return str(path)
     return spec.id
 
 

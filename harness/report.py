@@ -16,7 +16,17 @@ import pandas as pd
 from harness.metrics import summarize
 from harness.results import ResultStore
 
-PAIRED_AGAINST = "autoregressive (specsweep's own loop), same prompts, same worker, back to back"
+PAIRED_AGAINST = ("the autoregressive baseline (specsweep's own decoding loop) on the same prompts, target and "
+                  "device type, run once per prompt shard and shared by every strategy on that shard")
+MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+SPEC_BENCH_COLUMNS = {
+    "Multi-turn conversation": MT_BENCH,
+    "Translation": ("translation",),
+    "Summarization": ("summarization",),
+    "QA": ("qa",),
+    "Math reasoning": ("math_reasoning",),
+    "RAG": ("rag",),
+}
 
 
 def params_label(params: dict[str, Any]) -> str:
@@ -30,6 +40,7 @@ def cell_rows(records: dict[str, dict[str, Any]]) -> pd.DataFrame:
         cell = record["cell"]
         row = {
             "cell_id": cell_id,
+            "kind": record.get("kind", "strategy"),
             "status": record.get("status"),
             "target": cell["target"][0],
             "strategy": cell["strategy"],
@@ -39,24 +50,30 @@ def cell_rows(records: dict[str, dict[str, Any]]) -> pd.DataFrame:
             "device": record.get("env", {}).get("device", ""),
             "worker": record.get("worker", ""),
             "error": record.get("error", ""),
+            "paired_with": record.get("paired_with", {}).get("cell_id", ""),
         }
-        if record.get("status") == "ok":
+        if record.get("status") == "ok" and row["kind"] == "strategy":
             row.update(summarize(record["prompts"]))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def group_rows(records: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """One row per (target, strategy, params, prompt set), pooling the prompts of all its shards."""
+def grouped_prompts(records: dict[str, dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """Paired prompt records of ok strategy cells by (target, strategy, params, prompt set), all shards pooled."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for record in records.values():
-        if record.get("status") != "ok":
+        if record.get("status") != "ok" or record.get("kind", "strategy") != "strategy":
             continue
         cell = record["cell"]
         key = (cell["target"][0], cell["strategy"], params_label(cell["params"]), cell["prompt_set"]["name"])
         groups.setdefault(key, []).extend(record["prompts"])
+    return groups
+
+
+def group_rows(records: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per (target, strategy, params, prompt set), pooling the prompts of all its shards."""
     rows = []
-    for (target, strategy, params, prompt_set), prompts in groups.items():
+    for (target, strategy, params, prompt_set), prompts in grouped_prompts(records).items():
         rows.append({"target": target, "strategy": strategy, "params": params, "prompt_set": prompt_set,
                      **summarize(prompts)})
     return pd.DataFrame(rows)
@@ -87,12 +104,13 @@ def write_report(run_dir: str | Path) -> Path:
     cells = cell_rows(records)
     cells.drop(columns=[], errors="ignore").to_csv(run_dir / "cells.csv", index=False)
     groups = group_rows(records)
-    sections = [f"# specsweep report: {run_dir.name}", ""]
-    first = next(iter(records.values()))
+    sections = [f"# specsweep report: {run_dir.parent.name} / {run_dir.name}", ""]
+    first = next((r for r in records.values() if r.get("env")), next(iter(records.values())))
     env = first.get("env", {})
     ok, failed = int((cells["status"] == "ok").sum()), int((cells["status"] != "ok").sum())
+    baselines = int((cells["kind"] == "baseline").sum())
     sections += [
-        f"- sweep: `{first['cell']['sweep']}`, cells: {len(cells)} ({ok} ok, {failed} failed)",
+        f"- cells: {len(cells)} ({ok} ok, {failed} failed), of which {baselines} baseline cells",
         f"- device: {env.get('device', '?')} ({env.get('device_name', '?')}), dtype {env.get('dtype', '?')}, "
         f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, commit {first.get('commit', '?')}",
         f"- generation: max_new_tokens {first['cell']['generation']['max_new_tokens']}, "
@@ -119,7 +137,13 @@ def write_report(run_dir: str | Path) -> Path:
         }), ""]
         plot_speedups(groups, run_dir / "speedup.png")
         sections += ["![speedup](speedup.png)", ""]
-    correctness = cells.groupby("strategy").agg(
+        spec_bench = spec_bench_table(records)
+        if spec_bench is not None:
+            sections += ["## Spec-Bench", "",
+                         "Speedup (ratio of mean wall times, 95% bootstrap interval) per Spec-Bench task; "
+                         "multi-turn conversation pools the MT-bench categories; multi-turn prompts are run turn by turn.",
+                         "", spec_bench, ""]
+    correctness = cells[cells["kind"] == "strategy"].groupby("strategy").agg(
         cells=("cell_id", "count"), failed=("status", lambda s: int((s != "ok").sum())),
         match_rate=("match_rate", "mean") if "match_rate" in cells else ("cell_id", "count"),
     ).reset_index()
@@ -128,12 +152,42 @@ def write_report(run_dir: str | Path) -> Path:
     }), ""]
     failures = cells[cells["status"] != "ok"]
     if not failures.empty:
-        sections += ["### Failed cells", "", markdown_table(failures, {
-            "cell_id": "cell", "strategy": "strategy", "params": "params", "prompt_set": "prompt set",
+        sections += [f"### Failed cells ({len(failures)})", "", markdown_table(failures, {
+            "cell_id": "cell", "kind": "kind", "strategy": "strategy", "params": "params", "prompt_set": "prompt set",
             "shard": "shard", "error": "error"}), ""]
     report = run_dir / "report.md"
     report.write_text("\n".join(sections))
     return report
+
+
+def spec_bench_table(records: dict[str, dict[str, Any]]) -> str | None:
+    """Spec-Bench's table (per-task speedups, mean accepted tokens, overall) when the prompts carry its categories."""
+    known = {category for categories in SPEC_BENCH_COLUMNS.values() for category in categories}
+    rows = []
+    for (target, strategy, params, prompt_set), prompts in grouped_prompts(records).items():
+        categories = {prompt["category"] for prompt in prompts}
+        if not categories & known:
+            continue
+        row = {"strategy": strategy, "params": params, "prompt_set": prompt_set}
+        for column, members in SPEC_BENCH_COLUMNS.items():
+            subset = [prompt for prompt in prompts if prompt["category"] in members]
+            row[column] = _speedup_cell(summarize(subset)) if subset else "-"
+        for category in sorted(categories - known):
+            row[category] = _speedup_cell(summarize([p for p in prompts if p["category"] == category]))
+        overall = summarize(prompts)
+        row["Mean accepted tokens"] = overall["tau"]
+        row["Overall"] = _speedup_cell(overall)
+        rows.append(row)
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows)
+    columns = {"strategy": "strategy", "params": "params", "prompt_set": "prompt set"}
+    columns.update({name: name for name in frame.columns if name not in columns})
+    return markdown_table(frame.fillna("-"), columns)
+
+
+def _speedup_cell(summary: dict[str, Any]) -> str:
+    return f"{summary['speedup']:.2f}x [{summary['speedup_low']:.2f}, {summary['speedup_high']:.2f}]"
 
 
 def best_per_strategy(groups: pd.DataFrame) -> pd.DataFrame:

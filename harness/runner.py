@@ -21,7 +21,6 @@ from harness.model_cache import ModelCache
 from harness.paths import content_hash
 from harness.prompts import Prompt, load_prompts, shard
 from strategies import ModelSet, Sampling, Trace, build
-from strategies.registry import strategy_class
 
 QA_TEMPLATE = "Question: {question}\nAnswer:"
 
@@ -32,9 +31,8 @@ class CellFailure(RuntimeError):
 
 def model_set_for(cell: Cell, cache: ModelCache) -> ModelSet:
     """Load (or reuse) the cell's target and the drafts its params name."""
-    params = strategy_class(cell.strategy).Params.from_dict(cell.params, f"cell {cell.cell_id}")
     target = cache.model(cell.target_spec, "target")
-    drafts = {name: cache.model(cell.drafts[name], f"draft:{name}") for name in params.drafts()}
+    drafts = {name: cache.model(spec, f"draft:{name}") for name, spec in cell.drafts.items()}
     for name, draft in drafts.items():
         if draft.vocab_size != target.vocab_size:
             raise CellFailure(f"draft {name!r} has vocabulary {draft.vocab_size}, target {target.vocab_size}: "
@@ -62,28 +60,48 @@ def prompt_token_ids(tokenizer, conversation: list[str], kind: str, limit: int) 
     return ids[-limit:] if len(ids) > limit else ids
 
 
-def run_prompt(strategy, baseline, prompt: Prompt, tokenizer, cell: Cell, limit: int, device: torch.device) -> dict[str, Any]:
-    """Run every turn of ``prompt`` with the baseline and the strategy; return the per-prompt record."""
+def conversation_at(prompt: Prompt, turn_index: int, answers: list[str]) -> list[str]:
+    """User turns up to ``turn_index`` interleaved with the earlier turns' ``answers``."""
+    conversation = []
+    for index, turn in enumerate(prompt.turns[: turn_index + 1]):
+        conversation.append(turn)
+        if index < turn_index:
+            conversation.append(answers[index])
+    return conversation
+
+
+def run_baseline_prompt(baseline, prompt: Prompt, tokenizer, cell: Cell, limit: int, device: torch.device) -> dict[str, Any]:
+    """Run every turn of ``prompt`` with the baseline (Spec-Bench style: each turn sees the earlier answers)."""
     record: dict[str, Any] = {"prompt_id": prompt.prompt_id, "category": prompt.category, "turns": []}
-    baseline_answers: list[str] = []
+    answers: list[str] = []
     for turn_index in range(len(prompt.turns)):
-        conversation = []
-        for index, turn in enumerate(prompt.turns[: turn_index + 1]):
-            conversation.append(turn)
-            if index < turn_index:
-                conversation.append(baseline_answers[index])
-        ids = prompt_token_ids(tokenizer, conversation, cell.prompt_set.kind, limit)
-        seed = int(content_hash([cell.run.seed, prompt.prompt_id, turn_index])[:8], 16)
-        base_trace = timed(baseline, ids, cell, seed, device)
-        strat_trace = timed(strategy, ids, cell, seed, device)
-        baseline_answers.append(tokenizer.decode(base_trace.tokens, skip_special_tokens=True))
+        ids = prompt_token_ids(tokenizer, conversation_at(prompt, turn_index, answers), cell.prompt_set.kind, limit)
+        trace = timed(baseline, ids, cell, turn_seed(cell, prompt, turn_index), device)
+        answers.append(tokenizer.decode(trace.tokens, skip_special_tokens=True))
+        record["turns"].append({"prompt_tokens": len(ids), "baseline": trace_record(trace), "answer": answers[-1]})
+    return record
+
+
+def run_strategy_prompt(strategy, prompt: Prompt, baseline_prompt: dict[str, Any], tokenizer, cell: Cell, limit: int,
+                        device: torch.device) -> dict[str, Any]:
+    """Run ``prompt`` turn by turn with the strategy on the baseline's conversation, paired with its traces."""
+    record: dict[str, Any] = {"prompt_id": prompt.prompt_id, "category": prompt.category, "turns": []}
+    answers = [turn["answer"] for turn in baseline_prompt["turns"]]
+    for turn_index, base_turn in enumerate(baseline_prompt["turns"]):
+        ids = prompt_token_ids(tokenizer, conversation_at(prompt, turn_index, answers), cell.prompt_set.kind, limit)
+        trace = timed(strategy, ids, cell, turn_seed(cell, prompt, turn_index), device)
         record["turns"].append({
             "prompt_tokens": len(ids),
-            "baseline": trace_record(base_trace),
-            "strategy": trace_record(strat_trace),
-            **match_record(base_trace.tokens, strat_trace.tokens),
+            "baseline": base_turn["baseline"],
+            "strategy": trace_record(trace),
+            **match_record(base_turn["baseline"]["tokens"], trace.tokens),
         })
     return record
+
+
+def turn_seed(cell: Cell, prompt: Prompt, turn_index: int) -> int:
+    """The sampling seed of one turn: the same for the baseline and every strategy."""
+    return int(content_hash([cell.run.seed, prompt.prompt_id, turn_index])[:8], 16)
 
 
 def timed(strategy, ids: list[int], cell: Cell, seed: int, device: torch.device) -> Trace:
@@ -124,25 +142,42 @@ def match_record(baseline: list[int], strategy: list[int]) -> dict[str, Any]:
     return {"tokens_match": divergence is None, "first_divergence": divergence}
 
 
-def run_cell(cell: Cell, cache: ModelCache, worker: str = "local") -> dict[str, Any]:
-    """Run ``cell`` and return its result record (status ``ok`` or ``failed`` with the error)."""
+def run_cell(cell: Cell, cache: ModelCache, worker: str = "local",
+             baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``cell`` and return its record (status ``ok`` or ``failed`` with the error and traceback).
+
+    A strategy cell needs its ``baseline`` cell's record: it replays the same
+    conversations and stores the baseline's traces beside its own, paired.
+    """
     started = time.time()
-    record: dict[str, Any] = {"cell_id": cell.cell_id, "label": cell.label, "cell": cell.identity(),
-                              "worker": worker, "started": started}
+    record: dict[str, Any] = {"cell_id": cell.cell_id, "kind": cell.kind, "label": cell.label,
+                              "cell": cell.identity(), "worker": worker, "started": started}
     try:
         models = model_set_for(cell, cache)
         tokenizer = cache.tokenizer(cell.target_spec)
         prompts = shard(load_prompts(cell.prompt_set, cache.zoo_config.corpus), cell.shard, cell.prompt_set.shards)
         if not prompts:
             raise CellFailure(f"prompt set {cell.prompt_set.name!r} shard {cell.shard} has no prompts")
-        baseline = build("autoregressive", {}, models)
-        strategy = build(cell.strategy, cell.params, models)
         limit = prompt_limit(cell, models)
         record["env"] = environment(cache, models, cell)
-        for prompt in prompts[: cell.run.warmup_prompts]:
-            run_prompt(strategy, baseline, prompt, tokenizer, cell, limit, cache.device)
-        record["prompts"] = [run_prompt(strategy, baseline, p, tokenizer, cell, limit, cache.device) for p in prompts]
-        check_lossless(cell, record)
+        warmup = prompts[: cell.run.warmup_prompts]
+        if cell.kind == "baseline":
+            runner = build("autoregressive", {}, models)
+            for prompt in warmup:
+                run_baseline_prompt(runner, prompt, tokenizer, cell, limit, cache.device)
+            record["prompts"] = [run_baseline_prompt(runner, p, tokenizer, cell, limit, cache.device) for p in prompts]
+        else:
+            if baseline is None or baseline.get("status") != "ok":
+                raise CellFailure(f"baseline cell {cell.baseline_id} has no successful result")
+            record["paired_with"] = {"cell_id": baseline["cell_id"], "worker": baseline.get("worker"),
+                                     "device": baseline.get("env", {}).get("device")}
+            by_id = {p["prompt_id"]: p for p in baseline["prompts"]}
+            strategy = build(cell.strategy, cell.params, models)
+            for prompt in warmup:
+                run_strategy_prompt(strategy, prompt, by_id[prompt.prompt_id], tokenizer, cell, limit, cache.device)
+            record["prompts"] = [run_strategy_prompt(strategy, p, by_id[p.prompt_id], tokenizer, cell, limit, cache.device)
+                                 for p in prompts]
+            check_lossless(cell, record)
         record["status"] = "ok"
     except Exception as error:  # a failing strategy must not stop the sweep
         record["status"] = "failed"

@@ -1,14 +1,19 @@
 """The driver: start Ray and the workers, hand cells to idle workers, store each result as it arrives.
 
-Dispatch is pull-based over ``ray.wait`` (pending result -> (worker, cell)):
-an idle worker gets the next cell, preferring one whose target it already
-holds; a worker that dies is replaced and its cell re-queued up to
-``run.max_retries`` times, after which the cell is recorded as failed.
-Cells already in the run directory are skipped (resume).
+Dispatch is pull-based over ``ray.wait`` (pending reference -> event): a
+worker that is idle gets the next ready cell, preferring one whose target it
+already holds. Baseline cells run first; a strategy cell becomes ready when
+its baseline has a result, which is handed to it (put once in the object
+store) so that every strategy on a shard is paired with the same baseline.
+A worker that dies is replaced, and its cell re-queued up to
+``run.max_retries`` times before it is recorded as failed; a replacement
+takes cells only once it has started. Cells already recorded in the run
+directory are skipped (resume).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,8 +24,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.config import Cell, Sweep
+from harness.progress import Progress
 from harness.results import ResultStore
 from harness.worker import Worker
+
+WORKER_START_TIMEOUT_S = 900.0
 
 
 @dataclass
@@ -33,6 +41,21 @@ class SweepOutcome:
     ok: int = 0
     failed: int = 0
     failed_ids: list[str] = field(default_factory=list)
+    timings: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class WorkerSlot:
+    """Driver-side state of one worker actor."""
+
+    name: str
+    handle: Any
+    env_key: str
+    state: str = "starting"  # starting | idle | busy
+    targets: set[str] = field(default_factory=set)
+    cell: Cell | None = None
+    node: str = ""
+    started: float = field(default_factory=time.perf_counter)
 
 
 def git_commit() -> str:
@@ -45,126 +68,248 @@ def git_commit() -> str:
 
 
 def init_ray(sweep: Sweep, address: str | None) -> None:
-    """Join the Ray cluster at ``address`` or start a local one sized from ``run.num_cpus``."""
+    """Join the Ray cluster at ``address`` (or ``$RAY_ADDRESS``, as under ``ray job submit``) or start a local one."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"SPECSWEEP_HOME": str(_home()), "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",
-                        "TOKENIZERS_PARALLELISM": "false"}}
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
     else:
         cpus = sweep.run.num_cpus or os.cpu_count() or 1
-        ray.init(num_cpus=cpus, runtime_env=env, include_dashboard=False, log_to_driver=True)
-
-
-def _home() -> Path:
-    from harness.paths import specsweep_home
-
-    return specsweep_home()
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
 
 
 def worker_plan(sweep: Sweep) -> tuple[int, dict[str, Any], str]:
-    """How many workers to start, their Ray resource options, and the device they use."""
+    """How many workers to start, their Ray resource options, and the device type they use."""
     import ray
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if gpus and sweep.device in ("auto", "cuda"):
         return gpus, {"num_gpus": 1, "num_cpus": 1}, "cuda"
+    if sweep.device == "cuda":
+        from harness.errors import ConfigError
+
+        raise ConfigError("models.device", "cuda requested but the Ray cluster has no GPUs", "use device: auto or cpu")
     cpus = int(resources.get("CPU", 1))
     count = min(sweep.run.workers, max(1, cpus))
     return count, {"num_cpus": max(1, cpus // count), "num_gpus": 0}, "cpu"
 
 
+def env_key(runtime_env: dict[str, Any]) -> str:
+    return json.dumps(runtime_env, sort_keys=True)
+
+
 class Dispatcher:
     """Keeps every worker busy with one cell at a time and writes results as they come back."""
 
-    def __init__(self, sweep: Sweep, store: ResultStore, on_event: Callable[[str], None]) -> None:
+    def __init__(self, sweep: Sweep, store: ResultStore, log: Callable[[str], None],
+                 on_record: Callable[["Dispatcher", dict[str, Any]], None] | None = None) -> None:
         import ray
 
         self.ray = ray
         self.sweep = sweep
         self.store = store
-        self.log = on_event
+        self.log = log
+        self.on_record = on_record
         self.count, self.options, self.device = worker_plan(sweep)
         self.remote_cls = ray.remote(Worker)
-        self.workers: dict[str, Any] = {}
-        self.held_targets: dict[str, set[str]] = {}
+        self.slots: dict[str, WorkerSlot] = {}
         self.commit = git_commit()
         self._serial = 0
-        for _ in range(self.count):
-            self._start_worker()
+        self.pending: dict[Any, tuple[str, str, Cell | None, float]] = {}  # ref -> (event, worker, cell, submitted)
+        self.baselines: dict[str, Any] = {}  # baseline cell id -> object ref of its ok record
+        self.baseline_errors: dict[str, str] = {}
 
-    def _start_worker(self) -> str:
+    # ------------------------------------------------------------------ workers
+
+    def start_worker(self, runtime_env: dict[str, Any]) -> WorkerSlot:
+        """Start a worker actor; it takes cells once its ``describe`` call returns."""
+        from harness.paths import specsweep_home
+
         self._serial += 1
         name = f"worker-{self._serial}"
+        env_vars = {"SPECSWEEP_HOME": str(specsweep_home()), "TOKENIZERS_PARALLELISM": "false"}
+        if self.device == "cpu":
+            env_vars["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "1"
+        merged = {**runtime_env, "env_vars": {**env_vars, **runtime_env.get("env_vars", {})}}
         threads = self.options["num_cpus"] if self.device == "cpu" else None
-        self.workers[name] = self.remote_cls.options(**self.options, name=None).remote(
-            self.sweep.zoo, self.device, name, threads)
-        self.held_targets[name] = set()
-        return name
+        cache_bytes = int(self.sweep.run.cache_memory_gb * 2**30) if self.sweep.run.cache_memory_gb else None
+        handle = self.remote_cls.options(**self.options, runtime_env=merged, scheduling_strategy="SPREAD").remote(
+            self.sweep.zoo, self.device, name, threads, self.sweep.plugins, cache_bytes)
+        slot = WorkerSlot(name=name, handle=handle, env_key=env_key(runtime_env))
+        self.slots[name] = slot
+        self.pending[handle.describe.remote()] = ("start", name, None, time.perf_counter())
+        return slot
 
-    def _next_cell(self, queue: deque[Cell], worker: str) -> Cell:
-        held = self.held_targets[worker]
-        for index, cell in enumerate(queue):
-            if cell.target_spec.id in held:
-                del queue[index]
-                return cell
-        return queue.popleft()
-
-    def run(self, cells: list[Cell], outcome: SweepOutcome) -> None:
-        """Run ``cells`` to completion (or recorded failure)."""
-        queue: deque[Cell] = deque(cells)
-        attempts: dict[str, int] = {}
-        pending: dict[Any, tuple[str, Cell]] = {}
-        started = time.perf_counter()
-
-        def submit(worker: str) -> None:
-            if not queue:
-                return
-            cell = self._next_cell(queue, worker)
-            attempts[cell.cell_id] = attempts.get(cell.cell_id, 0) + 1
-            pending[self.workers[worker].run.remote(cell)] = (worker, cell)
-
-        for worker in list(self.workers):
-            submit(worker)
-        while pending:
-            ready, _ = self.ray.wait(list(pending), num_returns=1)
-            ref = ready[0]
-            worker, cell = pending.pop(ref)
-            try:
-                record = self.ray.get(ref)
-            except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError,
-                    self.ray.exceptions.ObjectLostError) as error:
-                self.log(f"{worker} died while running {cell.cell_id} ({type(error).__name__}); starting a replacement")
-                self._retire(worker)
-                worker = self._start_worker()
-                if attempts[cell.cell_id] <= self.sweep.run.max_retries:
-                    queue.appendleft(cell)
-                else:
-                    record = self._lost_record(cell, worker, error, attempts[cell.cell_id])
-                    self._store(record, outcome, started)
-                submit(worker)
-                continue
-            self.held_targets[worker].add(cell.target_spec.id)
-            self._store(record, outcome, started)
-            submit(worker)
-
-    def _retire(self, worker: str) -> None:
-        handle = self.workers.pop(worker)
-        self.held_targets.pop(worker, None)
+    def retire(self, name: str) -> None:
+        slot = self.slots.pop(name, None)
+        if slot is None:
+            return
         try:
-            self.ray.kill(handle)
+            self.ray.kill(slot.handle)
         except Exception:  # already dead
             pass
 
-    def _lost_record(self, cell: Cell, worker: str, error: Exception, attempts: int) -> dict[str, Any]:
-        return {"cell_id": cell.cell_id, "label": cell.label, "cell": cell.identity(), "worker": worker,
-                "status": "failed", "error": f"worker lost {attempts} times: {type(error).__name__}: {error}"}
+    def busy_workers(self) -> dict[str, Cell]:
+        """Cells in flight by worker name."""
+        return {name: slot.cell for name, slot in self.slots.items() if slot.state == "busy" and slot.cell}
 
-    def _store(self, record: dict[str, Any], outcome: SweepOutcome, started: float) -> None:
+    # ------------------------------------------------------------------ main loop
+
+    def run(self, cells: list[Cell], outcome: SweepOutcome, recorded: dict[str, dict[str, Any]],
+            progress: Progress) -> None:
+        """Run ``cells`` to completion (or recorded failure); ``recorded`` holds results from earlier runs."""
+        for cell_id, record in recorded.items():
+            if record.get("kind") == "baseline" and record.get("status") == "ok":
+                self.baselines[cell_id] = self.ray.put(record)
+            elif record.get("kind") == "baseline":
+                self.baseline_errors[cell_id] = record.get("error", "failed")
+        queue: deque[Cell] = deque()
+        waiting: dict[str, list[Cell]] = {}
+        for cell in cells:
+            if cell.kind == "baseline" or cell.baseline_id in self.baselines:
+                queue.append(cell)
+            elif cell.baseline_id in self.baseline_errors:
+                self._store(self._failed_record(cell, f"baseline cell {cell.baseline_id} failed: "
+                                                      f"{self.baseline_errors[cell.baseline_id]}"), outcome, progress)
+            else:
+                waiting.setdefault(cell.baseline_id, []).append(cell)
+        attempts: dict[str, int] = {}
+        envs = {env_key(cell.runtime_env): cell.runtime_env for cell in cells}
+        first_env = cells[0].runtime_env if cells else {}
+        for _ in range(self.count):
+            self.start_worker(first_env)
+
+        while queue or waiting or any(event == "run" for event, *_ in self.pending.values()):
+            if not self.pending:
+                self._fail_all(queue, waiting, "no worker could be started", outcome, progress)
+                break
+            ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=1.0)
+            progress.refresh(self.busy_workers())
+            if not ready:
+                self._check_start_timeouts(queue, waiting, outcome, progress)
+                continue
+            ref = ready[0]
+            event, name, cell, submitted = self.pending.pop(ref)
+            slot = self.slots.get(name)
+            if event == "start":
+                try:
+                    info = self.ray.get(ref)
+                except self.ray.exceptions.RayError as error:
+                    self.log(f"{name} failed to start: {type(error).__name__}: {str(error)[:300]}")
+                    self.retire(name)
+                    if not any(s.state != "starting" for s in self.slots.values()) and not self.pending:
+                        self._fail_all(queue, waiting, f"worker start failed: {error}", outcome, progress)
+                        break
+                    continue
+                if slot is not None:
+                    slot.state, slot.node = "idle", info.get("node", "")
+            else:
+                received = time.perf_counter()
+                try:
+                    record = self.ray.get(ref)
+                except self.ray.exceptions.RayError as error:
+                    self._worker_lost(name, cell, error, attempts, queue, outcome, progress)
+                    continue
+                self._released(record, cell, waiting, queue, outcome, progress)
+                stored = time.perf_counter()
+                self._store(record, outcome, progress)
+                outcome.timings.append({"driver_s": received - submitted, "worker_s": float(record.get("seconds", 0.0)),
+                                        "store_s": time.perf_counter() - stored})
+                if slot is not None:
+                    slot.state, slot.cell = "idle", None
+                    slot.targets.add(cell.target_spec.id)
+            self._assign_idle(queue, attempts, envs)
+        for name in list(self.slots):
+            self.retire(name)
+
+    def _assign_idle(self, queue: deque[Cell], attempts: dict[str, int], envs: dict[str, dict]) -> None:
+        for name, slot in list(self.slots.items()):
+            if slot.state != "idle" or not queue:
+                continue
+            cell = self._pick(queue, slot)
+            if cell is None:
+                # Nothing for this worker's runtime environment: restart it in the one the queue needs next.
+                self.retire(name)
+                self.start_worker(envs[env_key(queue[0].runtime_env)])
+                continue
+            attempts[cell.cell_id] = attempts.get(cell.cell_id, 0) + 1
+            baseline = self.baselines.get(cell.baseline_id) if cell.kind == "strategy" else None
+            self.pending[slot.handle.run.remote(cell, baseline)] = ("run", name, cell, time.perf_counter())
+            slot.state, slot.cell = "busy", cell
+
+    @staticmethod
+    def _pick(queue: deque[Cell], slot: WorkerSlot) -> Cell | None:
+        """Next cell for ``slot``: its runtime environment, preferring a target it holds, baselines first."""
+        best_index, best_score = None, None
+        for index, cell in enumerate(queue):
+            if env_key(cell.runtime_env) != slot.env_key:
+                continue
+            score = (cell.target_spec.id in slot.targets, cell.kind == "baseline")
+            if best_score is None or score > best_score:
+                best_index, best_score = index, score
+                if score == (True, True):
+                    break
+        if best_index is None:
+            return None
+        cell = queue[best_index]
+        del queue[best_index]
+        return cell
+
+    def _released(self, record: dict[str, Any], cell: Cell, waiting: dict[str, list[Cell]], queue: deque[Cell],
+                  outcome: SweepOutcome, progress: Progress) -> None:
+        """After a baseline finishes: queue its strategy cells, or fail them if it failed."""
+        if cell.kind != "baseline":
+            return
+        dependents = waiting.pop(cell.cell_id, [])
+        if record.get("status") == "ok":
+            self.baselines[cell.cell_id] = self.ray.put(record)
+            queue.extend(dependents)
+        else:
+            for dependent in dependents:
+                self._store(self._failed_record(dependent, f"baseline cell {cell.cell_id} failed: {record.get('error')}"),
+                            outcome, progress)
+
+    def _worker_lost(self, name: str, cell: Cell, error: Exception, attempts: dict[str, int], queue: deque[Cell],
+                     outcome: SweepOutcome, progress: Progress) -> None:
+        self.log(f"{name} was lost while running {cell.cell_id} ({type(error).__name__}); starting a replacement")
+        env = cell.runtime_env
+        self.retire(name)
+        self.start_worker(env)
+        if attempts[cell.cell_id] <= self.sweep.run.max_retries:
+            queue.appendleft(cell)
+        else:
+            self._store(self._failed_record(cell, f"worker lost {attempts[cell.cell_id]} times: "
+                                                  f"{type(error).__name__}: {str(error)[:500]}"), outcome, progress)
+
+    def _check_start_timeouts(self, queue: deque[Cell], waiting: dict[str, list[Cell]], outcome: SweepOutcome,
+                              progress: Progress) -> None:
+        now = time.perf_counter()
+        running = any(event == "run" for event, *_ in self.pending.values())
+        starting = [s for s in self.slots.values() if s.state == "starting"]
+        if running or not starting or any(s.state == "idle" for s in self.slots.values()):
+            return
+        if all(now - s.started > WORKER_START_TIMEOUT_S for s in starting):
+            self._fail_all(queue, waiting, f"no worker could be placed within {WORKER_START_TIMEOUT_S:.0f} s "
+                                           "(cluster out of resources?)", outcome, progress)
+            self.pending.clear()
+
+    def _fail_all(self, queue: deque[Cell], waiting: dict[str, list[Cell]], reason: str, outcome: SweepOutcome,
+                  progress: Progress) -> None:
+        for cell in [*queue, *(c for cells in waiting.values() for c in cells)]:
+            self._store(self._failed_record(cell, reason), outcome, progress)
+        queue.clear()
+        waiting.clear()
+
+    @staticmethod
+    def _failed_record(cell: Cell, error: str) -> dict[str, Any]:
+        return {"cell_id": cell.cell_id, "kind": cell.kind, "label": cell.label, "cell": cell.identity(),
+                "worker": None, "status": "failed", "error": error}
+
+    def _store(self, record: dict[str, Any], outcome: SweepOutcome, progress: Progress) -> None:
         record["commit"] = self.commit
         self.store.append(record)
         if record["status"] == "ok":
@@ -172,36 +317,16 @@ class Dispatcher:
         else:
             outcome.failed += 1
             outcome.failed_ids.append(record["cell_id"])
-        done = outcome.ok + outcome.failed
-        remaining = outcome.total - outcome.skipped - done
-        elapsed = time.perf_counter() - started
-        eta = elapsed / done * remaining if done else 0.0
-        status = "ok" if record["status"] == "ok" else f"FAILED: {record.get('error', '')[:200]}"
-        self.log(f"[{done + outcome.skipped}/{outcome.total}] {record.get('label', record['cell_id'])} "
-                 f"on {record.get('worker')}: {status} (failed {outcome.failed}, eta {eta:.0f} s)")
-
-    def shutdown(self) -> None:
-        for worker in list(self.workers):
-            self._retire(worker)
+        progress.cell_done(record)
+        if self.on_record is not None:
+            self.on_record(self, record)
 
 
 def run_sweep(sweep: Sweep, run_dir: Path, address: str | None = None, log: Callable[[str], None] | None = None,
-              retry_failed: bool = False) -> SweepOutcome:
+              retry_failed: bool = False,
+              on_record: Callable[[Dispatcher, dict[str, Any]], None] | None = None) -> SweepOutcome:
     """Run every cell of ``sweep`` not yet recorded in ``run_dir``; return the outcome."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    store = ResultStore(run_dir)
-    latest = store.latest()
-    done = {cid for cid, rec in latest.items() if rec.get("status") == "ok" or not retry_failed}
-    cells = sweep.cells()
-    todo = [cell for cell in cells if cell.cell_id not in done]
-    outcome = SweepOutcome(run_dir=run_dir, total=len(cells), skipped=len(cells) - len(todo))
-    outcome.failed_ids = [cid for cid in done if latest[cid].get("status") != "ok" and cid in {c.cell_id for c in cells}]
-    outcome.failed = len(outcome.failed_ids)
-    outcome.ok = outcome.skipped - outcome.failed
-    if outcome.skipped:
-        log(f"resuming {run_dir}: {outcome.skipped} of {len(cells)} cells already recorded")
-    if not todo:
-        return outcome
     if sweep.uses_zoo():
         from training.zoo import build_zoo, format_manifest, is_built
 
@@ -209,10 +334,28 @@ def run_sweep(sweep: Sweep, run_dir: Path, address: str | None = None, log: Call
             log("building the embedded zoo (once; cached under $SPECSWEEP_HOME)")
             log(format_manifest(build_zoo(sweep.zoo, log=log)))
     init_ray(sweep, address)
-    dispatcher = Dispatcher(sweep, store, log)
+    store = ResultStore(run_dir)
+    _, _, device_type = worker_plan(sweep)
+    cells = sweep.cells(device_type)
+    ids = {cell.cell_id for cell in cells}
+    recorded = {cid: rec for cid, rec in store.latest().items() if cid in ids}
+    done = {cid for cid, rec in recorded.items() if rec.get("status") == "ok" or not retry_failed}
+    todo = [cell for cell in cells if cell.cell_id not in done]
+    outcome = SweepOutcome(run_dir=run_dir, total=len(cells), skipped=len(cells) - len(todo))
+    outcome.failed_ids = [cid for cid in done if recorded[cid].get("status") != "ok"]
+    outcome.failed = len(outcome.failed_ids)
+    outcome.ok = outcome.skipped - outcome.failed
+    if outcome.skipped:
+        log(f"resuming {run_dir}: {outcome.skipped} of {len(cells)} cells already recorded")
+    if not todo:
+        return outcome
+    dispatcher = Dispatcher(sweep, store, log, on_record)
     log(f"running {len(todo)} cells on {dispatcher.count} {dispatcher.device} worker(s); results -> {store.path}")
+    progress = Progress(total=len(cells), done=outcome.ok, failed=outcome.failed, log=log)
     try:
-        dispatcher.run(todo, outcome)
+        dispatcher.run(todo, outcome, recorded, progress)
     finally:
-        dispatcher.shutdown()
+        progress.close()
+        for name in list(dispatcher.slots):
+            dispatcher.retire(name)
     return outcome

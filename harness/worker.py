@@ -13,19 +13,24 @@ from harness.runner import run_cell
 class Worker:
     """Runs cells in one process, reusing the models it has loaded. Wrapped with ``ray.remote`` by the scheduler."""
 
-    def __init__(self, zoo_config: Any, device: str, name: str, threads: int | None = None) -> None:
+    def __init__(self, zoo_config: Any, device: str, name: str, threads: int | None = None,
+                 plugins: tuple[str, ...] = (), cache_bytes: int | None = None) -> None:
         import torch
+
+        from strategies.registry import import_plugin
 
         if threads:
             torch.set_num_threads(threads)
+        for plugin in plugins:
+            import_plugin(plugin)
         self.name = name
-        self.cache = ModelCache(zoo_config, device)
+        self.cache = ModelCache(zoo_config, device, max_bytes=cache_bytes)
         if device == "cpu" and self.cache.device.type != "cpu":
             raise RuntimeError(f"worker {name}: asked for a CPU worker but got {self.cache.device}")
 
-    def run(self, cell: Cell) -> dict[str, Any]:
-        """Run ``cell`` and return its record."""
-        record = run_cell(cell, self.cache, worker=self.name)
+    def run(self, cell: Cell, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run ``cell`` (paired with its ``baseline`` record, for a strategy cell) and return its record."""
+        record = run_cell(cell, self.cache, worker=self.name, baseline=baseline)
         record["model_loads"] = dict(self.cache.loads)
         return record
 
@@ -33,8 +38,14 @@ class Worker:
         """Where this worker runs and what it holds."""
         import torch
 
+        import platform
+
+        import ray
+
         return {
             "name": self.name,
+            "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else platform.node(),
+            "host": platform.node(),
             "pid": os.getpid(),
             "device": str(self.cache.device),
             "threads": torch.get_num_threads(),

@@ -24,6 +24,27 @@ def register(name: str) -> Callable[[S], S]:
     return decorate
 
 
+def import_plugin(name: str) -> None:
+    """Import a plugin module (a dotted name or a ``.py`` path) whose strategies register themselves."""
+    import hashlib
+    import importlib
+    import importlib.util
+    import sys
+
+    if name.endswith(".py"):
+        module_name = f"specsweep_plugin_{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+        if module_name in sys.modules:
+            return
+        spec = importlib.util.spec_from_file_location(module_name, name)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"not a Python file: {name}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    else:
+        importlib.import_module(name)
+
+
 def available() -> dict[str, type[Strategy]]:
     """Registered strategies by name, sorted."""
     return dict(sorted(_REGISTRY.items()))

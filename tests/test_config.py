@@ -72,9 +72,14 @@ def test_grid_expansion_and_stable_ids(tmp_path):
                        strategies=[{"name": "speculative", "params": {"draft": "small"}, "grid": {"gamma": [2, 3, 4]}},
                                    {"name": "autoregressive"}])
     cells = load_sweep(path).cells()
-    assert len(cells) == 2 * (3 + 1)
+    baselines = {cell.cell_id: cell for cell in cells if cell.kind == "baseline"}
+    assert len(baselines) == 2 and len(cells) == 2 * (1 + 3 + 1)  # one baseline per shard, shared by its strategies
+    for cell in cells:
+        if cell.kind == "strategy":
+            assert baselines[cell.baseline_id].shard == cell.shard
     assert len({cell.cell_id for cell in cells}) == len(cells)
     assert [cell.cell_id for cell in load_sweep(path).cells()] == [cell.cell_id for cell in cells]
+    assert {c.cell_id for c in load_sweep(path).cells("cuda")}.isdisjoint(c.cell_id for c in cells)  # device type pairs
     gammas = sorted(cell.params["gamma"] for cell in cells if cell.strategy == "speculative")
     assert gammas == [2, 2, 3, 3, 4, 4]
     # changing a generation setting changes every id

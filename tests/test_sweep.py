@@ -29,9 +29,13 @@ def test_two_cell_sweep_through_ray(tmp_path, tiny_zoo, ray_local, capsys):
     assert code == 0, out
     assert f"report: {run_dir / 'report.md'}" in out
     records = list(ResultStore(run_dir).records())
-    assert len(records) == 2 and {r["status"] for r in records} == {"ok"}
+    assert {r["status"] for r in records} == {"ok"}
+    baselines = [r for r in records if r["kind"] == "baseline"]
+    records = [r for r in records if r["kind"] == "strategy"]
+    assert len(baselines) == 1 and len(records) == 2
     assert sorted(r["cell"]["params"]["gamma"] for r in records) == [2, 3]
     for record in records:
+        assert record["paired_with"]["cell_id"] == baselines[0]["cell_id"]
         assert len(record["prompts"]) == 3
         for prompt in record["prompts"]:
             turn = prompt["turns"][0]
@@ -41,10 +45,10 @@ def test_two_cell_sweep_through_ray(tmp_path, tiny_zoo, ray_local, capsys):
     assert "Speedup by strategy and prompt set" in report and "speculative" in report
     assert (run_dir / "cells.csv").exists() and (run_dir / "speedup.png").stat().st_size > 0
 
-    # Re-running into the same run directory skips both finished cells.
+    # Re-running into the same run directory skips every finished cell.
     code = main(["run", str(path), "--results-dir", str(results), "--run-name", "r1"])
     assert code == 0
-    assert len(list(ResultStore(run_dir).records())) == 2
+    assert len(list(ResultStore(run_dir).records())) == 3
 
 
 def test_failing_strategy_is_recorded_and_sweep_goes_on(tmp_path, tiny_zoo, ray_local, capsys):
@@ -58,7 +62,8 @@ def test_failing_strategy_is_recorded_and_sweep_goes_on(tmp_path, tiny_zoo, ray_
     )
     code = main(["run", str(path), "--results-dir", str(tmp_path / "results"), "--run-name", "r"])
     assert code == 1
-    records = {r["cell"]["params"]["draft"]: r for r in ResultStore(tmp_path / "results" / "tiny" / "r").records()}
+    records = {r["cell"]["params"]["draft"]: r for r in ResultStore(tmp_path / "results" / "tiny" / "r").records()
+               if r["kind"] == "strategy"}
     assert records["small"]["status"] == "ok"
     assert records["broken"]["status"] == "failed" and records["broken"]["error"]
     assert "1 failed" in capsys.readouterr().out

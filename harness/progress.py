@@ -1,0 +1,45 @@
+"""The driver's live progress: a tqdm bar on a terminal (cells done / failed / total, per-worker activity, ETA),
+one line per finished cell otherwise."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+
+class Progress:
+    """Tracks finished cells and shows them as a bar (terminal) or as log lines (files, CI)."""
+
+    def __init__(self, total: int, done: int, failed: int, log: Callable[[str], None]) -> None:
+        self.total, self.done, self.failed = total, done + failed, failed
+        self.log = log
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=self.done, unit="cell", dynamic_ncols=True, file=sys.stderr)
+
+    def cell_done(self, record: dict[str, Any]) -> None:
+        """Count one finished (or failed) cell and report it."""
+        self.done += 1
+        ok = record["status"] == "ok"
+        self.failed += 0 if ok else 1
+        status = "ok" if ok else f"FAILED: {str(record.get('error', ''))[:200]}"
+        line = f"[{self.done}/{self.total}] {record.get('label', record['cell_id'])} on {record.get('worker')}: {status}"
+        if self.bar is not None:
+            if not ok:
+                self.bar.write(line, file=sys.stderr)
+            self.bar.update(1)
+            self.bar.set_description(f"failed {self.failed}")
+        else:
+            self.log(f"{line} (failed so far {self.failed})")
+
+    def refresh(self, busy: dict[str, Any]) -> None:
+        """Show what each worker is running now."""
+        if self.bar is not None:
+            activity = " | ".join(f"{name}: {cell.label}" for name, cell in sorted(busy.items()))
+            self.bar.set_postfix_str(activity[:160], refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
