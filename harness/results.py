@@ -54,6 +54,3 @@ class ResultStore:
         """The last record of each cell id."""
         return {record["cell_id"]: record for record in self.records()}
 
-    def finished_ids(self) -> set[str]:
-        """Ids of cells whose latest record is ``ok`` (failed cells are retried on resume)."""
-        return {cell_id for cell_id, record in self.latest().items() if record.get("status") == "ok"}

@@ -217,8 +217,9 @@ class Dispatcher:
                 self._released(record, cell, waiting, queue, outcome, progress)
                 stored = time.perf_counter()
                 self._store(record, outcome, progress)
+                now = time.perf_counter()
                 outcome.timings.append({"driver_s": received - submitted, "worker_s": float(record.get("seconds", 0.0)),
-                                        "store_s": time.perf_counter() - stored})
+                                        "store_s": now - stored, "submitted": submitted, "stored": now})
                 if slot is not None:
                     slot.state, slot.cell = "idle", None
                     slot.targets.add(cell.target_spec.id)

@@ -199,7 +199,3 @@ def truncate(tokens: list[int], max_new_tokens: int, eos: frozenset[int]) -> lis
             return tokens[: index + 1]
     return tokens
 
-
-def stop_reached(tokens: list[int], max_new_tokens: int, eos: frozenset[int]) -> bool:
-    """Whether generation is over: enough tokens, or an EOS among them."""
-    return len(tokens) >= max_new_tokens or any(token in eos for token in tokens)

@@ -69,7 +69,7 @@ def test_raising_strategy_fails_only_its_cell(tmp_path, tiny_zoo, zoo_models, fr
     from harness.runner import prompt_token_ids
 
     _, tokenizer = zoo_models
-    path = many_cells_sweep(tmp_path / "sweep.yaml", plugins=[str(TESTS / "plugins" / "faulty.py")],
+    path = many_cells_sweep(tmp_path / "sweep.yaml", plugins=[str(TESTS / "plugins" / "probes.py")],
                             run={"max_new_tokens": 10, "warmup_prompts": 0, "workers": 2, "num_cpus": 2})
     sweep = load_sweep(path)
     prompts = load_prompts(sweep.prompt_sets[0], tiny_zoo.corpus)
@@ -77,7 +77,7 @@ def test_raising_strategy_fails_only_its_cell(tmp_path, tiny_zoo, zoo_models, fr
     lengths = {len(prompt_token_ids(tokenizer, [p.turns[0]], "zoo", 10**6)) for p in prompts if p is not poisoned}
     poison_length = len(prompt_token_ids(tokenizer, [poisoned.turns[0]], "zoo", 10**6))
     assert poison_length not in lengths
-    path = many_cells_sweep(tmp_path / "sweep.yaml", plugins=[str(TESTS / "plugins" / "faulty.py")],
+    path = many_cells_sweep(tmp_path / "sweep.yaml", plugins=[str(TESTS / "plugins" / "probes.py")],
                             strategies=[{"name": "faulty", "params": {"poison_length": poison_length}},
                                         {"name": "speculative", "params": {"draft": "small", "gamma": 2}}],
                             run={"max_new_tokens": 10, "warmup_prompts": 0, "workers": 2, "num_cpus": 2})

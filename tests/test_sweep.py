@@ -8,7 +8,7 @@ import pytest
 
 from harness.cli import main
 from harness.results import ResultStore
-from tests.conftest import write_sweep
+from tests.conftest import TESTS, write_sweep
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,40 @@ def test_torn_last_line_is_tolerated(tmp_path):
     store.append({"cell_id": "c", "status": "ok"})
     assert [r["cell_id"] for r in store.records()] == ["a", "c"]
     assert all(json.loads(line) for line in store.path.read_text().splitlines() if line.startswith('{"cell_id":"'))
+
+
+SPEC_BENCH_ROWS = [
+    {"question_id": 81, "category": "writing", "turns": ["Write a short note about rivers.", "Now make it rhyme."]},
+    {"question_id": 201, "category": "translation", "turns": ["Translate to French: good morning."]},
+    {"question_id": 301, "category": "qa", "turns": ["What is the capital of Peru?"]},
+    {"question_id": 401, "category": "math_reasoning", "turns": ["Tom has 3 apples and buys 4 more. How many?"]},
+]
+
+
+def test_spec_bench_sweep_runs_turn_by_turn_and_reports_its_columns(tmp_path, tiny_zoo, ray_local):
+    data = tmp_path / "question.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in SPEC_BENCH_ROWS) + "\n")
+    path = write_sweep(tmp_path / "sweep.yaml", prompts=[{"name": "spec_bench", "source": str(data)}],
+                       strategies=[{"name": "speculative", "params": {"draft": "small", "gamma": 2}}])
+    assert main(["run", str(path), "--results-dir", str(tmp_path / "results"), "--run-name", "r"]) == 0
+    run_dir = tmp_path / "results" / "tiny" / "r"
+    strategy = next(r for r in ResultStore(run_dir).records() if r["kind"] == "strategy")
+    turns = {p["prompt_id"]: len(p["turns"]) for p in strategy["prompts"]}
+    assert turns == {"81": 2, "201": 1, "301": 1, "401": 1}
+    writing = next(p for p in strategy["prompts"] if p["prompt_id"] == "81")
+    assert writing["turns"][1]["prompt_tokens"] > writing["turns"][0]["prompt_tokens"]  # turn 2 sees turn 1's answer
+    report = (run_dir / "report.md").read_text()
+    header = next(line for line in report.splitlines() if "Multi-turn conversation" in line)
+    for column in ("Translation", "Summarization", "QA", "Math reasoning", "RAG", "Mean accepted tokens", "Overall"):
+        assert column in header
+
+
+def test_runtime_env_reaches_the_strategys_workers(tmp_path, tiny_zoo, ray_local):
+    path = write_sweep(
+        tmp_path / "sweep.yaml", plugins=[str(TESTS / "plugins" / "probes.py")],
+        strategies=[{"name": "env_probe", "runtime_env": {"env_vars": {"SPECSWEEP_PROBE": "from-runtime-env"}}},
+                    {"name": "env_probe", "params": {"variable": "SPECSWEEP_PROBE_UNSET"}}])
+    assert main(["run", str(path), "--results-dir", str(tmp_path / "results"), "--run-name", "r"]) == 0
+    seen = {r["cell"]["params"].get("variable", "SPECSWEEP_PROBE"): r["prompts"][0]["turns"][0]["strategy"]["extras"]["env"]
+            for r in ResultStore(tmp_path / "results" / "tiny" / "r").records() if r["kind"] == "strategy"}
+    assert seen == {"SPECSWEEP_PROBE": "from-runtime-env", "SPECSWEEP_PROBE_UNSET": None}

@@ -1,4 +1,4 @@
-"""A test plugin: autoregressive decoding that raises on prompts of one given length."""
+"""Test plugins: strategies that raise on a poisoned prompt or report their environment."""
 
 from __future__ import annotations
 
@@ -27,3 +27,24 @@ class Faulty(Autoregressive):
         if len(prompt_ids) == self.params.poison_length:
             raise ValueError(f"poisoned prompt of {len(prompt_ids)} tokens")
         return super().generate(prompt_ids, max_new_tokens, sampling)
+
+
+@dataclass(frozen=True)
+class EnvProbeParams(StrategyParams):
+    """``variable``: the environment variable whose value the trace reports."""
+
+    variable: str = "SPECSWEEP_PROBE"
+
+
+@register("env_probe")
+class EnvProbe(Autoregressive):
+    """Autoregressive decoding that records one environment variable of its worker (to test runtime_env)."""
+
+    Params = EnvProbeParams
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
+        import os
+
+        trace = super().generate(prompt_ids, max_new_tokens, sampling)
+        trace.extras["env"] = os.environ.get(self.params.variable)
+        return trace
