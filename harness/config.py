@@ -154,7 +154,7 @@ class Sweep:
                     cells.append(baseline)
                     for strategy in self.strategies:
                         for params in strategy.points():
-                            used = parse_params(strategy.name, params, strategy.name).drafts()
+                            used = parse_params(strategy.name, params, strategy.name).uses_drafts()
                             cell = Cell(self.name, target, target_spec, {name: self.drafts[name] for name in used},
                                         prompt_set, shard_index, strategy.name, params, self.run, device_type,
                                         baseline_id=baseline.cell_id, runtime_env=strategy.runtime_env,
@@ -287,9 +287,10 @@ def _parse_strategies(raw: Any, drafts: dict[str, ModelSpec], run: RunSettings) 
                             runtime_env=dict(runtime_env))
         for point in spec.points():
             checked = parse_params(name, point, where)
-            for draft in checked.drafts():
+            for draft in checked.uses_drafts():
                 if draft not in drafts:
-                    raise ConfigError(f"{where}.draft", f"draft {draft!r} is not in models.drafts",
+                    field_name = "draft" if hasattr(checked, "draft") else "drafts"
+                    raise ConfigError(f"{where}.{field_name}", f"draft {draft!r} is not in models.drafts",
                                       f"choose one of {', '.join(drafts) or '(none defined: add models.drafts)'}")
             check_sampling = getattr(checked, "check_sampling", None)
             if check_sampling:

@@ -37,7 +37,8 @@ def model_set_for(cell: Cell, cache: ModelCache) -> ModelSet:
         if draft.vocab_size != target.vocab_size:
             raise CellFailure(f"draft {name!r} has vocabulary {draft.vocab_size}, target {target.vocab_size}: "
                               "a draft must share the target's tokenizer")
-    return ModelSet(target=target, drafts=drafts)
+    return ModelSet(target=target, drafts=drafts, tokenizer=cache.tokenizer(cell.target_spec),
+                    corpus=cache.zoo_config.corpus)
 
 
 def prompt_token_ids(tokenizer, conversation: list[str], kind: str, limit: int) -> list[int]:

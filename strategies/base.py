@@ -71,6 +71,8 @@ class ModelSet:
 
     target: CausalLM
     drafts: dict[str, CausalLM] = field(default_factory=dict)
+    tokenizer: Any = None  # the target's tokenizer, for strategies that build token statistics (MaG)
+    corpus: Any = None  # harness.corpus.CorpusConfig of the zoo text, for the same
 
     def draft(self, name: str) -> CausalLM:
         if name not in self.drafts:
@@ -108,7 +110,7 @@ class StrategyParams:
     def validate(self, where: str) -> None:
         """Check value ranges; raise ``ConfigError`` naming the field. Subclasses extend this."""
 
-    def drafts(self) -> list[str]:
+    def uses_drafts(self) -> list[str]:
         """Names of the sweep drafts these params use (checked against the sweep's ``models.drafts``)."""
         return []
 
@@ -140,6 +142,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             inner = (inner[0],)
         items = [_coerce(item, inner[0] if len(inner) == 1 else inner[i], f"{where}[{i}]") for i, item in enumerate(value)]
         return tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(where, f"expected a mapping, got {value!r}")
+        key_hint, value_hint = typing.get_args(hint) or (Any, Any)
+        return {_coerce(k, key_hint, where): _coerce(v, value_hint, f"{where}.{k}") for k, v in value.items()}
     if hint is Any:
         return value
     if hint is bool:

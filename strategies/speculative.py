@@ -34,7 +34,7 @@ class SpeculativeParams(StrategyParams):
         if self.gamma < 1:
             raise ConfigError(f"{where}.gamma", f"must be >= 1, got {self.gamma}", "draft at least one token per step")
 
-    def drafts(self) -> list[str]:
+    def uses_drafts(self) -> list[str]:
         return [self.draft]
 
 

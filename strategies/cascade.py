@@ -1,0 +1,266 @@
+"""Cascade Speculative Drafting (Chen et al., "Cascade Speculative Drafting for Even Faster LLM Inference").
+
+Levels, largest first: the target, the model drafts ``drafts``, and optionally
+the statistical MaG draft at the bottom. The k-matrix has one row and column
+per draft (MaG included). Row 0 drives the *horizontal cascade*: draft i keeps
+adding tokens until ``k[0][0] + ... + k[0][i]`` tokens are drafted. A model
+draft i that has drafts below it does not generate by itself: it *reviews*
+what the sub-cascade of drafts i+1.. proposes under ``k[i+1:, i+1:]``
+(*vertical cascade*) and contributes the accepted prefix plus its own next
+token. The lowest model draft (no MaG below it) generates autoregressively;
+MaG proposes ``mag_tokens`` tokens at a time, as the reference does.
+
+Review is greedy: a token is kept if it is the reviewer's argmax or, with
+``lenience`` l > 1 and only for intermediate reviewers, if
+``p_reviewer(token) > p_drafter(token) / l`` (the drafter's probability is 1
+for MaG tokens). The target always reviews exactly, so the output equals the
+target's greedy decoding. Every model keeps its KV cache across reviews and is
+cropped back to the longest prefix it still agrees with.
+
+Where the reference differs: its lowest *model* draft proposes a fixed 10
+tokens per call whatever the k-matrix says; here it proposes exactly the
+tokens its threshold still needs (the paper's k semantics), which also makes
+``drafts: [d], k_matrix: [[g]]`` identical to ``speculative`` with gamma g.
+The reference and paper define greedy review only, so temperature > 0 is
+rejected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from harness.errors import ConfigError
+from harness.lm import CausalLM
+from strategies.base import Step, Strategy, StrategyParams, Trace
+from strategies.ngram import BigramTable, mag_propose
+from strategies.registry import register
+from strategies.sampling import Sampling
+
+MAG = "mag"
+COUNTERS = ("model_parameters", "fixed_ratios")
+
+
+@dataclass(frozen=True)
+class CascadeParams(StrategyParams):
+    """``drafts`` (largest first) and ``k_matrix`` (one row/column per draft, MaG last when ``use_mag``)."""
+
+    drafts: tuple[str, ...]
+    k_matrix: tuple[tuple[int, ...], ...]
+    use_mag: bool = False
+    lenience: float = 1.0
+    mag_tokens: int = 10
+    mag_max_ngram: int = 8
+    counter: str = "model_parameters"
+    cost_ratios: dict[str, float] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        size = len(self.drafts) + int(self.use_mag)
+        k = self.k_matrix
+        if size == 0:
+            raise ConfigError(f"{where}.drafts", "no drafts", "name at least one model draft or set use_mag: true")
+        if len(k) != size or any(len(row) != len(k) for row in k):
+            shape = f"{len(k)}x{'/'.join(str(len(row)) for row in k) or 0}"
+            raise ConfigError(f"{where}.k_matrix", f"must be square {size}x{size} (one row and column per draft"
+                              f"{', MaG last' if self.use_mag else ''}), got {shape}",
+                              "give one row per draft, each with one entry per draft")
+        for i, row in enumerate(k):
+            for j, value in enumerate(row):
+                if value < 0:
+                    raise ConfigError(f"{where}.k_matrix", f"entry [{i}][{j}] is negative ({value})", "use counts >= 0")
+                if j < i and value != 0:
+                    raise ConfigError(f"{where}.k_matrix", f"entry [{i}][{j}] below the diagonal is {value}",
+                                      "entries below the diagonal must be 0 (a draft is only helped by smaller ones)")
+        if sum(k[0]) < 1:
+            raise ConfigError(f"{where}.k_matrix", "row 0 drafts no tokens", "make at least one entry of row 0 positive")
+        if self.lenience < 1:
+            raise ConfigError(f"{where}.lenience", f"must be >= 1, got {self.lenience}", "1 means exact review")
+        if self.mag_tokens < 1 or self.mag_max_ngram < 1:
+            raise ConfigError(f"{where}.mag_tokens", "mag_tokens and mag_max_ngram must be >= 1")
+        if len(set(self.drafts)) != len(self.drafts):
+            raise ConfigError(f"{where}.drafts", f"repeats a draft: {list(self.drafts)}", "list each draft once")
+        if self.counter not in COUNTERS:
+            raise ConfigError(f"{where}.counter", f"unknown counter {self.counter!r}", f"choose one of {', '.join(COUNTERS)}")
+        if self.counter == "fixed_ratios":
+            missing = [name for name in ("target", *self.drafts) if name not in self.cost_ratios]
+            if missing:
+                raise ConfigError(f"{where}.cost_ratios", f"no ratio for {missing[0]!r}",
+                                  "give a cost ratio for target and every draft, e.g. {target: 1, small: 0.05}")
+
+    def uses_drafts(self) -> list[str]:
+        return list(self.drafts)
+
+    def check_sampling(self, temperature: float, where: str) -> None:
+        """Cascade review is greedy (as in the paper and its reference code)."""
+        if temperature > 0:
+            raise ConfigError(f"{where}.name", "cascade supports greedy decoding only",
+                              "set run.temperature: 0, or use speculative for sampling")
+
+
+@dataclass
+class LevelStats:
+    """Reviews done by one level and the drafted tokens it accepted."""
+
+    reviews: int = 0
+    proposed: int = 0
+    accepted: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"reviews": self.reviews, "proposed": self.proposed, "accepted": self.accepted}
+
+
+class CachedModel:
+    """A ``CausalLM`` plus the token ids its KV cache holds, so any sequence can reuse their common prefix."""
+
+    def __init__(self, lm: CausalLM) -> None:
+        self.lm = lm
+        self.tokens: list[int] = []
+
+    def start(self, prompt: list[int]) -> None:
+        self.lm.prefill(prompt)
+        self.tokens = list(prompt)
+
+    def logits_from(self, sequence: list[int], start: int) -> torch.Tensor:
+        """The model's logits at positions ``start .. len(sequence)-1`` of ``sequence`` (one forward at most)."""
+        if start == len(sequence) - 1 and self.tokens == sequence and self.lm.last_logits is not None:
+            return self.lm.last_logits[None]
+        keep = min(common_prefix(self.tokens, sequence), start)
+        if keep == 0:
+            logits = self.lm.prefill(sequence).logits
+        else:
+            self.lm.crop(keep)
+            logits = self.lm.extend(sequence[keep:]).logits
+        self.tokens = list(sequence)
+        return logits[start - keep:]
+
+    def append(self, token: int) -> torch.Tensor:
+        """Logits after feeding one more token to the cached sequence."""
+        logits = self.lm.extend([token]).logits[-1]
+        self.tokens.append(token)
+        return logits
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    limit = min(len(a), len(b))
+    index = 0
+    while index < limit and a[index] == b[index]:
+        index += 1
+    return index
+
+
+@register("cascade")
+class Cascade(Strategy):
+    """CS Drafting: k-matrix cascades of model drafts (and MaG), reviewed greedily up to the target."""
+
+    Params = CascadeParams
+
+    def __init__(self, params: CascadeParams, models) -> None:
+        super().__init__(params, models)
+        self.table: BigramTable | None = None
+        if params.use_mag:
+            from training.bigram import bigram_table
+
+            if models.tokenizer is None:
+                raise ValueError("cascade with use_mag needs the target's tokenizer to build the MaG bigram table")
+            self.table = bigram_table(models.tokenizer, models.corpus, models.target.vocab_size)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
+        if not sampling.greedy:
+            raise ValueError("cascade supports greedy decoding only")
+        target = CachedModel(self.models.target)
+        drafts = [CachedModel(self.models.draft(name)) for name in self.params.drafts]
+        levels: list[Any] = [*drafts, *([MAG] if self.params.use_mag else [])]
+        k = torch.tensor(self.params.k_matrix, dtype=torch.long)
+        for model in (target, *drafts):
+            model.start(prompt_ids)
+        self.stats = {name: LevelStats() for name in ("target", *self.params.drafts)}
+        sequence = list(prompt_ids)
+        steps: list[Step] = []
+        eos = self.models.target.eos_token_id
+        while True:
+            budget = max_new_tokens - (len(sequence) - len(prompt_ids)) - 1
+            proposal, probs = self._cascade(levels, k, sequence, budget) if budget > 0 else ([], [])
+            accepted, following, _ = self._review(target, "target", sequence, proposal, probs, lenience=1.0)
+            steps.append(Step(drafted=len(proposal), accepted=accepted))
+            new = proposal[:accepted] + [following]
+            sequence.extend(new)
+            if len(sequence) - len(prompt_ids) >= max_new_tokens or any(token in eos for token in new):
+                break
+        used = {"target": self.models.target, **{f"draft:{n}": self.models.draft(n) for n in self.params.drafts}}
+        levels_out = {name: stats.as_dict() for name, stats in self.stats.items()}
+        return self.finish(sequence[len(prompt_ids):], steps, used, max_new_tokens, levels=levels_out)
+
+    def _cascade(self, levels: list[Any], k: torch.Tensor, context: list[int], limit: int
+                 ) -> tuple[list[int], list[torch.Tensor | None]]:
+        """Tokens drafted by ``levels`` under k-matrix ``k`` (row 0: horizontal thresholds), at most ``limit``."""
+        tokens: list[int] = []
+        probs: list[torch.Tensor | None] = []
+        row = k[0].tolist()
+        for index, drafter in enumerate(levels):
+            threshold = min(sum(row[: index + 1]), limit)
+            while len(tokens) < threshold:
+                sequence = context + tokens
+                if drafter == MAG:
+                    new = mag_propose(sequence, self.params.mag_tokens, self.table, self.params.mag_max_ngram)
+                    new_probs: list[torch.Tensor | None] = [None] * len(new)
+                elif index == len(levels) - 1:
+                    new, new_probs = self._autoregressive(drafter, sequence, threshold - len(tokens))
+                else:
+                    room = limit - len(tokens) - 1
+                    sub, sub_probs = self._cascade(levels[index + 1:], k[index + 1:, index + 1:], sequence, room) \
+                        if room > 0 else ([], [])
+                    name = self.params.drafts[index]
+                    accepted, following, rows = self._review(drafter, name, sequence, sub, sub_probs,
+                                                             self.params.lenience)
+                    new, new_probs = sub[:accepted] + [following], list(rows)
+                tokens.extend(new)
+                probs.extend(new_probs)
+        return tokens[:limit], probs[:limit]
+
+    @staticmethod
+    def _autoregressive(model: CachedModel, context: list[int], count: int) -> tuple[list[int], list[torch.Tensor]]:
+        """The lowest model draft: ``count`` greedy tokens, with its distributions (for lenience above it)."""
+        logits = model.logits_from(context, len(context) - 1)[-1]
+        tokens, probs = [], []
+        for index in range(count):
+            token = int(logits.argmax())
+            tokens.append(token)
+            probs.append(torch.softmax(logits, -1))
+            if index + 1 < count:
+                logits = model.append(token)
+        return tokens, probs
+
+    def _review(self, reviewer: CachedModel, name: str, context: list[int], proposal: list[int],
+                probs: list[torch.Tensor | None], lenience: float) -> tuple[int, int, list[torch.Tensor]]:
+        """Greedy (lenient) review of ``proposal``: (accepted count, the reviewer's next token, its distributions)."""
+        logits = reviewer.logits_from(context + proposal, len(context) - 1)
+        best = logits.argmax(-1).tolist()
+        distributions = torch.softmax(logits, -1) if lenience > 1 else None
+        accepted = 0
+        for position, token in enumerate(proposal):
+            if best[position] == token:
+                accepted += 1
+                continue
+            if distributions is not None:
+                drafted_p = 1.0 if probs[position] is None else float(probs[position][token])
+                if float(distributions[position, token]) > drafted_p / lenience:
+                    accepted += 1
+                    continue
+            break
+        stats = self.stats[name]
+        stats.reviews += 1
+        stats.proposed += len(proposal)
+        stats.accepted += accepted
+        if distributions is None:
+            distributions = torch.softmax(logits[: accepted + 1], -1)
+        return accepted, best[accepted], list(distributions[: accepted + 1])
+
+    def cost_units(self, forward: dict[str, dict[str, float]]) -> float:
+        """``model_parameters``: Σ calls × parameters; ``fixed_ratios``: Σ calls × the given ratio. MaG costs 0."""
+        if self.params.counter == "model_parameters":
+            return super().cost_units(forward)
+        return float(sum(stats["calls"] * self.params.cost_ratios[role.split(":", 1)[-1]]
+                         for role, stats in forward.items()))

@@ -1,0 +1,68 @@
+"""Prompt lookup decoding (Saxena 2023): draft by copying what followed the current n-gram earlier in the text.
+
+The draft is deterministic, so its distribution is one-hot; the speculative
+sampling rule with a one-hot q accepts token x with probability p(x) and
+otherwise resamples from p with x removed, which keeps the target's
+distribution exactly. Greedy decoding keeps tokens while they match the argmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from harness.errors import ConfigError
+from strategies.base import Step, Strategy, StrategyParams, Trace
+from strategies.ngram import find_continuation
+from strategies.registry import register
+from strategies.sampling import Sampling
+from strategies.speculative import target_distributions, verify
+
+
+@dataclass(frozen=True)
+class PromptLookupParams(StrategyParams):
+    """``num_tokens`` drafted per match; n-gram sizes tried from ``max_ngram`` down to ``min_ngram``."""
+
+    num_tokens: int = 10
+    max_ngram: int = 3
+    min_ngram: int = 1
+
+    def validate(self, where: str) -> None:
+        if self.num_tokens < 1:
+            raise ConfigError(f"{where}.num_tokens", f"must be >= 1, got {self.num_tokens}")
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ConfigError(f"{where}.min_ngram", f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, "
+                              f"{self.max_ngram}")
+
+
+@register("prompt_lookup")
+class PromptLookup(Strategy):
+    """Draft by n-gram lookup in the prompt and the text generated so far; verify with the target."""
+
+    Params = PromptLookupParams
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
+        target = self.models.target
+        target.prefill(prompt_ids)
+        sequence = list(prompt_ids)
+        steps: list[Step] = []
+        while True:
+            budget = max_new_tokens - (len(sequence) - len(prompt_ids)) - 1
+            drafted = find_continuation(sequence, min(self.params.num_tokens, budget), self.params.max_ngram,
+                                        self.params.min_ngram) if budget > 0 else []
+            p_rows = target_distributions(target, sequence, drafted, sampling)
+            if drafted:
+                q_rows = torch.nn.functional.one_hot(torch.tensor(drafted, device=p_rows.device),
+                                                     p_rows.shape[-1]).float()
+                accepted, following = verify(p_rows, q_rows, drafted, sampling)
+            else:
+                accepted, following = 0, sampling.choose(p_rows[-1])
+            steps.append(Step(drafted=len(drafted), accepted=accepted))
+            kept = len(sequence) + accepted
+            new = drafted[:accepted] + [following]
+            sequence.extend(new)
+            target.crop(kept)
+            if len(sequence) - len(prompt_ids) >= max_new_tokens or any(t in target.eos_token_id for t in new):
+                break
+        return self.finish(sequence[len(prompt_ids):], steps, {"target": target}, max_new_tokens)
