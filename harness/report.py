@@ -58,24 +58,25 @@ def cell_rows(records: dict[str, dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def grouped_prompts(records: dict[str, dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
-    """Paired prompt records of ok strategy cells by (target, strategy, params, prompt set), all shards pooled."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
+def grouped_prompts(records: dict[str, dict[str, Any]]) -> dict[tuple, tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(params, paired prompt records) of ok strategy cells by (target, strategy, params label, prompt set),
+    all shards pooled."""
+    groups: dict[tuple, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     for record in records.values():
         if record.get("status") != "ok" or record.get("kind", "strategy") != "strategy":
             continue
         cell = record["cell"]
         key = (cell["target"][0], cell["strategy"], params_label(cell["params"]), cell["prompt_set"]["name"])
-        groups.setdefault(key, []).extend(record["prompts"])
+        groups.setdefault(key, (cell["params"], []))[1].extend(record["prompts"])
     return groups
 
 
 def group_rows(records: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """One row per (target, strategy, params, prompt set), pooling the prompts of all its shards."""
     rows = []
-    for (target, strategy, params, prompt_set), prompts in grouped_prompts(records).items():
+    for (target, strategy, params, prompt_set), (raw, prompts) in grouped_prompts(records).items():
         rows.append({"target": target, "strategy": strategy, "params": params, "prompt_set": prompt_set,
-                     **summarize(prompts)})
+                     "params_raw": raw, "levels": level_summary(prompts), **summarize(prompts)})
     return pd.DataFrame(rows)
 
 
@@ -137,6 +138,9 @@ def write_report(run_dir: str | Path) -> Path:
         }), ""]
         plot_speedups(groups, run_dir / "speedup.png")
         sections += ["![speedup](speedup.png)", ""]
+        cascade = cascade_section(groups, run_dir)
+        if cascade:
+            sections += cascade
         spec_bench = spec_bench_table(records)
         if spec_bench is not None:
             sections += ["## Spec-Bench", "",
@@ -160,13 +164,104 @@ def write_report(run_dir: str | Path) -> Path:
     return report
 
 
+def level_summary(prompts: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per cascade level: reviews, acceptance rate and tokens per review (τ of that level), pooled over prompts."""
+    totals: dict[str, dict[str, float]] = {}
+    for prompt in prompts:
+        for turn in prompt["turns"]:
+            for name, level in turn["strategy"].get("extras", {}).get("levels", {}).items():
+                entry = totals.setdefault(name, {"reviews": 0, "proposed": 0, "accepted": 0})
+                for key in entry:
+                    entry[key] += level[key]
+    return {name: {"reviews": t["reviews"],
+                   "alpha": t["accepted"] / t["proposed"] if t["proposed"] else None,
+                   "tau": (t["accepted"] + t["reviews"]) / t["reviews"] if t["reviews"] else None}
+            for name, t in totals.items()}
+
+
+def cascade_section(groups: pd.DataFrame, run_dir: Path) -> list[str]:
+    """CS Drafting: best k-matrix vs best single-draft speculative, per-level τ/α, heatmaps over row 0."""
+    cascades = groups[groups["strategy"] == "cascade"]
+    if cascades.empty:
+        return []
+    means = groups.groupby(["strategy", "params"], as_index=False)[["speedup", "cost_speedup", "tau"]].mean()
+    lines = ["## CS Drafting", ""]
+    cascade_means = means[means["strategy"] == "cascade"]
+    best_cost = cascade_means.loc[cascade_means["cost_speedup"].idxmax()]
+    best_wall = cascade_means.loc[cascade_means["speedup"].idxmax()]
+    lines.append(f"- best k-matrix by cost speedup: `{best_cost.params}`: cost speedup {best_cost.cost_speedup:.2f}, "
+                 f"wall speedup {best_cost.speedup:.2f} (means over prompt sets)")
+    lines.append(f"- best k-matrix by wall speedup: `{best_wall.params}`: wall speedup {best_wall.speedup:.2f}, "
+                 f"cost speedup {best_wall.cost_speedup:.2f}")
+    single = means[means["strategy"] == "speculative"]
+    if not single.empty:
+        best_single = single.loc[single["cost_speedup"].idxmax()]
+        verdict = "beats" if best_cost.cost_speedup > best_single.cost_speedup else "does not beat"
+        lines.append(f"- best single-draft speculative by cost speedup: `{best_single.params}`: "
+                     f"{best_single.cost_speedup:.2f} (wall {best_single.speedup:.2f}); the best cascade {verdict} it")
+    lines += ["", "Per-level acceptance of the best k-matrix (by cost), pooled over prompt sets:", ""]
+    level_rows = []
+    for _, row in cascades[cascades["params"] == best_cost.params].iterrows():
+        for name, level in row["levels"].items():
+            level_rows.append({"prompt_set": row["prompt_set"], "level": name, **level})
+    lines += [markdown_table(pd.DataFrame(level_rows), {"prompt_set": "prompt set", "level": "reviewer",
+                                                        "reviews": "reviews", "tau": "τ (tokens per review)",
+                                                        "alpha": "α (accepted / proposed)"}), ""]
+    figures = plot_kmatrix_heatmaps(cascades, run_dir)
+    lines += [f"![{path.stem}]({path.name})" for path in figures] + [""]
+    return lines
+
+
+def plot_kmatrix_heatmaps(cascades: pd.DataFrame, run_dir: Path) -> list[Path]:
+    """Heatmaps of mean cost and wall speedup over (k[0][0], k[0][1]), one per cascade family (drafts, MaG, lenience)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for params, frame in cascades.groupby("params"):
+        raw = frame["params_raw"].iloc[0]
+        if len(raw["k_matrix"][0]) < 2:
+            continue
+        family = f"drafts={'+'.join(raw['drafts']) or '-'}{'+MaG' if raw.get('use_mag') else ''}, " \
+                 f"lenience={raw.get('lenience', 1.0)}"
+        rows.append({"family": family, "k00": raw["k_matrix"][0][0], "k01": raw["k_matrix"][0][1],
+                     "speedup": frame["speedup"].mean(), "cost_speedup": frame["cost_speedup"].mean()})
+    if not rows:
+        return []
+    table = pd.DataFrame(rows)
+    paths = []
+    for index, (family, frame) in enumerate(table.groupby("family")):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, metric in zip(axes, ("cost_speedup", "speedup")):
+            grid = frame.pivot_table(index="k00", columns="k01", values=metric, aggfunc="max")
+            image = ax.imshow(grid.values, cmap="viridis", origin="lower")
+            ax.set_xticks(range(len(grid.columns)), grid.columns)
+            ax.set_yticks(range(len(grid.index)), grid.index)
+            ax.set_xlabel("k[0][1] (tokens from the second draft)")
+            ax.set_ylabel("k[0][0] (tokens from the first draft)")
+            ax.set_title(f"{'cost' if metric == 'cost_speedup' else 'wall'} speedup")
+            for (i, j), value in pd.DataFrame(grid.values).stack().items():
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white", fontsize=9)
+            fig.colorbar(image, ax=ax)
+        fig.suptitle(family)
+        fig.tight_layout()
+        path = run_dir / f"kmatrix_heatmap_{index}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def spec_bench_table(records: dict[str, dict[str, Any]]) -> str | None:
     """Spec-Bench's table (per-task speedups, mean accepted tokens, overall) when the prompts carry its categories."""
     known = {category for categories in SPEC_BENCH_COLUMNS.values() for category in categories}
+    sources = {r["cell"]["prompt_set"]["name"]: r["cell"]["prompt_set"]["source"] for r in records.values()}
     rows = []
-    for (target, strategy, params, prompt_set), prompts in grouped_prompts(records).items():
+    for (target, strategy, params, prompt_set), (_, prompts) in grouped_prompts(records).items():
         categories = {prompt["category"] for prompt in prompts}
-        if not categories & known:
+        if sources[prompt_set].startswith(("zoo:", "hf:")) or not categories & known:
             continue
         row = {"strategy": strategy, "params": params, "prompt_set": prompt_set}
         for column, members in SPEC_BENCH_COLUMNS.items():

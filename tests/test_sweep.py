@@ -115,3 +115,17 @@ def test_runtime_env_reaches_the_strategys_workers(tmp_path, tiny_zoo, ray_local
     seen = {r["cell"]["params"].get("variable", "SPECSWEEP_PROBE"): r["prompts"][0]["turns"][0]["strategy"]["extras"]["env"]
             for r in ResultStore(tmp_path / "results" / "tiny" / "r").records() if r["kind"] == "strategy"}
     assert seen == {"SPECSWEEP_PROBE": "from-runtime-env", "SPECSWEEP_PROBE_UNSET": None}
+
+
+def test_cascade_sweep_reports_best_k_matrix_and_heatmap(tmp_path, tiny_zoo, ray_local):
+    path = write_sweep(
+        tmp_path / "sweep.yaml",
+        strategies=[{"name": "cascade", "params": {"drafts": ["small"], "use_mag": True},
+                     "grid": {"k_matrix": [[[1, 2], [0, 5]], [[2, 2], [0, 5]]]}},
+                    {"name": "speculative", "params": {"draft": "small", "gamma": 2}}])
+    assert main(["run", str(path), "--results-dir", str(tmp_path / "results"), "--run-name", "r"]) == 0
+    run_dir = tmp_path / "results" / "tiny" / "r"
+    report = (run_dir / "report.md").read_text()
+    assert "## CS Drafting" in report and "best k-matrix by cost speedup" in report
+    assert "best single-draft speculative by cost speedup" in report
+    assert (run_dir / "kmatrix_heatmap_0.png").stat().st_size > 0
