@@ -103,7 +103,7 @@ def write_report(run_dir: str | Path) -> Path:
     if not records:
         raise FileNotFoundError(f"{run_dir}: no cell results (cells.jsonl missing or empty)")
     cells = cell_rows(records)
-    cells.drop(columns=[], errors="ignore").to_csv(run_dir / "cells.csv", index=False)
+    cells.to_csv(run_dir / "cells.csv", index=False)
     groups = group_rows(records)
     sections = [f"# specsweep report: {run_dir.parent.name} / {run_dir.name}", ""]
     first = next((r for r in records.values() if r.get("env")), next(iter(records.values())))

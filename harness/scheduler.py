@@ -106,6 +106,7 @@ class Dispatcher:
     """Keeps every worker busy with one cell at a time and writes results as they come back."""
 
     def __init__(self, sweep: Sweep, store: ResultStore, log: Callable[[str], None],
+                 plan: tuple[int, dict[str, Any], str],
                  on_record: Callable[["Dispatcher", dict[str, Any]], None] | None = None) -> None:
         import ray
 
@@ -114,7 +115,7 @@ class Dispatcher:
         self.store = store
         self.log = log
         self.on_record = on_record
-        self.count, self.options, self.device = worker_plan(sweep)
+        self.count, self.options, self.device = plan
         self.remote_cls = ray.remote(Worker)
         self.slots: dict[str, WorkerSlot] = {}
         self.commit = git_commit()
@@ -336,8 +337,8 @@ def run_sweep(sweep: Sweep, run_dir: Path, address: str | None = None, log: Call
             log(format_manifest(build_zoo(sweep.zoo, log=log)))
     init_ray(sweep, address)
     store = ResultStore(run_dir)
-    _, _, device_type = worker_plan(sweep)
-    cells = sweep.cells(device_type)
+    plan = worker_plan(sweep)
+    cells = sweep.cells(device_type=plan[2])
     ids = {cell.cell_id for cell in cells}
     recorded = {cid: rec for cid, rec in store.latest().items() if cid in ids}
     done = {cid for cid, rec in recorded.items() if rec.get("status") == "ok" or not retry_failed}
@@ -350,7 +351,7 @@ def run_sweep(sweep: Sweep, run_dir: Path, address: str | None = None, log: Call
         log(f"resuming {run_dir}: {outcome.skipped} of {len(cells)} cells already recorded")
     if not todo:
         return outcome
-    dispatcher = Dispatcher(sweep, store, log, on_record)
+    dispatcher = Dispatcher(sweep, store, log, plan, on_record)
     log(f"running {len(todo)} cells on {dispatcher.count} {dispatcher.device} worker(s); results -> {store.path}")
     progress = Progress(total=len(cells), done=outcome.ok, failed=outcome.failed, log=log)
     try:

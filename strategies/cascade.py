@@ -179,7 +179,6 @@ class Cascade(Strategy):
         self.stats = {name: LevelStats() for name in ("target", *self.params.drafts)}
         sequence = list(prompt_ids)
         steps: list[Step] = []
-        eos = self.models.target.eos_token_id
         while True:
             budget = max_new_tokens - (len(sequence) - len(prompt_ids)) - 1
             proposal, probs = self._cascade(levels, k, sequence, budget) if budget > 0 else ([], [])
@@ -187,7 +186,7 @@ class Cascade(Strategy):
             steps.append(Step(drafted=len(proposal), accepted=accepted))
             new = proposal[:accepted] + [following]
             sequence.extend(new)
-            if len(sequence) - len(prompt_ids) >= max_new_tokens or any(token in eos for token in new):
+            if self.finished(len(sequence) - len(prompt_ids), new, max_new_tokens):
                 break
         used = {"target": self.models.target, **{f"draft:{n}": self.models.draft(n) for n in self.params.drafts}}
         levels_out = {name: stats.as_dict() for name, stats in self.stats.items()}

@@ -17,7 +17,7 @@ from strategies.base import Step, Strategy, StrategyParams, Trace
 from strategies.ngram import find_continuation
 from strategies.registry import register
 from strategies.sampling import Sampling
-from strategies.speculative import target_distributions, verify
+from strategies.speculative import verify_step
 
 
 @dataclass(frozen=True)
@@ -51,18 +51,11 @@ class PromptLookup(Strategy):
             budget = max_new_tokens - (len(sequence) - len(prompt_ids)) - 1
             drafted = find_continuation(sequence, min(self.params.num_tokens, budget), self.params.max_ngram,
                                         self.params.min_ngram) if budget > 0 else []
-            p_rows = target_distributions(target, sequence, drafted, sampling)
-            if drafted:
-                q_rows = torch.nn.functional.one_hot(torch.tensor(drafted, device=p_rows.device),
-                                                     p_rows.shape[-1]).float()
-                accepted, following = verify(p_rows, q_rows, drafted, sampling)
-            else:
-                accepted, following = 0, sampling.choose(p_rows[-1])
+            q_rows = torch.nn.functional.one_hot(torch.tensor(drafted, device=target.device),
+                                                 target.vocab_size).float() if drafted else None
+            accepted, new = verify_step(target, sequence, drafted, q_rows, sampling)
             steps.append(Step(drafted=len(drafted), accepted=accepted))
-            kept = len(sequence) + accepted
-            new = drafted[:accepted] + [following]
             sequence.extend(new)
-            target.crop(kept)
-            if len(sequence) - len(prompt_ids) >= max_new_tokens or any(t in target.eos_token_id for t in new):
+            if self.finished(len(sequence) - len(prompt_ids), new, max_new_tokens):
                 break
         return self.finish(sequence[len(prompt_ids):], steps, {"target": target}, max_new_tokens)

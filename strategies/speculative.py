@@ -102,6 +102,23 @@ def target_distributions(target: CausalLM, sequence: list[int], drafted: list[in
     return sampling.probs(rows)
 
 
+def verify_step(target: CausalLM, sequence: list[int], drafted: list[int], q_rows: torch.Tensor | None,
+                sampling: Sampling) -> tuple[int, list[int]]:
+    """Score ``drafted`` with the target in one pass, apply the acceptance rule and crop the target's cache.
+
+    Returns how many drafted tokens were accepted and the tokens to append
+    (the accepted ones plus the correction or bonus token, which the target
+    processes at the next step). With nothing drafted it is a plain target step.
+    """
+    p_rows = target_distributions(target, sequence, drafted, sampling)
+    if drafted:
+        accepted, following = verify(p_rows, q_rows, drafted, sampling)
+    else:
+        accepted, following = 0, sampling.choose(p_rows[-1])
+    target.crop(len(sequence) + accepted)
+    return accepted, drafted[:accepted] + [following]
+
+
 @register("speculative")
 class Speculative(Strategy):
     """Draft ``gamma`` tokens with a small model, verify them with the target in one pass."""
@@ -118,21 +135,12 @@ class Speculative(Strategy):
         while True:
             produced = len(sequence) - prompt_length
             gamma = min(self.params.gamma, max_new_tokens - produced - 1)
-            if gamma > 0:
-                drafted, q_rows = draft_tokens(draft, sequence, gamma, sampling)
-                p_rows = target_distributions(target, sequence, drafted, sampling)
-                accepted, next_token = verify(p_rows, torch.stack(q_rows), drafted, sampling)
-            else:  # one token left: a plain target step
-                drafted, accepted = [], 0
-                next_token = sampling.choose(target_distributions(target, sequence, [], sampling)[-1])
+            drafted, q_rows = draft_tokens(draft, sequence, gamma, sampling) if gamma > 0 else ([], [])
+            accepted, new = verify_step(target, sequence, drafted, torch.stack(q_rows) if q_rows else None, sampling)
             steps.append(Step(drafted=len(drafted), accepted=accepted))
-            kept = len(sequence) + accepted
-            sequence.extend(drafted[:accepted])
-            sequence.append(next_token)
-            # Both caches keep exactly the accepted prefix; next_token is processed next step.
-            target.crop(kept)
-            draft.crop(min(draft.length, kept))
-            new = sequence[prompt_length + produced:]
-            if len(sequence) - prompt_length >= max_new_tokens or any(t in target.eos_token_id for t in new):
+            # The draft, like the target, keeps exactly the accepted prefix.
+            draft.crop(min(draft.length, len(sequence) + accepted))
+            sequence.extend(new)
+            if self.finished(len(sequence) - prompt_length, new, max_new_tokens):
                 break
         return self.finish(sequence[prompt_length:], steps, {"target": target, "draft": draft}, max_new_tokens)

@@ -6,6 +6,7 @@ keyed by the tokenizer's vocabulary and the corpus settings.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -58,6 +59,5 @@ def _cached(key: str, tokenizer_fn, corpus: CorpusConfig, vocab_size: int, max_c
 def bigram_table(tokenizer, corpus: CorpusConfig, vocab_size: int, max_chars: int = 1_000_000) -> BigramTable:
     """The bigram table for ``tokenizer`` on the zoo corpus, built once and cached on disk."""
     vocab = tokenizer.get_vocab()
-    key = content_hash([sorted(vocab.items()), vars(corpus) if not hasattr(corpus, "__dataclass_fields__")
-                        else corpus.__dict__, vocab_size, max_chars])[:16]
+    key = content_hash([sorted(vocab.items()), dataclasses.asdict(corpus), vocab_size, max_chars])[:16]
     return _cached(key, tokenizer, corpus, vocab_size, max_chars)
