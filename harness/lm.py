@@ -70,7 +70,7 @@ class StepOutput:
     """What one forward pass returns: logits for each new token, and hidden states if asked for."""
 
     logits: torch.Tensor  # [new_tokens, vocab], float32
-    hidden_states: torch.Tensor | None = None  # [new_tokens, hidden] from the last layer (pre-norm)
+    hidden_states: torch.Tensor | None = None  # [new_tokens, hidden]: the last hidden states (after the final norm)
     extras: dict = field(default_factory=dict)
 
 
@@ -109,12 +109,17 @@ class CausalLM:
     # ------------------------------------------------------------------ forward passes
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int] | torch.Tensor, output_hidden_states: bool = False) -> StepOutput:
-        """Start a new sequence with ``ids``; return logits for every prompt position."""
+    def prefill(self, ids: list[int] | torch.Tensor, output_hidden_states: bool = False,
+                extra_inputs: dict[str, torch.Tensor] | None = None) -> StepOutput:
+        """Start a new sequence with ``ids``; return logits for every prompt position.
+
+        ``extra_inputs`` are further per-token model inputs (``[new, ...]``, e.g. an
+        EAGLE head's features), passed to the model with a batch axis added.
+        """
         from transformers import DynamicCache
 
         self.cache = DynamicCache()
-        return self._forward(ids, prefill=True, output_hidden_states=output_hidden_states)
+        return self._forward(ids, prefill=True, output_hidden_states=output_hidden_states, extra_inputs=extra_inputs)
 
     @torch.inference_mode()
     def extend(
@@ -123,6 +128,7 @@ class CausalLM:
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        extra_inputs: dict[str, torch.Tensor] | None = None,
     ) -> StepOutput:
         """Append ``ids`` to the cached sequence; return logits for each of them.
 
@@ -132,7 +138,7 @@ class CausalLM:
         if self.cache is None:
             raise RuntimeError(f"{self.name}: extend() before prefill()")
         return self._forward(ids, prefill=False, attention_mask=attention_mask, position_ids=position_ids,
-                             output_hidden_states=output_hidden_states)
+                             output_hidden_states=output_hidden_states, extra_inputs=extra_inputs)
 
     def crop(self, length: int) -> None:
         """Roll the cache back to its first ``length`` positions."""
@@ -153,6 +159,7 @@ class CausalLM:
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        extra_inputs: dict[str, torch.Tensor] | None = None,
     ) -> StepOutput:
         input_ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(1, -1)
         n_new = input_ids.shape[1]
@@ -161,7 +168,7 @@ class CausalLM:
         past = self.cache.get_seq_length()
         if position_ids is None:
             position_ids = torch.arange(past, past + n_new, device=self.device)
-        kwargs = {}
+        kwargs = {name: value.to(self.device)[None] for name, value in (extra_inputs or {}).items()}
         if attention_mask is not None:
             kwargs["attention_mask"] = _additive_mask(attention_mask, self.dtype)
         synchronize(self.device)
@@ -197,7 +204,7 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _eos_ids(model: torch.nn.Module) -> frozenset[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
     if eos is None:
         return frozenset()
     return frozenset([eos] if isinstance(eos, int) else eos)

@@ -73,11 +73,18 @@ class ModelSet:
     drafts: dict[str, CausalLM] = field(default_factory=dict)
     tokenizer: Any = None  # the target's tokenizer, for strategies that build token statistics (MaG)
     corpus: Any = None  # harness.corpus.CorpusConfig of the zoo text, for the same
+    artifacts: dict[str, Any] = field(default_factory=dict)  # trained artefacts by sweep name, loaded
 
     def draft(self, name: str) -> CausalLM:
         if name not in self.drafts:
             raise KeyError(f"draft {name!r} is not loaded; loaded: {', '.join(self.drafts) or 'none'}")
         return self.drafts[name]
+
+    def artifact(self, name: str) -> Any:
+        """The loaded artefact (e.g. an EAGLE head as a ``CausalLM``) the sweep's ``train`` section names ``name``."""
+        if name not in self.artifacts:
+            raise KeyError(f"artefact {name!r} is not loaded; loaded: {', '.join(self.artifacts) or 'none'}")
+        return self.artifacts[name]
 
     def all(self) -> dict[str, CausalLM]:
         return {"target": self.target, **{f"draft:{name}": model for name, model in self.drafts.items()}}
@@ -112,6 +119,10 @@ class StrategyParams:
 
     def uses_drafts(self) -> list[str]:
         """Names of the sweep drafts these params use (checked against the sweep's ``models.drafts``)."""
+        return []
+
+    def uses_artifacts(self) -> list[str]:
+        """Names of trained artefacts these params use (checked against the sweep's ``train`` section)."""
         return []
 
     def as_dict(self) -> dict[str, Any]:
