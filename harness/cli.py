@@ -1,4 +1,4 @@
-"""The ``specsweep`` command: run sweeps, write reports, list what is available, build the zoo.
+"""The ``specsweep`` command: run sweeps, write reports, list what is available, build the zoo, train artefacts.
 
 Exit codes: 0 success, 1 some cells failed, 2 bad input (one line naming the field and the fix).
 """
@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--sweep", help="take the zoo settings from this sweep file's zoo: section")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.set_defaults(handler=cmd_zoo_build)
+
+    train = commands.add_parser("train", help="train an artefact (e.g. an EAGLE head) into the artefact cache")
+    train.add_argument("kind", help="artefact kind, e.g. eagle")
+    train.add_argument("config", help="training YAML file, e.g. configs/train/eagle_zoo.yaml")
+    train.add_argument("--zoo-sweep", help="take the zoo settings from this sweep file's zoo: section")
+    train.add_argument("--force", action="store_true", help="retrain even if the artefact is cached")
+    train.set_defaults(handler=cmd_train)
     return parser
 
 
@@ -127,6 +134,25 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     manifest = build_zoo(config, force=args.force)
     print(format_manifest(manifest))
     print(f"models in {zoo_dir(config)}")
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from training.artifacts import build_artifact, load_train_config
+    from training.zoo import ZooConfig
+
+    if args.zoo_sweep:
+        from harness.config import load_sweep
+
+        zoo = load_sweep(args.zoo_sweep).zoo
+    else:
+        zoo = ZooConfig()
+    request = load_train_config(args.config, "config", Path.cwd(), zoo, expected_kind=args.kind)
+    manifest = build_artifact(request, force=args.force)
+    print(json.dumps(manifest["metrics"], indent=2, default=str))
+    print(f"artefact: {request.directory}")
     return EXIT_OK
 
 

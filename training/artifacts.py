@@ -1,0 +1,148 @@
+"""Trainable artefacts: kinds registered by name, training configs, and the content-addressed cache.
+
+A training config is a YAML mapping with ``kind`` (``eagle``, ...) and that
+kind's settings. An :class:`ArtifactRequest` is one config bound to a target;
+its key hashes everything that determines the result, and names the
+directory ``$SPECSWEEP_HOME/artifacts/<kind>/<key>`` where the build lands
+(with ``artifact.json`` written last, so a half-built directory is never
+taken for a finished one).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from harness.errors import ConfigError
+from harness.models import ModelSpec
+from harness.paths import content_hash, specsweep_home
+
+MANIFEST = "artifact.json"
+
+
+@dataclass(frozen=True)
+class ArtifactKind:
+    """How to parse, build and load one kind of artefact."""
+
+    name: str
+    parse: Callable[[dict[str, Any], str, Path, tuple[str, ...]], Any]
+    build: Callable[..., dict[str, Any]]
+    load: Callable[[Path, Any], Any]
+
+
+def _eagle_kind() -> ArtifactKind:
+    from training.eagle import build_head, load_head_lm, parse_eagle_config
+
+    return ArtifactKind("eagle", parse_eagle_config, build_head, load_head_lm)
+
+
+KINDS: dict[str, Callable[[], ArtifactKind]] = {"eagle": _eagle_kind}
+
+
+def artifact_kind(name: str, where: str = "kind") -> ArtifactKind:
+    """The registered kind ``name``; ``ConfigError`` listing the choices if there is none."""
+    if name not in KINDS:
+        raise ConfigError(where, f"unknown artefact kind {name!r}", f"choose one of {', '.join(sorted(KINDS))}")
+    return KINDS[name]()
+
+
+@dataclass(frozen=True)
+class ArtifactRequest:
+    """A training config bound to its target and zoo: one artefact to build or reuse."""
+
+    kind: str
+    config: Any  # the kind's config dataclass; ``config.target`` is the target it is trained for
+    zoo: Any  # training.zoo.ZooConfig (zoo targets and zoo text depend on it)
+
+    def target_key(self) -> str:
+        """What identifies the target's weights: the zoo build for zoo models, else the spec itself."""
+        spec: ModelSpec = self.config.target
+        return self.zoo.key() if spec.zoo_name or any(s.startswith("zoo:") for s in self._sources()) else ""
+
+    def _sources(self) -> tuple[str, ...]:
+        data = getattr(self.config, "data", None)
+        return tuple(getattr(data, "sources", ()))
+
+    def key(self) -> str:
+        identity = self.config.identity() if hasattr(self.config, "identity") else self.config
+        return content_hash([self.kind, identity, self.target_key()])[:16]
+
+    @property
+    def directory(self) -> Path:
+        return specsweep_home() / "artifacts" / self.kind / self.key()
+
+    def built(self) -> bool:
+        return (self.directory / MANIFEST).exists()
+
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.directory / MANIFEST).read_text())
+
+    def label(self) -> str:
+        return f"{self.kind}-{self.key()[:8]} for {self.config.target.id}"
+
+
+def load_train_config(source: str | Path | dict[str, Any], where: str, base_dir: Path, zoo,
+                      expected_kind: str | None = None) -> ArtifactRequest:
+    """A request from a training-config file path or inline mapping (with ``kind``), validated."""
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        if not path.is_file():
+            raise ConfigError(where, f"training config {source} not found", "give the path of a training YAML file")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            raise ConfigError(where, f"{path} is not valid YAML", "fix the YAML syntax") from None
+        base_dir = path.resolve().parent
+    else:
+        raw = source
+    if not isinstance(raw, dict):
+        raise ConfigError(where, "a training config must be a mapping with kind and settings", "add e.g. kind: eagle")
+    raw = dict(raw)
+    kind_name = raw.pop("kind", expected_kind)
+    if not isinstance(kind_name, str):
+        raise ConfigError(f"{where}.kind", "missing", f"add kind: one of {', '.join(sorted(KINDS))}")
+    if expected_kind and kind_name != expected_kind:
+        raise ConfigError(f"{where}.kind", f"the file trains {kind_name!r}, not {expected_kind!r}",
+                          f"run `specsweep train {kind_name} ...`")
+    kind = artifact_kind(kind_name, f"{where}.kind")
+    return ArtifactRequest(kind_name, kind.parse(raw, where, base_dir, zoo.model_names), zoo)
+
+
+def for_target(request: ArtifactRequest, target: ModelSpec) -> ArtifactRequest:
+    """The same training config bound to ``target`` (a sweep trains each head for the cell's own target)."""
+    return replace(request, config=replace(request.config, target=target))
+
+
+def build_artifact(request: ArtifactRequest, log: Callable[[str], None] = print, force: bool = False) -> dict[str, Any]:
+    """Build ``request`` into its directory unless it is already there; return its manifest."""
+    if request.built() and not force:
+        return request.manifest()
+    if request.config.target.zoo_name:
+        from training.zoo import build_zoo, is_built
+
+        if not is_built(request.zoo):
+            build_zoo(request.zoo, log=log)
+    kind = artifact_kind(request.kind)
+    started = time.time()
+    metrics = kind.build(request.config, request.zoo, request.directory, request.target_key(),
+                         f"{request.kind}-{request.key()}", log=log)
+    manifest = {"kind": request.kind, "key": request.key(), "target": request.config.target.as_dict(),
+                "seconds": time.time() - started, "host": platform.node(), "metrics": metrics}
+    (request.directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    log(f"built {request.label()} in {manifest['seconds']:.0f} s -> {request.directory}")
+    return manifest
+
+
+def load_artifact(request: ArtifactRequest, target) -> Any:
+    """The built artefact of ``request`` loaded for ``target`` (a ``CausalLM``)."""
+    if not request.built():
+        raise FileNotFoundError(f"artefact {request.label()} is not built at {request.directory} on node "
+                                f"{platform.node()}: on a multi-node cluster put $SPECSWEEP_HOME on a shared filesystem")
+    return artifact_kind(request.kind).load(request.directory, target)

@@ -1,0 +1,236 @@
+"""Training an EAGLE head on a target's features, on Ray Train workers with DeepSpeed.
+
+Objective as in the EAGLE paper: for each position i the head sees the
+target's feature f_i (plus uniform noise U(-noise, noise) during training)
+and the embedding of token t_{i+1}, and predicts f_{i+1}. The loss is
+``v_weight * SmoothL1(prediction, f_{i+1}) + p_weight * CE`` where CE is the
+cross-entropy of ``lm_head(prediction)`` against the target's own next-token
+distribution ``softmax(lm_head(f_{i+1}))`` (weights 1.0 and 0.1). The
+reference code scales its noise by 512 / sequence length; we follow the
+paper's fixed U(-0.1, 0.1).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from harness.errors import ConfigError
+from harness.models import ModelSpec, parse_model_spec
+from training.eagle_data import FeatureDataConfig, build_features, features_dir
+from training.launch import LaunchSettings, deepspeed_engine, launch, report_files
+
+PROBE_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class EagleTrainConfig:
+    """Everything that determines a trained head (its hash names the artefact)."""
+
+    target: ModelSpec = ModelSpec("zoo:target")
+    data: FeatureDataConfig = field(default_factory=FeatureDataConfig)
+    intermediate_size: int | None = None  # the head layer's MLP width; None = the target's
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    noise: float = 0.1
+    v_weight: float = 1.0
+    p_weight: float = 0.1
+    eval_fraction: float = 0.05
+    seed: int = 0
+    launch: LaunchSettings = field(default_factory=LaunchSettings)
+
+    def identity(self) -> dict[str, Any]:
+        """What the artefact key is hashed from (how the job runs is left out)."""
+        values = asdict(self)
+        values.pop("launch")
+        return values
+
+
+def parse_eagle_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]) -> EagleTrainConfig:
+    """Validated EAGLE training settings from a training-config mapping (``kind: eagle``)."""
+    allowed = set(EagleTrainConfig.__dataclass_fields__)
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}", "unknown key", f"allowed: kind, {', '.join(sorted(allowed))}")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name == "target":
+            values[name] = parse_model_spec(value, f"{where}.target", "float32", zoo_names, base_dir)
+        elif name == "data":
+            values[name] = FeatureDataConfig.from_dict(_mapping(value, f"{where}.data"), f"{where}.data")
+        elif name == "launch":
+            values[name] = LaunchSettings.from_dict(_mapping(value, f"{where}.launch"), f"{where}.launch", base_dir)
+        elif name == "intermediate_size":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{where}.{name}", f"expected a positive integer or null, got {value!r}")
+            values[name] = value
+        else:
+            default = EagleTrainConfig.__dataclass_fields__[name].default
+            kind = type(default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+                raise ConfigError(f"{where}.{name}", f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+            values[name] = kind(value)
+    config = EagleTrainConfig(**values)
+    for name in ("steps", "batch_size"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{where}.{name}", f"must be >= 1, got {getattr(config, name)}")
+    if not 0 < config.eval_fraction < 1:
+        raise ConfigError(f"{where}.eval_fraction", f"must be between 0 and 1, got {config.eval_fraction}")
+    if config.lr <= 0:
+        raise ConfigError(f"{where}.lr", f"must be > 0, got {config.lr}")
+    return config
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(where, f"expected a mapping, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------- the loss
+
+
+def eagle_loss(head, batch: dict[str, torch.Tensor], config: EagleTrainConfig,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """EAGLE's loss on a batch of (input_ids, hidden, loss_mask); also the head's top-1 agreement with the target."""
+    ids, hidden, mask = batch["input_ids"], batch["hidden"], batch["loss_mask"]
+    dtype = head.fc.weight.dtype
+    inputs = hidden[:, :-1]
+    if config.noise > 0 and head.training:
+        noise = torch.rand(inputs.shape, generator=generator, device="cpu").to(inputs.device)
+        inputs = inputs + (noise * 2 - 1) * config.noise
+    out = head(input_ids=ids[:, 1:], features=inputs.to(dtype))
+    predicted = out.hidden_states[-1].float()
+    wanted = hidden[:, 1:].float()
+    weight = mask[:, 1:].float()
+    denominator = weight.sum().clamp(min=1.0)
+    v_loss = (F.smooth_l1_loss(predicted, wanted, reduction="none").mean(-1) * weight).sum() / denominator
+    with torch.no_grad():
+        target_logits = head.lm_head(wanted.to(head.lm_head.weight.dtype)).float()
+        target_probs = torch.softmax(target_logits, dim=-1)
+    log_probs = torch.log_softmax(out.logits.float(), dim=-1)
+    p_loss = (-(target_probs * log_probs).sum(-1) * weight).sum() / denominator
+    loss = config.v_weight * v_loss + config.p_weight * p_loss
+    agree = ((out.logits.argmax(-1) == target_logits.argmax(-1)).float() * weight).sum() / denominator
+    return loss, {"loss": float(loss), "v_loss": float(v_loss), "p_loss": float(p_loss), "top1": float(agree)}
+
+
+def _lr_factor(step: int, config: EagleTrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------- the Ray Train loop
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: build or read the features, train the head with DeepSpeed, report it."""
+    import datasets
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from harness.models import load_model, load_tokenizer
+    from strategies.eagle_head import EagleHead, head_config, save_head
+
+    os.environ["SPECSWEEP_HOME"] = loop_config["home"]
+    config: EagleTrainConfig = loop_config["config"]
+    zoo = loop_config["zoo"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if loop_config["gpu"] else torch.device("cpu")
+    torch.manual_seed(config.seed + rank)
+
+    target = load_model(replace(config.target, dtype="float32"), zoo, device, "target").model
+    data_dir = Path(loop_config["features_dir"])
+    if rank == 0:
+        build_features(target, load_tokenizer(config.target, zoo), config.data, zoo.corpus, data_dir)
+    if world > 1:
+        dist.barrier()
+    rows = datasets.load_from_disk(str(data_dir)).with_format("torch")
+    split = rows.train_test_split(test_size=config.eval_fraction, seed=config.data.seed)
+    train_rows = split["train"].shard(world, rank)
+    eval_rows = split["test"][:]
+
+    head = EagleHead(head_config(target.config, config.intermediate_size), target.get_input_embeddings(),
+                     target.get_output_embeddings()).to(device)
+    head.train()
+    trainable = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    engine = deepspeed_engine(head, optimizer, loop_config["deepspeed"])
+    module = engine.module
+
+    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: value.to(engine.device) for name, value in batch.items()}
+
+    def evaluate() -> dict[str, float]:
+        module.eval()
+        with torch.no_grad():
+            _, stats = eagle_loss(module, to_device(eval_rows), config)
+        module.train()
+        return stats
+
+    before = evaluate()
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    history: list[float] = []
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _lr_factor(step, config)
+        index = torch.randint(0, len(train_rows), (config.batch_size,), generator=generator).tolist()
+        loss, stats = eagle_loss(module, to_device(train_rows[index]), config, generator)
+        engine.backward(loss)
+        engine.step()
+        history.append(stats["loss"])
+    after = evaluate()
+    metrics = {"eval_before": before, "eval_after": after, "train_loss_first": sum(history[:10]) / len(history[:10]),
+               "train_loss_last": sum(history[-10:]) / len(history[-10:]), "steps": config.steps,
+               "train_windows": len(split["train"]), "parameters": module.own_parameters()}
+
+    def write(directory: Path) -> None:
+        module.eval()
+        probe = probe_drafts(module, eval_rows)
+        save_head(module, directory, extra={"metrics": metrics, "probe": probe})
+
+    report_files(metrics, write)
+
+
+@torch.no_grad()
+def probe_drafts(head, rows: dict[str, torch.Tensor], tokens: int = PROBE_TOKENS) -> dict[str, list[int]]:
+    """Greedy head drafts on the first evaluation window: a fingerprint that a reloaded head must reproduce."""
+    ids = rows["input_ids"][:1].to(head.fc.weight.device)
+    hidden = rows["hidden"][:1].to(head.fc.weight.device, head.fc.weight.dtype)
+    out = head(input_ids=ids[:, 1:], features=hidden[:, :-1])
+    return {"argmax": out.logits[0].argmax(-1)[:tokens * 4].tolist()}
+
+
+# ---------------------------------------------------------------------------- the artefact
+
+
+def build_head(config: EagleTrainConfig, zoo, out_dir: Path, target_key: str, name: str,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train a head for ``config`` and write it (safetensors + ``head.json``) to ``out_dir``; return its metrics."""
+    loop_config = {"config": config, "zoo": zoo, "batch_size": config.batch_size, "grad_clip": config.grad_clip,
+                   "features_dir": str(features_dir(config.target, target_key, config.data))}
+    return launch(train_loop, loop_config, config.launch, name, out_dir, log)
+
+
+def load_head_lm(directory: Path, target):
+    """The head in ``directory`` as a ``CausalLM`` over ``target`` (a ``CausalLM``), ready to draft."""
+    from harness.lm import CausalLM
+    from strategies.eagle_head import load_head
+
+    head = load_head(directory, target.model)
+    lm_head_parameters = target.model.get_output_embeddings().weight.numel()
+    return CausalLM(head, name="eagle-head", num_parameters=head.own_parameters() + lm_head_parameters)

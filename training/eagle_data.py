@@ -1,0 +1,157 @@
+"""EAGLE training data: token windows with the target's last hidden states, as a sharded ``datasets`` artefact.
+
+Text comes from the zoo's domains (``zoo:<domain>``, training split only), a
+Hugging Face dataset (``hf:<name>[:<split>]``) or a local ``.jsonl`` /
+``.json`` / ``.txt`` / ``.parquet`` file; ``field`` names the text column.
+The text of each source is tokenised into one stream (documents separated by
+EOS) and cut into ``seq_len``-token windows, balanced across sources. Each
+row holds ``input_ids``, ``hidden`` (the target's features after the final
+norm, ``[seq_len, hidden]``) and ``loss_mask`` (1 where a position is
+trained on). The dataset is saved with ``save_to_disk`` in ``shards`` files
+under ``$SPECSWEEP_HOME/artifacts/eagle-data/<hash of target + data>``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from harness.errors import ConfigError
+from harness.models import ModelSpec
+from harness.paths import content_hash, specsweep_home
+
+DONE_MARKER = "features.done"
+
+
+@dataclass(frozen=True)
+class FeatureDataConfig:
+    """Which text, how much of it, and how it is windowed and stored."""
+
+    sources: tuple[str, ...] = ("zoo:code", "zoo:prose", "zoo:legal", "zoo:math")
+    samples: int = 2048
+    seq_len: int = 128
+    field: str = "text"
+    shards: int = 4
+    batch_size: int = 16
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str) -> "FeatureDataConfig":
+        """Validated data settings from the ``data`` mapping of a training config."""
+        allowed = cls.__dataclass_fields__
+        unknown = sorted(set(raw) - set(allowed))
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}", "unknown key", f"allowed: {', '.join(allowed)}")
+        values = dict(raw)
+        sources = values.get("sources", cls.sources)
+        if isinstance(sources, str):
+            sources = [sources]
+        if not isinstance(sources, (list, tuple)) or not sources or not all(isinstance(s, str) for s in sources):
+            raise ConfigError(f"{where}.sources", f"expected a list of text sources, got {sources!r}",
+                              "use zoo:<domain>, hf:<dataset>[:<split>] or a .jsonl/.txt/.parquet path")
+        values["sources"] = tuple(sources)
+        config = cls(**values)
+        for name in ("samples", "seq_len", "shards", "batch_size"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{where}.{name}", f"expected a positive integer, got {value!r}")
+        if config.seq_len < 2:
+            raise ConfigError(f"{where}.seq_len", f"must be >= 2, got {config.seq_len}")
+        return config
+
+
+def features_dir(target: ModelSpec, target_key: str, data: FeatureDataConfig) -> Path:
+    """Where the features of ``target`` (identified by ``target_key``) on ``data`` are cached."""
+    key = content_hash(["eagle-data", target.as_dict(), target_key, asdict(data)])[:16]
+    return specsweep_home() / "artifacts" / "eagle-data" / key
+
+
+def source_texts(source: str, field: str, zoo_corpus) -> list[str]:
+    """The documents of one text source."""
+    if source.startswith("zoo:"):
+        from harness.corpus import DOMAINS, build_corpus
+
+        domain = source[4:]
+        if domain not in DOMAINS:
+            raise ConfigError("data.sources", f"unknown zoo domain {domain!r}", f"choose one of {', '.join(DOMAINS)}")
+        return [doc.text for doc in build_corpus(zoo_corpus)[domain][0]]
+    from datasets import load_dataset
+
+    if source.startswith("hf:"):
+        name, _, split = source[3:].partition(":")
+        rows = load_dataset(name, split=split or "train")
+    else:
+        suffix = Path(source).suffix.lstrip(".")
+        builder = {"jsonl": "json", "json": "json", "txt": "text", "parquet": "parquet"}.get(suffix)
+        if builder is None:
+            raise ConfigError("data.sources", f"cannot read {source!r}", "use a .jsonl, .json, .txt or .parquet file")
+        rows = load_dataset(builder, data_files=source, split="train")
+    if field not in rows.column_names:
+        raise ConfigError("data.field", f"{source} has no column {field!r}", f"choose one of {', '.join(rows.column_names)}")
+    return [text for text in rows[field] if isinstance(text, str) and text]
+
+
+def token_windows(tokenizer, data: FeatureDataConfig, zoo_corpus) -> torch.Tensor:
+    """``[samples, seq_len]`` token windows, spread evenly over the sources and over each source's stream."""
+    streams = []
+    for source in data.sources:
+        ids: list[int] = []
+        for text in source_texts(source, data.field, zoo_corpus):
+            ids.extend(tokenizer(text)["input_ids"])
+            if tokenizer.eos_token_id is not None:
+                ids.append(tokenizer.eos_token_id)
+        if len(ids) >= data.seq_len:
+            streams.append(torch.tensor(ids, dtype=torch.long))
+    if not streams:
+        raise ValueError(f"no source in {list(data.sources)} has {data.seq_len} tokens of text")
+    generator = torch.Generator().manual_seed(data.seed)
+    rows = []
+    for index in range(data.samples):
+        stream = streams[index % len(streams)]
+        start = int(torch.randint(0, len(stream) - data.seq_len + 1, (1,), generator=generator))
+        rows.append(stream[start:start + data.seq_len])
+    return torch.stack(rows)
+
+
+@torch.inference_mode()
+def target_features(model, windows: torch.Tensor, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Rows of (input_ids, hidden, loss_mask) from forward passes of ``model`` over ``windows``."""
+    device = next(model.parameters()).device
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start:start + batch_size].to(device)
+        hidden = model(input_ids=batch, output_hidden_states=True).hidden_states[-1].float().cpu()
+        for ids, states in zip(batch.cpu(), hidden):
+            yield {"input_ids": ids.tolist(), "hidden": states.numpy(), "loss_mask": [1] * len(ids)}
+
+
+def build_features(model, tokenizer, data: FeatureDataConfig, zoo_corpus, out_dir: Path,
+                   log: Callable[[str], None] = print) -> Path:
+    """Compute and save the feature dataset to ``out_dir`` (skipped if it is already there)."""
+    from datasets import Array2D, Dataset, Features, Sequence, Value
+
+    if (out_dir / DONE_MARKER).exists():
+        return out_dir
+    windows = token_windows(tokenizer, data, zoo_corpus)
+    hidden_size = int(model.config.hidden_size)
+    features = Features({
+        "input_ids": Sequence(Value("int32")),
+        "hidden": Array2D(shape=(data.seq_len, hidden_size), dtype="float32"),
+        "loss_mask": Sequence(Value("int8")),
+    })
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".building-") as scratch:
+        rows = list(target_features(model, windows, data.batch_size))
+        dataset = Dataset.from_list(rows, features=features)
+        staging = Path(scratch) / "dataset"
+        dataset.save_to_disk(str(staging), num_shards=min(data.shards, len(dataset)))
+        (staging / DONE_MARKER).write_text("ok\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.replace(out_dir)
+    log(f"EAGLE features: {len(windows)} windows x {data.seq_len} tokens from {', '.join(data.sources)} -> {out_dir}")
+    return out_dir
