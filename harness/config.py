@@ -19,7 +19,7 @@ from harness.models import DEVICES, DTYPES, ModelSpec, parse_model_spec
 from harness.paths import content_hash
 from harness.prompts import PromptSetSpec, parse_prompt_set
 
-TOP_KEYS = ("name", "description", "plugins", "zoo", "models", "prompts", "strategies", "run")
+TOP_KEYS = ("name", "description", "plugins", "zoo", "models", "train", "prompts", "strategies", "run")
 MODEL_KEYS = ("target", "targets", "drafts", "dtype", "device")
 STRATEGY_KEYS = ("name", "params", "grid", "runtime_env")
 BASELINE = "autoregressive"
@@ -81,6 +81,7 @@ class Cell:
     baseline_id: str = ""
     runtime_env: dict[str, Any] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()
+    artifacts: dict[str, Any] = field(default_factory=dict)  # sweep name -> training.artifacts.ArtifactRequest
     cell_id: str = ""
 
     def identity(self) -> dict[str, Any]:
@@ -104,6 +105,8 @@ class Cell:
         if self.kind == "strategy":
             identity["drafts"] = {name: spec.as_dict() for name, spec in sorted(self.drafts.items())}
             identity["baseline_id"] = self.baseline_id
+            if self.artifacts:
+                identity["artifacts"] = {name: request.key() for name, request in sorted(self.artifacts.items())}
             if self.runtime_env:
                 identity["runtime_env"] = self.runtime_env
         return identity
@@ -136,6 +139,7 @@ class Sweep:
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     plugins: tuple[str, ...] = ()
+    train: dict[str, Any] = field(default_factory=dict)  # name -> training.artifacts.ArtifactRequest
 
     def cells(self, device_type: str = "cpu") -> list[Cell]:
         """The grid expanded into cells: one baseline per (target, prompt shard), then the strategy cells.
@@ -144,6 +148,7 @@ class Sweep:
         of every cell id, so results from different device types never pair.
         """
         from strategies import parse_params
+        from training.artifacts import for_target
 
         cells = []
         for target, target_spec in self.targets.items():
@@ -154,11 +159,14 @@ class Sweep:
                     cells.append(baseline)
                     for strategy in self.strategies:
                         for params in strategy.points():
-                            used = parse_params(strategy.name, params, strategy.name).uses_drafts()
-                            cell = Cell(self.name, target, target_spec, {name: self.drafts[name] for name in used},
+                            checked = parse_params(strategy.name, params, strategy.name)
+                            drafts = {name: self.drafts[name] for name in checked.uses_drafts()}
+                            artifacts = {name: for_target(self.train[name], target_spec)
+                                         for name in checked.uses_artifacts()}
+                            cell = Cell(self.name, target, target_spec, drafts,
                                         prompt_set, shard_index, strategy.name, params, self.run, device_type,
                                         baseline_id=baseline.cell_id, runtime_env=strategy.runtime_env,
-                                        plugins=self.plugins)
+                                        plugins=self.plugins, artifacts=artifacts)
                             cells.append(_with_id(cell))
         return cells
 
@@ -230,10 +238,19 @@ def parse_sweep(raw: Any, base_dir: Path, path: Path | None = None) -> Sweep:
         raise ConfigError("prompts[].name", "prompt set names repeat", "give each prompt set its own name")
 
     run = _parse_run(raw.get("run", {}))
-    strategies = _parse_strategies(raw.get("strategies"), drafts, run)
+    train = _parse_train(raw.get("train", {}), base_dir, zoo)
+    strategies = _parse_strategies(raw.get("strategies"), drafts, train, run)
     return Sweep(name=name, path=Path(path) if path else base_dir / "<inline>", zoo=zoo, targets=targets,
                  drafts=drafts, device=device, prompt_sets=prompt_sets, strategies=strategies, run=run, raw=raw,
-                 plugins=plugins)
+                 plugins=plugins, train=train)
+
+
+def _parse_train(raw: Any, base_dir: Path, zoo) -> dict[str, Any]:
+    """The sweep's trainable artefacts: name -> a training-config path or inline mapping (with ``kind``)."""
+    from training.artifacts import load_train_config
+
+    raw = _mapping(raw, "train", "write train as name -> training config path, e.g. {head: train/eagle_zoo.yaml}")
+    return {str(name): load_train_config(value, f"train.{name}", base_dir, zoo) for name, value in raw.items()}
 
 
 def _load_plugins(raw: Any, base_dir: Path) -> tuple[str, ...]:
@@ -259,7 +276,8 @@ def _load_plugins(raw: Any, base_dir: Path) -> tuple[str, ...]:
     return tuple(resolved)
 
 
-def _parse_strategies(raw: Any, drafts: dict[str, ModelSpec], run: RunSettings) -> tuple[StrategySpec, ...]:
+def _parse_strategies(raw: Any, drafts: dict[str, ModelSpec], train: dict[str, Any],
+                      run: RunSettings) -> tuple[StrategySpec, ...]:
     from strategies import parse_params, strategy_class
 
     if not isinstance(raw, list) or not raw:
@@ -292,6 +310,10 @@ def _parse_strategies(raw: Any, drafts: dict[str, ModelSpec], run: RunSettings) 
                     field_name = "draft" if hasattr(checked, "draft") else "drafts"
                     raise ConfigError(f"{where}.{field_name}", f"draft {draft!r} is not in models.drafts",
                                       f"choose one of {', '.join(drafts) or '(none defined: add models.drafts)'}")
+            for artifact in checked.uses_artifacts():
+                if artifact not in train:
+                    raise ConfigError(f"{where}.head", f"artefact {artifact!r} is not in the sweep's train section",
+                                      f"choose one of {', '.join(train) or '(none defined: add train: {name: <config>})'}")
             check_sampling = getattr(checked, "check_sampling", None)
             if check_sampling:
                 check_sampling(run.temperature, where)

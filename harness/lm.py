@@ -34,6 +34,13 @@ def keep_positions(cache, positions: torch.Tensor) -> None:
             layer.values = layer.values.index_select(-2, positions)
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which ``model.forward`` takes the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels on ``device`` so that host clocks measure finished work."""
     if device.type == "cuda":
@@ -88,6 +95,7 @@ class CausalLM:
         self.stats = ForwardStats()
         self.cache = None
         self.last_logits: torch.Tensor | None = None
+        self.cache_argument = cache_argument(model)
 
     # ------------------------------------------------------------------ state
 
@@ -173,10 +181,10 @@ class CausalLM:
             kwargs["attention_mask"] = _additive_mask(attention_mask, self.dtype)
         synchronize(self.device)
         started = time.perf_counter()
+        kwargs[self.cache_argument] = self.cache
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids.reshape(1, -1).to(self.device),
-            past_key_values=self.cache,
             use_cache=True,
             output_hidden_states=output_hidden_states,
             **kwargs,

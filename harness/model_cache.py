@@ -24,6 +24,7 @@ class ModelCache:
         self.models: OrderedDict[tuple, Any] = OrderedDict()
         self.tokenizers: dict[tuple, Any] = {}
         self.loads: dict[str, int] = {}
+        self.artifacts: dict[tuple, Any] = {}
 
     @staticmethod
     def key(spec: ModelSpec) -> tuple:
@@ -47,6 +48,7 @@ class ModelCache:
         while self.held_bytes() > self.max_bytes and len(self.models) > 1:
             oldest = next(key for key in self.models if key != keep)
             del self.models[oldest]
+            self.artifacts = {key: value for key, value in self.artifacts.items() if key[1] != oldest}
             if self.device.type == "cuda":
                 import torch
 
@@ -61,6 +63,15 @@ class ModelCache:
         if key not in self.tokenizers:
             self.tokenizers[key] = load_tokenizer(spec, self.zoo_config)
         return self.tokenizers[key]
+
+    def artifact(self, request: Any, target_spec: ModelSpec) -> Any:
+        """A trained artefact (``training.artifacts.ArtifactRequest``) loaded for the target of ``target_spec``."""
+        from training.artifacts import load_artifact
+
+        key = (request.key(), self.key(target_spec))
+        if key not in self.artifacts:
+            self.artifacts[key] = load_artifact(request, self.model(target_spec, "target"))
+        return self.artifacts[key]
 
     def holds(self, spec: ModelSpec) -> bool:
         return self.key(spec) in self.models

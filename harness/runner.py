@@ -37,8 +37,9 @@ def model_set_for(cell: Cell, cache: ModelCache) -> ModelSet:
         if draft.vocab_size != target.vocab_size:
             raise CellFailure(f"draft {name!r} has vocabulary {draft.vocab_size}, target {target.vocab_size}: "
                               "a draft must share the target's tokenizer")
+    artifacts = {name: cache.artifact(request, cell.target_spec) for name, request in cell.artifacts.items()}
     return ModelSet(target=target, drafts=drafts, tokenizer=cache.tokenizer(cell.target_spec),
-                    corpus=cache.zoo_config.corpus)
+                    corpus=cache.zoo_config.corpus, artifacts=artifacts)
 
 
 def prompt_token_ids(tokenizer, conversation: list[str], kind: str, limit: int) -> list[int]:

@@ -5,6 +5,10 @@ worker that is idle gets the next ready cell, preferring one whose target it
 already holds. Baseline cells run first; a strategy cell becomes ready when
 its baseline has a result, which is handed to it (put once in the object
 store) so that every strategy on a shard is paired with the same baseline.
+A cell that needs a trained artefact (an EAGLE head) that is not yet in the
+artefact cache waits for it: each missing artefact is trained once, by a
+Ray task that runs the Ray Train + DeepSpeed job, while the other cells run
+on the workers that the job's resources leave free.
 A worker that dies is replaced, and its cell re-queued up to
 ``run.max_retries`` times before it is recorded as failed; a replacement
 takes cells only once it has started. Cells already recorded in the run
@@ -14,6 +18,7 @@ directory are skipped (resume).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -42,6 +47,7 @@ class SweepOutcome:
     failed: int = 0
     failed_ids: list[str] = field(default_factory=list)
     timings: list[dict[str, float]] = field(default_factory=list)
+    trained: list[dict[str, Any]] = field(default_factory=list)  # manifests of artefacts this run trained
 
 
 @dataclass
@@ -98,6 +104,33 @@ def worker_plan(sweep: Sweep) -> tuple[int, dict[str, Any], str]:
     return count, {"num_cpus": max(1, cpus // count), "num_gpus": 0}, "cpu"
 
 
+def train_artifact(request: Any, home: str) -> dict[str, Any]:
+    """Ray task body: build one artefact (it launches its own Ray Train job) and return its manifest."""
+    os.environ["SPECSWEEP_HOME"] = home
+    from training.artifacts import build_artifact
+
+    return build_artifact(request, log=lambda message: print(message, flush=True))
+
+
+def reserved_workers(requests: list[Any], count: int, options: dict[str, Any], device: str) -> int:
+    """How many of ``count`` workers to hold back so that the training jobs of ``requests`` can be placed."""
+    import ray
+
+    if not requests:
+        return 0
+    if device == "cuda":
+        from training.launch import uses_gpu
+
+        demand = sum(r.config.launch.num_workers for r in requests if uses_gpu(r.config.launch))
+        free = int(ray.cluster_resources().get("GPU", 0)) - count * options.get("num_gpus", 1)
+        per = options.get("num_gpus", 1)
+    else:
+        demand = sum(r.config.launch.cpu_demand() for r in requests)
+        free = int(ray.cluster_resources().get("CPU", 1)) - count * options["num_cpus"]
+        per = options["num_cpus"]
+    return min(count, math.ceil(max(0, demand - free) / per))
+
+
 def env_key(runtime_env: dict[str, Any]) -> str:
     return json.dumps(runtime_env, sort_keys=True)
 
@@ -123,6 +156,8 @@ class Dispatcher:
         self.pending: dict[Any, tuple[str, str, Cell | None, float]] = {}  # ref -> (event, worker, cell, submitted)
         self.baselines: dict[str, Any] = {}  # baseline cell id -> object ref of its ok record
         self.baseline_errors: dict[str, str] = {}
+        self.blocked: dict[str, set[str]] = {}  # cell id -> keys of artefacts it still waits for
+        self.reserved = 0  # workers held back while training jobs run
 
     # ------------------------------------------------------------------ workers
 
@@ -170,21 +205,26 @@ class Dispatcher:
                 self.baseline_errors[cell_id] = record.get("error", "failed")
         queue: deque[Cell] = deque()
         waiting: dict[str, list[Cell]] = {}
+        jobs: dict[str, Any] = {}
+        held: dict[str, Cell] = {}
         for cell in cells:
-            if cell.kind == "baseline" or cell.baseline_id in self.baselines:
-                queue.append(cell)
-            elif cell.baseline_id in self.baseline_errors:
-                self._store(self._failed_record(cell, f"baseline cell {cell.baseline_id} failed: "
-                                                      f"{self.baseline_errors[cell.baseline_id]}"), outcome, progress)
+            missing = {request.key(): request for request in cell.artifacts.values() if not request.built()}
+            if missing:
+                jobs.update(missing)
+                self.blocked[cell.cell_id] = set(missing)
+                held[cell.cell_id] = cell
             else:
-                waiting.setdefault(cell.baseline_id, []).append(cell)
+                self._route(cell, queue, waiting, outcome, progress)
+        for request in jobs.values():
+            self._start_training(request)
         attempts: dict[str, int] = {}
         envs = {env_key(cell.runtime_env): cell.runtime_env for cell in cells}
         first_env = cells[0].runtime_env if cells else {}
-        for _ in range(self.count):
+        self.reserved = reserved_workers(list(jobs.values()), self.count, self.options, self.device)
+        for _ in range(self.count - self.reserved):
             self.start_worker(first_env)
 
-        while queue or waiting or any(event == "run" for event, *_ in self.pending.values()):
+        while queue or waiting or self.blocked or any(event in ("run", "train") for event, *_ in self.pending.values()):
             if not self.pending:
                 self._fail_all(queue, waiting, "no worker could be started", outcome, progress)
                 break
@@ -196,7 +236,13 @@ class Dispatcher:
             ref = ready[0]
             event, name, cell, submitted = self.pending.pop(ref)
             slot = self.slots.get(name)
-            if event == "start":
+            if event == "train":
+                self._trained(ref, name, held, queue, waiting, outcome, progress)
+                if self.reserved and not any(e == "train" for e, *_ in self.pending.values()):
+                    for _ in range(self.reserved):
+                        self.start_worker(first_env)
+                    self.reserved = 0
+            elif event == "start":
                 try:
                     info = self.ray.get(ref)
                 except self.ray.exceptions.RayError as error:
@@ -227,6 +273,47 @@ class Dispatcher:
             self._assign_idle(queue, attempts, envs)
         for name in list(self.slots):
             self.retire(name)
+
+    def _route(self, cell: Cell, queue: deque[Cell], waiting: dict[str, list[Cell]], outcome: SweepOutcome,
+               progress: Progress) -> None:
+        """Queue a cell whose artefacts exist: now, once its baseline is done, or as failed if that failed."""
+        if cell.kind == "baseline" or cell.baseline_id in self.baselines:
+            queue.append(cell)
+        elif cell.baseline_id in self.baseline_errors:
+            self._store(self._failed_record(cell, f"baseline cell {cell.baseline_id} failed: "
+                                                  f"{self.baseline_errors[cell.baseline_id]}"), outcome, progress)
+        else:
+            waiting.setdefault(cell.baseline_id, []).append(cell)
+
+    def _start_training(self, request: Any) -> None:
+        """Launch the one training job that builds ``request`` (a Ray task running a Ray Train job)."""
+        from harness.paths import specsweep_home
+
+        self.log(f"training {request.label()} (needed by this sweep; cached for later runs)")
+        task = self.ray.remote(train_artifact).options(num_cpus=0, max_retries=0)
+        ref = task.remote(request, str(specsweep_home()))
+        self.pending[ref] = ("train", request.key(), None, time.perf_counter())
+
+    def _trained(self, ref: Any, key: str, held: dict[str, Cell], queue: deque[Cell],
+                 waiting: dict[str, list[Cell]], outcome: SweepOutcome, progress: Progress) -> None:
+        """A training job ended: release the cells that waited only for it, or fail them if it failed."""
+        try:
+            manifest = self.ray.get(ref)
+            error = None
+            outcome.trained.append(manifest)
+            self.log(f"trained artefact {key} in {manifest.get('seconds', 0):.0f} s")
+        except self.ray.exceptions.RayError as failure:
+            error = f"training artefact {key} failed: {type(failure).__name__}: {str(failure)[:500]}"
+            self.log(error)
+        for cell_id in [cid for cid, keys in self.blocked.items() if key in keys]:
+            keys = self.blocked[cell_id]
+            keys.discard(key)
+            if error is not None:
+                del self.blocked[cell_id]
+                self._store(self._failed_record(held.pop(cell_id), error), outcome, progress)
+            elif not keys:
+                del self.blocked[cell_id]
+                self._route(held.pop(cell_id), queue, waiting, outcome, progress)
 
     def _assign_idle(self, queue: deque[Cell], attempts: dict[str, int], envs: dict[str, dict]) -> None:
         for name, slot in list(self.slots.items()):
@@ -271,6 +358,7 @@ class Dispatcher:
             self.baselines[cell.cell_id] = self.ray.put(record)
             queue.extend(dependents)
         else:
+            self.baseline_errors[cell.cell_id] = str(record.get("error", "failed"))
             for dependent in dependents:
                 self._store(self._failed_record(dependent, f"baseline cell {cell.cell_id} failed: {record.get('error')}"),
                             outcome, progress)
@@ -290,7 +378,7 @@ class Dispatcher:
     def _check_start_timeouts(self, queue: deque[Cell], waiting: dict[str, list[Cell]], outcome: SweepOutcome,
                               progress: Progress) -> None:
         now = time.perf_counter()
-        running = any(event == "run" for event, *_ in self.pending.values())
+        running = any(event in ("run", "train") for event, *_ in self.pending.values())
         starting = [s for s in self.slots.values() if s.state == "starting"]
         if running or not starting or any(s.state == "idle" for s in self.slots.values()):
             return

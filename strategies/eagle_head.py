@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.lm import cache_argument
+
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head.json"
 
@@ -72,6 +74,7 @@ class EagleHead(nn.Module):
         self.decoder.embed_tokens = None  # inputs arrive as embeddings
         self.decoder.layers[0].input_layernorm = nn.Identity()
         self.decoder.norm = nn.Identity()
+        self.decoder_cache_argument = cache_argument(self.decoder)
         # Frozen, shared with the target; kept out of the saved state (see ``trainable_state``).
         self.embed_tokens = embed_tokens
         self.lm_head = lm_head
@@ -93,7 +96,7 @@ class EagleHead(nn.Module):
         input_ids: torch.Tensor,
         features: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         attention_mask: torch.Tensor | None = None,
         use_cache: bool = False,
         output_hidden_states: bool = False,
@@ -101,8 +104,8 @@ class EagleHead(nn.Module):
         """Predict the next features for each (feature, next-token) pair, and their logits."""
         embedded = self.embed_tokens(input_ids).to(self.fc.weight.dtype)
         fused = self.fc(torch.cat([features.to(self.fc.weight.dtype), embedded], dim=-1))
-        out = self.decoder(inputs_embeds=fused, position_ids=position_ids, past_key_values=past_key_values,
-                           attention_mask=attention_mask, use_cache=use_cache)
+        out = self.decoder(inputs_embeds=fused, position_ids=position_ids, attention_mask=attention_mask,
+                           use_cache=use_cache, **{self.decoder_cache_argument: cache})
         predicted = out.last_hidden_state
         return HeadOutput(logits=self.lm_head(predicted.to(self.lm_head.weight.dtype)), hidden_states=(predicted,))
 

@@ -116,8 +116,11 @@ def load_train_config(source: str | Path | dict[str, Any], where: str, base_dir:
 
 
 def for_target(request: ArtifactRequest, target: ModelSpec) -> ArtifactRequest:
-    """The same training config bound to ``target`` (a sweep trains each head for the cell's own target)."""
-    return replace(request, config=replace(request.config, target=target))
+    """The same training config bound to ``target`` (a sweep trains each head for the cell's own target).
+
+    Training always reads the target in float32, so the dtype is not part of the artefact.
+    """
+    return replace(request, config=replace(request.config, target=replace(target, dtype="float32")))
 
 
 def build_artifact(request: ArtifactRequest, log: Callable[[str], None] = print, force: bool = False) -> dict[str, Any]:

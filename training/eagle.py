@@ -122,7 +122,8 @@ def eagle_loss(head, batch: dict[str, torch.Tensor], config: EagleTrainConfig,
     p_loss = (-(target_probs * log_probs).sum(-1) * weight).sum() / denominator
     loss = config.v_weight * v_loss + config.p_weight * p_loss
     agree = ((out.logits.argmax(-1) == target_logits.argmax(-1)).float() * weight).sum() / denominator
-    return loss, {"loss": float(loss), "v_loss": float(v_loss), "p_loss": float(p_loss), "top1": float(agree)}
+    stats = {"loss": loss.item(), "v_loss": v_loss.item(), "p_loss": p_loss.item(), "top1": agree.item()}
+    return loss, stats
 
 
 def _lr_factor(step: int, config: EagleTrainConfig) -> float:
@@ -146,6 +147,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from strategies.eagle_head import EagleHead, head_config, save_head
 
     os.environ["SPECSWEEP_HOME"] = loop_config["home"]
+    datasets.disable_progress_bars()
     config: EagleTrainConfig = loop_config["config"]
     zoo = loop_config["zoo"]
     context = ray.train.get_context()
@@ -193,6 +195,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         engine.backward(loss)
         engine.step()
         history.append(stats["loss"])
+        if rank == 0 and (step + 1) % max(1, config.steps // 10) == 0:
+            print(f"eagle head step {step + 1}/{config.steps}: loss {stats['loss']:.4f} top1 {stats['top1']:.3f}",
+                  flush=True)
     after = evaluate()
     metrics = {"eval_before": before, "eval_after": after, "train_loss_first": sum(history[:10]) / len(history[:10]),
                "train_loss_last": sum(history[-10:]) / len(history[-10:]), "steps": config.steps,
@@ -200,19 +205,20 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     def write(directory: Path) -> None:
         module.eval()
-        probe = probe_drafts(module, eval_rows)
+        probe = probe_drafts(module, target, eval_rows["input_ids"][0][:PROBE_TOKENS * 4])
         save_head(module, directory, extra={"metrics": metrics, "probe": probe})
 
     report_files(metrics, write)
 
 
 @torch.no_grad()
-def probe_drafts(head, rows: dict[str, torch.Tensor], tokens: int = PROBE_TOKENS) -> dict[str, list[int]]:
-    """Greedy head drafts on the first evaluation window: a fingerprint that a reloaded head must reproduce."""
-    ids = rows["input_ids"][:1].to(head.fc.weight.device)
-    hidden = rows["hidden"][:1].to(head.fc.weight.device, head.fc.weight.dtype)
+def probe_drafts(head, target, ids: torch.Tensor) -> dict[str, list[int]]:
+    """The head's greedy drafts along one window (target features from a batch-1 forward): a fingerprint
+    that the saved and reloaded head must reproduce."""
+    ids = ids[None].to(head.fc.weight.device)
+    hidden = target(input_ids=ids, output_hidden_states=True).hidden_states[-1]
     out = head(input_ids=ids[:, 1:], features=hidden[:, :-1])
-    return {"argmax": out.logits[0].argmax(-1)[:tokens * 4].tolist()}
+    return {"input_ids": ids[0].tolist(), "argmax": out.logits[0].argmax(-1).tolist()}
 
 
 # ---------------------------------------------------------------------------- the artefact

@@ -1,0 +1,191 @@
+"""EAGLE / EAGLE-2: head training through Ray Train + DeepSpeed, the sweep's one-job-per-artefact rule,
+lossless greedy decoding with a trained head, and exact tree sampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from harness.errors import ConfigError
+from tests.conftest import write_sweep
+
+TINY_HEAD = {
+    "kind": "eagle",
+    "target": "zoo:target",
+    "data": {"sources": ["zoo:code", "zoo:prose"], "samples": 96, "seq_len": 32, "shards": 2, "batch_size": 16},
+    "steps": 40,
+    "batch_size": 8,
+    "lr": 0.003,
+    "warmup_steps": 4,
+    "launch": {"num_workers": 1, "cpus_per_worker": 1, "zero_stage": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def eagle_run(tmp_path_factory, tiny_zoo):
+    """A sweep over eagle and eagle2 cells that need one untrained head: run it once for the module."""
+    from harness.config import load_sweep
+    from harness.scheduler import run_sweep
+
+    directory = tmp_path_factory.mktemp("eagle")
+    (directory / "head.yaml").write_text(yaml.safe_dump(TINY_HEAD))
+    path = write_sweep(
+        directory / "sweep.yaml",
+        name="tiny-eagle",
+        train={"head": "head.yaml"},
+        strategies=[
+            {"name": "eagle", "params": {"head": "head"}, "grid": {"gamma": [2, 4]}},
+            {"name": "eagle2", "params": {"head": "head", "total_tokens": 8, "depth": 3, "top_k": 3}},
+        ],
+        run={"max_new_tokens": 16, "warmup_prompts": 1, "workers": 2, "num_cpus": 2},
+    )
+    sweep = load_sweep(path)
+    outcome = run_sweep(sweep, directory / "run", log=lambda message: None)
+    return sweep, outcome, directory
+
+
+def head_request(sweep):
+    cell = next(cell for cell in sweep.cells() if cell.artifacts)
+    return cell.artifacts["head"]
+
+
+def test_sweep_trains_the_missing_head_exactly_once_and_runs_every_cell(eagle_run):
+    from harness.scheduler import run_sweep
+
+    sweep, outcome, directory = eagle_run
+    assert len(outcome.trained) == 1
+    assert outcome.failed == 0, outcome.failed_ids  # includes greedy equality with the baseline (float32)
+    assert outcome.ok == outcome.total == 4
+    assert head_request(sweep).built()
+    again = run_sweep(sweep, directory / "second-run", log=lambda message: None)
+    assert again.trained == [] and again.failed == 0
+
+
+def test_training_lowers_the_loss(eagle_run):
+    sweep, _, _ = eagle_run
+    metrics = head_request(sweep).manifest()["metrics"]
+    assert metrics["eval_after"]["loss"] < metrics["eval_before"]["loss"]
+    assert metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert metrics["eval_after"]["top1"] > metrics["eval_before"]["top1"]
+
+
+def test_saved_head_reloads_and_drafts_identically(eagle_run, zoo_models):
+    import json
+
+    from strategies.eagle_head import HEAD_CONFIG, HEAD_WEIGHTS, load_head
+
+    sweep, _, _ = eagle_run
+    directory = head_request(sweep).directory
+    assert (directory / HEAD_WEIGHTS).exists()
+    probe = json.loads((directory / HEAD_CONFIG).read_text())["probe"]
+    models, _ = zoo_models
+    target = models.target.model
+    head = load_head(directory, target)
+    ids = torch.tensor([probe["input_ids"]])
+    with torch.no_grad():
+        hidden = target(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        drafts = head(input_ids=ids[:, 1:], features=hidden[:, :-1]).logits[0].argmax(-1).tolist()
+    assert drafts == probe["argmax"]
+
+
+@pytest.fixture(scope="module")
+def trained_models(eagle_run, zoo_models):
+    from strategies import ModelSet
+    from training.artifacts import load_artifact
+
+    sweep, _, _ = eagle_run
+    models, _ = zoo_models
+    head = load_artifact(head_request(sweep), models.target)
+    return ModelSet(target=models.target, drafts=models.drafts, artifacts={"head": head})
+
+
+@pytest.mark.parametrize("name, params", [
+    ("eagle", {"head": "head", "gamma": 1}),
+    ("eagle", {"head": "head", "gamma": 4}),
+    ("eagle2", {"head": "head", "total_tokens": 10, "depth": 4, "top_k": 3}),
+    ("eagle2", {"head": "head", "total_tokens": 4, "depth": 1, "top_k": 5}),
+    ("eagle2", {"head": "head", "total_tokens": 20, "depth": 6, "top_k": 2}),
+])
+def test_greedy_eagle_equals_autoregressive(trained_models, zoo_prompts, name, params):
+    from strategies import Sampling, build
+
+    baseline = build("autoregressive", {}, trained_models)
+    strategy = build(name, params, trained_models)
+    accepted = 0
+    for prompt in zoo_prompts:
+        expected = baseline.generate(prompt, 24, Sampling()).tokens
+        trace = strategy.generate(prompt, 24, Sampling())
+        assert trace.tokens == expected
+        accepted += trace.accepted
+    assert accepted > 0  # the multi-token path was exercised
+
+
+def test_tree_selection_keeps_ancestors_and_orders_parents_first():
+    from strategies.eagle import DraftTree
+
+    tree = DraftTree([7], [-1], [0.0], [0])
+    a = tree.add(1, 0, -0.1)
+    b = tree.add(2, 0, -2.0)
+    tree.add(3, a, -0.1)  # ties with its parent: the parent must still come first
+    tree.add(4, a, -0.5)
+    tree.add(5, b, -2.5)
+    selected, kept = tree.select(3)
+    assert kept == [0, 1, 3, 4]
+    assert selected.parents == [-1, 0, 1, 1]
+    assert selected.tokens == [7, 1, 3, 4]
+
+
+def test_tree_sampling_reproduces_the_target_distribution():
+    """Over many draws, the first token after the root follows p exactly, whatever the drafted children."""
+    from strategies.eagle import DraftTree, accept_tree
+    from strategies.sampling import Sampling
+
+    vocab = 6
+    p_root = torch.tensor([0.30, 0.05, 0.25, 0.10, 0.20, 0.10])
+    tree = DraftTree([0], [-1], [0.0], [0])
+    first = tree.add(3, 0, -0.2)   # a drafted child the target finds unlikely
+    tree.add(2, 0, -0.9)
+    tree.add(1, first, -0.5)
+    p_rows = torch.stack([p_root, torch.full((vocab,), 1 / vocab), torch.full((vocab,), 1 / vocab),
+                          torch.full((vocab,), 1 / vocab)])
+    sampling = Sampling(temperature=1.0, generator=torch.Generator().manual_seed(0))
+    draws = 20000
+    counts = torch.zeros(vocab)
+    for _ in range(draws):
+        path, following = accept_tree(tree, p_rows, sampling)
+        counts[tree.tokens[path[1]] if len(path) > 1 else following] += 1
+    observed = counts / draws
+    assert torch.allclose(observed, p_root, atol=0.015), observed
+
+
+def test_sweep_rejects_a_head_not_in_the_train_section(tmp_path, tiny_zoo):
+    from harness.config import load_sweep
+
+    path = write_sweep(tmp_path / "sweep.yaml", strategies=[{"name": "eagle", "params": {"head": "missing"}}])
+    with pytest.raises(ConfigError, match=r"strategies\[0\]\.head: artefact 'missing' is not in the sweep's train"):
+        load_sweep(path)
+
+
+def test_training_config_errors_name_the_field(tmp_path, tiny_zoo):
+    from harness.config import load_sweep
+
+    bad = {**TINY_HEAD, "stepz": 3}
+    (tmp_path / "head.yaml").write_text(yaml.safe_dump(bad))
+    path = write_sweep(tmp_path / "sweep.yaml", train={"head": "head.yaml"},
+                       strategies=[{"name": "eagle", "params": {"head": "head"}}])
+    with pytest.raises(ConfigError, match=r"train\.head\.stepz: unknown key"):
+        load_sweep(path)
+    (tmp_path / "head.yaml").write_text(yaml.safe_dump({**TINY_HEAD, "launch": {"zero_stage": 5}}))
+    with pytest.raises(ConfigError, match=r"train\.head\.launch\.zero_stage"):
+        load_sweep(path)
+
+
+def test_cli_train_refuses_a_config_of_another_kind(tmp_path, capsys):
+    from harness.cli import main
+
+    (tmp_path / "head.yaml").write_text(yaml.safe_dump(TINY_HEAD))
+    assert main(["train", "adapter", str(tmp_path / "head.yaml")]) == 2
+    assert "config.kind: the file trains 'eagle', not 'adapter'" in capsys.readouterr().err
