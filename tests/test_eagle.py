@@ -3,7 +3,6 @@ lossless greedy decoding with a trained head, and exact tree sampling."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

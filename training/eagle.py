@@ -13,7 +13,6 @@ paper's fixed U(-0.1, 0.1).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from harness.errors import ConfigError
 from harness.models import ModelSpec, parse_model_spec
 from training.eagle_data import FeatureDataConfig, build_features, features_dir
-from training.launch import LaunchSettings, deepspeed_engine, launch, report_files
+from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
 
 PROBE_TOKENS = 8
 
@@ -140,19 +139,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: build or read the features, train the head with DeepSpeed, report it."""
     import datasets
     import ray.train
-    import ray.train.torch
     import torch.distributed as dist
 
     from harness.models import load_model, load_tokenizer
     from strategies.eagle_head import EagleHead, head_config, save_head
 
-    os.environ["SPECSWEEP_HOME"] = loop_config["home"]
     datasets.disable_progress_bars()
     config: EagleTrainConfig = loop_config["config"]
     zoo = loop_config["zoo"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device() if loop_config["gpu"] else torch.device("cpu")
+    device = worker_device(loop_config)
     torch.manual_seed(config.seed + rank)
 
     target = load_model(replace(config.target, dtype="float32"), zoo, device, "target").model

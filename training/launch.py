@@ -120,7 +120,7 @@ def launch(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], 
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
     gpu = uses_gpu(settings)
-    config = {**loop_config, "home": str(specsweep_home()), "gpu": gpu,
+    config = {**loop_config, "home": str(specsweep_home()), "gpu": gpu, "cpus_per_worker": settings.cpus_per_worker,
               "deepspeed": deepspeed_settings(settings, loop_config.get("batch_size", 1),
                                               loop_config.get("grad_clip", 1.0), gpu)}
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if gpu else {})}
@@ -153,6 +153,18 @@ def launch(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], 
 
 
 # ---------------------------------------------------------------------------- inside the workers
+
+
+def worker_device(loop_config: dict[str, Any]):
+    """This worker's torch device (its GPU, or the CPU with one thread per reserved core); sets ``$SPECSWEEP_HOME``."""
+    import ray.train.torch
+    import torch
+
+    os.environ["SPECSWEEP_HOME"] = loop_config["home"]
+    if loop_config["gpu"]:
+        return ray.train.torch.get_device()
+    torch.set_num_threads(loop_config["cpus_per_worker"])
+    return torch.device("cpu")
 
 
 def deepspeed_engine(model, optimizer, config: dict[str, Any]):
