@@ -312,7 +312,8 @@ def _parse_strategies(raw: Any, drafts: dict[str, ModelSpec], train: dict[str, A
                                       f"choose one of {', '.join(drafts) or '(none defined: add models.drafts)'}")
             for artifact in checked.uses_artifacts():
                 if artifact not in train:
-                    raise ConfigError(f"{where}.head", f"artefact {artifact!r} is not in the sweep's train section",
+                    field_name = next((key for key, value in checked.as_dict().items() if value == artifact), "params")
+                    raise ConfigError(f"{where}.{field_name}", f"artefact {artifact!r} is not in the sweep's train section",
                                       f"choose one of {', '.join(train) or '(none defined: add train: {name: <config>})'}")
             check_sampling = getattr(checked, "check_sampling", None)
             if check_sampling:

@@ -91,7 +91,7 @@ def run_strategy_prompt(strategy, prompt: Prompt, baseline_prompt: dict[str, Any
     answers = [turn["answer"] for turn in baseline_prompt["turns"]]
     for turn_index, base_turn in enumerate(baseline_prompt["turns"]):
         ids = prompt_token_ids(tokenizer, conversation_at(prompt, turn_index, answers), cell.prompt_set.kind, limit)
-        trace = timed(strategy, ids, cell, turn_seed(cell, prompt, turn_index), device)
+        trace = timed(strategy, ids, cell, turn_seed(cell, prompt, turn_index), device, prompt.category)
         record["turns"].append({
             "prompt_tokens": len(ids),
             "baseline": base_turn["baseline"],
@@ -106,8 +106,9 @@ def turn_seed(cell: Cell, prompt: Prompt, turn_index: int) -> int:
     return int(content_hash([cell.run.seed, prompt.prompt_id, turn_index])[:8], 16)
 
 
-def timed(strategy, ids: list[int], cell: Cell, seed: int, device: torch.device) -> Trace:
+def timed(strategy, ids: list[int], cell: Cell, seed: int, device: torch.device, category: str | None = None) -> Trace:
     """``strategy.generate`` with synchronised wall-clock time and a seeded generator."""
+    strategy.prompt_category = category
     generator = torch.Generator(device=device).manual_seed(seed)
     sampling = Sampling(temperature=cell.run.temperature, generator=generator)
     synchronize(device)

@@ -188,6 +188,7 @@ class Strategy(ABC):
     def __init__(self, params: StrategyParams, models: ModelSet) -> None:
         self.params = params
         self.models = models
+        self.prompt_category: str | None = None  # the current prompt's category (set by the runner)
 
     @abstractmethod
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:

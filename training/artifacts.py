@@ -33,16 +33,29 @@ class ArtifactKind:
     name: str
     parse: Callable[[dict[str, Any], str, Path, tuple[str, ...]], Any]
     build: Callable[..., dict[str, Any]]
-    load: Callable[[Path, Any], Any]
+    load: Callable[[Any, Any], Any]  # (ArtifactRequest, target CausalLM) -> the loaded artefact
 
 
 def _eagle_kind() -> ArtifactKind:
     from training.eagle import build_head, load_head_lm, parse_eagle_config
 
-    return ArtifactKind("eagle", parse_eagle_config, build_head, load_head_lm)
+    return ArtifactKind("eagle", parse_eagle_config, build_head, lambda request, target: load_head_lm(request.directory, target))
 
 
-KINDS: dict[str, Callable[[], ArtifactKind]] = {"eagle": _eagle_kind}
+def _adapters_kind() -> ArtifactKind:
+    from training.adapters import DomainAdapters, build_adapters, parse_adapter_config
+
+    return ArtifactKind("adapters", parse_adapter_config, build_adapters,
+                        lambda request, target: DomainAdapters(request.directory, request.config, request.zoo, target.device))
+
+
+def _router_kind() -> ArtifactKind:
+    from training.router import build_router, load_router, parse_router_config
+
+    return ArtifactKind("router", parse_router_config, build_router, lambda request, target: load_router(request.directory))
+
+
+KINDS: dict[str, Callable[[], ArtifactKind]] = {"eagle": _eagle_kind, "adapters": _adapters_kind, "router": _router_kind}
 
 
 def artifact_kind(name: str, where: str = "kind") -> ArtifactKind:
@@ -61,13 +74,9 @@ class ArtifactRequest:
     zoo: Any  # training.zoo.ZooConfig (zoo targets and zoo text depend on it)
 
     def target_key(self) -> str:
-        """What identifies the target's weights: the zoo build for zoo models, else the spec itself."""
-        spec: ModelSpec = self.config.target
-        return self.zoo.key() if spec.zoo_name or any(s.startswith("zoo:") for s in self._sources()) else ""
-
-    def _sources(self) -> tuple[str, ...]:
-        data = getattr(self.config, "data", None)
-        return tuple(getattr(data, "sources", ()))
+        """The zoo build's key when the config names zoo models or zoo text (their content depends on it)."""
+        identity = self.config.identity() if hasattr(self.config, "identity") else self.config
+        return self.zoo.key() if "zoo:" in json.dumps(identity, default=str) else ""
 
     def key(self) -> str:
         identity = self.config.identity() if hasattr(self.config, "identity") else self.config
@@ -84,7 +93,8 @@ class ArtifactRequest:
         return json.loads((self.directory / MANIFEST).read_text())
 
     def label(self) -> str:
-        return f"{self.kind}-{self.key()[:8]} for {self.config.target.id}"
+        target = getattr(self.config, "target", None)
+        return f"{self.kind}-{self.key()[:8]}" + (f" for {target.id}" if target is not None else "")
 
 
 def load_train_config(source: str | Path | dict[str, Any], where: str, base_dir: Path, zoo,
@@ -119,7 +129,10 @@ def for_target(request: ArtifactRequest, target: ModelSpec) -> ArtifactRequest:
     """The same training config bound to ``target`` (a sweep trains each head for the cell's own target).
 
     Training always reads the target in float32, so the dtype is not part of the artefact.
+    Artefacts without a target (a router reads text only) are returned unchanged.
     """
+    if not hasattr(request.config, "target"):
+        return request
     return replace(request, config=replace(request.config, target=replace(target, dtype="float32")))
 
 
@@ -127,7 +140,7 @@ def build_artifact(request: ArtifactRequest, log: Callable[[str], None] = print,
     """Build ``request`` into its directory unless it is already there; return its manifest."""
     if request.built() and not force:
         return request.manifest()
-    if request.config.target.zoo_name:
+    if "zoo:" in json.dumps(request.config.identity(), default=str):
         from training.zoo import build_zoo, is_built
 
         if not is_built(request.zoo):
@@ -136,7 +149,8 @@ def build_artifact(request: ArtifactRequest, log: Callable[[str], None] = print,
     started = time.time()
     metrics = kind.build(request.config, request.zoo, request.directory, request.target_key(),
                          f"{request.kind}-{request.key()}", log=log)
-    manifest = {"kind": request.kind, "key": request.key(), "target": request.config.target.as_dict(),
+    target = getattr(request.config, "target", None)
+    manifest = {"kind": request.kind, "key": request.key(), "target": target.as_dict() if target else None,
                 "seconds": time.time() - started, "host": platform.node(), "metrics": metrics}
     (request.directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     log(f"built {request.label()} in {manifest['seconds']:.0f} s -> {request.directory}")
@@ -148,4 +162,4 @@ def load_artifact(request: ArtifactRequest, target) -> Any:
     if not request.built():
         raise FileNotFoundError(f"artefact {request.label()} is not built at {request.directory} on node "
                                 f"{platform.node()}: on a multi-node cluster put $SPECSWEEP_HOME on a shared filesystem")
-    return artifact_kind(request.kind).load(request.directory, target)
+    return artifact_kind(request.kind).load(request, target)

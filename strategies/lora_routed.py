@@ -1,0 +1,76 @@
+"""SpecuLoRA-style LoRA-routed drafts: a router picks a domain adapter for the draft, then speculative decoding.
+
+All domain adapters sit in one ``PeftModel`` over the draft, loaded once per
+worker; a prompt only switches the active adapter (``set_adapter``). Routing
+(decoding the prompt and classifying it) happens inside ``generate``, so its
+time counts in the strategy's wall time. The ``arm`` parameter gives the
+comparison rows: ``routed`` (the router's choice), ``oracle`` (the prompt's
+true domain, its category), ``wrong`` (a domain other than the true one),
+``none`` (the plain draft, adapters off). Adapters touch only the draft, so
+the output is the target's own (lossless).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.errors import ConfigError
+from strategies.base import ModelSet, Strategy, StrategyParams, Trace
+from strategies.registry import register
+from strategies.sampling import Sampling
+from strategies.speculative import Speculative, SpeculativeParams
+
+ARMS = ("routed", "oracle", "wrong", "none")
+
+
+@dataclass(frozen=True)
+class LoraRoutedParams(StrategyParams):
+    """``adapters`` and ``router``: names in the sweep's ``train`` section; ``arm``: which adapter drafts."""
+
+    adapters: str
+    router: str = ""
+    arm: str = "routed"
+    gamma: int = 4
+
+    def validate(self, where: str) -> None:
+        if self.arm not in ARMS:
+            raise ConfigError(f"{where}.arm", f"unknown arm {self.arm!r}", f"choose one of {', '.join(ARMS)}")
+        if self.arm == "routed" and not self.router:
+            raise ConfigError(f"{where}.router", "the routed arm needs a router", "name a router from the train section")
+        if self.gamma < 1:
+            raise ConfigError(f"{where}.gamma", f"must be >= 1, got {self.gamma}")
+
+    def uses_artifacts(self) -> list[str]:
+        return [self.adapters] + ([self.router] if self.arm == "routed" else [])
+
+
+@register("lora_routed")
+class LoraRouted(Strategy):
+    """Route the prompt to a domain LoRA on the draft, then draft ``gamma`` tokens and verify them."""
+
+    Params = LoraRoutedParams
+
+    def domain_for(self, prompt_ids: list[int], domains: list[str]) -> str | None:
+        arm = self.params.arm
+        if arm == "none":
+            return None
+        if arm == "routed":
+            # A domain the router knows but no adapter was trained for drafts with the plain draft.
+            routed = self.models.artifact(self.params.router).route(self.models.tokenizer.decode(prompt_ids))
+            return routed if routed in domains else None
+        true = self.prompt_category
+        if true not in domains:
+            raise ValueError(f"prompt category {true!r} is not an adapter domain ({', '.join(domains)}): "
+                             f"the {arm} arm needs prompts labelled with adapter domains")
+        return true if arm == "oracle" else domains[(domains.index(true) + 1) % len(domains)]
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
+        adapters = self.models.artifact(self.params.adapters)
+        domain = self.domain_for(prompt_ids, adapters.domains)
+        adapters.activate(domain)
+        models = ModelSet(target=self.models.target, drafts={"lora": adapters.lm}, tokenizer=self.models.tokenizer)
+        trace = Speculative(SpeculativeParams(draft="lora", gamma=self.params.gamma), models).generate(
+            prompt_ids, max_new_tokens, sampling)
+        trace.extras["domain"] = domain
+        return trace
+

@@ -1,0 +1,246 @@
+"""Domain LoRA adapters for a draft model (SpecuLoRA), trained per domain through the DeepSpeed launcher.
+
+One job trains one peft LoRA per domain on the draft (defaults as SpecuLoRA:
+r 4, alpha 16, dropout 0.1 on ``q_proj`` and ``v_proj``) and saves each with
+``save_pretrained`` under ``<artefact>/<domain>/``. The objective is plain
+next-token loss on the domain's text, or distillation towards the target's
+next-token distribution on it (forward KL, as the zoo distils its drafts).
+:func:`load_domain_adapters` loads every adapter once into one
+``PeftModel`` over a private copy of the draft, switched with ``set_adapter``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from harness.errors import ConfigError
+from harness.models import ModelSpec, parse_model_spec
+from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
+
+OBJECTIVES = ("next_token", "distill")
+DEFAULT_DOMAINS = {"code": ("zoo:code",), "prose": ("zoo:prose",), "legal": ("zoo:legal",), "math": ("zoo:math",)}
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """peft ``LoraConfig`` settings (SpecuLoRA's defaults)."""
+
+    r: int = 4
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def peft_config(self, **extra: Any):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules), task_type="CAUSAL_LM", **extra)
+
+
+@dataclass(frozen=True)
+class DomainText:
+    """The text of one domain: its sources and how it is windowed (see ``training.text.token_windows``)."""
+
+    sources: tuple[str, ...]
+    samples: int = 512
+    seq_len: int = 128
+    field: str = "text"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AdapterTrainConfig:
+    """One LoRA per domain on ``draft``; ``target`` is the teacher for ``objective: distill``."""
+
+    target: ModelSpec = ModelSpec("zoo:target")
+    draft: ModelSpec = ModelSpec("zoo:draft-1l")
+    domains: tuple[tuple[str, tuple[str, ...]], ...] = tuple(DEFAULT_DOMAINS.items())
+    objective: str = "distill"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    samples: int = 512
+    seq_len: int = 128
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 10
+    eval_fraction: float = 0.1
+    seed: int = 0
+    launch: LaunchSettings = field(default_factory=LaunchSettings)
+
+    def identity(self) -> dict[str, Any]:
+        values = asdict(self)
+        values.pop("launch")
+        return values
+
+    def domain_text(self, sources: tuple[str, ...]) -> DomainText:
+        return DomainText(sources=sources, samples=self.samples, seq_len=self.seq_len, seed=self.seed)
+
+
+def parse_adapter_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]) -> AdapterTrainConfig:
+    """Validated adapter-training settings from a training-config mapping (``kind: adapters``)."""
+    allowed = set(AdapterTrainConfig.__dataclass_fields__)
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}", "unknown key", f"allowed: kind, {', '.join(sorted(allowed))}")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name in ("target", "draft"):
+            values[name] = parse_model_spec(value, f"{where}.{name}", "float32", zoo_names, base_dir)
+        elif name == "domains":
+            if not isinstance(value, dict) or not value:
+                raise ConfigError(f"{where}.domains", f"expected a mapping of domain -> text sources, got {value!r}",
+                                  "e.g. {code: [zoo:code], legal: [zoo:legal]}")
+            domains = []
+            for domain, sources in value.items():
+                sources = [sources] if isinstance(sources, str) else sources
+                if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
+                    raise ConfigError(f"{where}.domains.{domain}", f"expected a list of text sources, got {sources!r}")
+                domains.append((str(domain), tuple(sources)))
+            values[name] = tuple(domains)
+        elif name == "objective":
+            if value not in OBJECTIVES:
+                raise ConfigError(f"{where}.objective", f"unknown objective {value!r}", f"choose one of {', '.join(OBJECTIVES)}")
+            values[name] = value
+        elif name == "lora":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.lora", f"expected a mapping, got {value!r}")
+            bad = sorted(set(value) - set(LoraSettings.__dataclass_fields__))
+            if bad:
+                raise ConfigError(f"{where}.lora.{bad[0]}", "unknown key", "allowed: r, alpha, dropout, target_modules")
+            lora = dict(value)
+            if "target_modules" in lora:
+                lora["target_modules"] = tuple(lora["target_modules"])
+            values[name] = LoraSettings(**lora)
+            if values[name].r < 1:
+                raise ConfigError(f"{where}.lora.r", f"must be >= 1, got {values[name].r}")
+        elif name == "launch":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.launch", f"expected a mapping, got {value!r}")
+            values[name] = LaunchSettings.from_dict(value, f"{where}.launch", base_dir)
+        else:
+            kind = type(AdapterTrainConfig.__dataclass_fields__[name].default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+                raise ConfigError(f"{where}.{name}", f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+            values[name] = kind(value)
+    config = AdapterTrainConfig(**values)
+    for name in ("samples", "seq_len", "steps", "batch_size"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{where}.{name}", f"must be >= 1, got {getattr(config, name)}")
+    return config
+
+
+def adapter_loss(model, teacher, batch: torch.Tensor, objective: str) -> torch.Tensor:
+    """Next-token cross-entropy, or forward KL to ``teacher``'s next-token distribution."""
+    logits = model(input_ids=batch).logits[:, :-1].float()
+    if objective == "next_token":
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    with torch.no_grad():
+        teacher_logp = torch.log_softmax(teacher(input_ids=batch).logits[:, :-1].float(), dim=-1)
+    logp = torch.log_softmax(logits, dim=-1)
+    return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1).mean()
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: train and save a LoRA for each domain, one after another."""
+    import ray.train
+    from peft import get_peft_model
+
+    from harness.models import load_model, load_tokenizer
+    from training.text import token_windows
+
+    config: AdapterTrainConfig = loop_config["config"]
+    zoo = loop_config["zoo"]
+    device = worker_device(loop_config)
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    tokenizer = load_tokenizer(config.draft, zoo)
+    teacher = None
+    if config.objective == "distill":
+        teacher = load_model(replace(config.target, dtype="float32"), zoo, device, "target").model.eval()
+    metrics: dict[str, Any] = {}
+    saved: dict[str, Any] = {}
+    for domain, sources in config.domains:
+        torch.manual_seed(config.seed)
+        windows = token_windows(tokenizer, config.domain_text(sources), zoo.corpus)
+        held = max(1, int(len(windows) * config.eval_fraction))
+        train_windows, eval_windows = windows[held:][rank::world], windows[:held].to(device)
+        draft = load_model(replace(config.draft, dtype="float32"), zoo, device, "draft").model
+        model = get_peft_model(draft, config.lora.peft_config(), adapter_name=domain)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+        engine = deepspeed_engine(model, optimizer, loop_config["deepspeed"])
+
+        def evaluate() -> float:
+            engine.module.eval()
+            with torch.no_grad():
+                value = adapter_loss(engine.module, teacher, eval_windows, config.objective).item()
+            engine.module.train()
+            return value
+
+        before = evaluate()
+        generator = torch.Generator().manual_seed(config.seed + rank)
+        for step in range(config.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+            index = torch.randint(0, len(train_windows), (config.batch_size,), generator=generator)
+            loss = adapter_loss(engine.module, teacher, train_windows[index].to(device), config.objective)
+            engine.backward(loss)
+            engine.step()
+        metrics[domain] = {"eval_before": before, "eval_after": evaluate()}
+        saved[domain] = engine.module
+        if rank == 0:
+            print(f"adapter {domain}: {config.objective} eval loss {before:.4f} -> {metrics[domain]['eval_after']:.4f}",
+                  flush=True)
+
+    def write(directory: Path) -> None:
+        for domain, model in saved.items():
+            model.save_pretrained(str(directory / domain), selected_adapters=[domain])
+        (directory / "adapters.json").write_text(json.dumps({"domains": [d for d, _ in config.domains],
+                                                             "metrics": metrics}, indent=2))
+
+    report_files({"domains": metrics}, write)
+
+
+def build_adapters(config: AdapterTrainConfig, zoo, out_dir: Path, target_key: str, name: str,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train the domain adapters of ``config`` into ``out_dir``; return their metrics."""
+    loop_config = {"config": config, "zoo": zoo, "batch_size": config.batch_size, "grad_clip": 1.0}
+    return launch(train_loop, loop_config, config.launch, name, out_dir, log)
+
+
+class DomainAdapters:
+    """All domain adapters in one ``PeftModel`` over a private copy of the draft; ``activate`` switches them."""
+
+    def __init__(self, directory: Path, config: AdapterTrainConfig, zoo, device) -> None:
+        from peft import PeftModel
+
+        from harness.lm import CausalLM
+        from harness.models import load_model
+
+        meta = json.loads((Path(directory) / "adapters.json").read_text())
+        self.domains: list[str] = meta["domains"]
+        draft = load_model(config.draft, zoo, device, "draft").model
+        first, *rest = self.domains
+        model = PeftModel.from_pretrained(draft, str(Path(directory) / first / first), adapter_name=first)
+        for domain in rest:
+            model.load_adapter(str(Path(directory) / domain / domain), adapter_name=domain)
+        self.model = model.eval()
+        self.lm = CausalLM(self.model, name="draft+lora", num_parameters=sum(p.numel() for p in draft.parameters()))
+        self.active: str | None = first
+
+    def activate(self, domain: str | None) -> None:
+        """Use ``domain``'s adapter for drafting, or none (the plain draft)."""
+        if domain == self.active:
+            return
+        if domain is None:
+            self.model.base_model.disable_adapter_layers()
+        else:
+            if domain not in self.domains:
+                raise KeyError(f"no adapter for domain {domain!r}; have {', '.join(self.domains)}")
+            self.model.base_model.enable_adapter_layers()
+            self.model.set_adapter(domain)
+        self.active = domain
