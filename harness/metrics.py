@@ -18,6 +18,7 @@ def prompt_totals(prompt: dict[str, Any]) -> dict[str, float]:
             trace = turn[side]
             for key in ("wall_s", "new_tokens", "steps", "drafted", "accepted", "cost_units", "target_calls"):
                 totals[f"{side}_{key}"] = totals.get(f"{side}_{key}", 0.0) + float(trace[key])
+            totals[f"{side}_tree"] = float(bool(trace.get("extras", {}).get("tree")))
             for role, stats in trace["forward"].items():
                 kind = "target" if role == "target" else "draft"
                 for key in ("decode_calls", "decode_seconds"):
@@ -70,6 +71,8 @@ def summarize(prompts: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
     target_step_s = column("baseline_target_decode_seconds").sum() / max(1.0, column("baseline_target_decode_calls").sum())
     draft_s_per_step = column("strategy_draft_decode_seconds").sum() / max(1.0, steps)
     bound = speedup_bound(alpha, drafted / max(1.0, steps), target_step_s, draft_s_per_step)
+    if column("strategy_tree").any():
+        bound = math.nan  # Leviathan's bound is for chains; a tree's α counts every verified node
     new_tokens = column("strategy_new_tokens").sum()
     return {
         "prompts": len(rows),

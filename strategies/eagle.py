@@ -124,7 +124,12 @@ class EagleBase(Strategy):
             sequence.extend(new)
             if self.finished(len(sequence) - prompt_length, new, max_new_tokens):
                 break
-        return self.finish(sequence[prompt_length:], steps, {"target": target, "head": head}, max_new_tokens)
+        return self.finish(sequence[prompt_length:], steps, {"target": target, "head": head}, max_new_tokens,
+                           **self.trace_extras())
+
+    def trace_extras(self) -> dict[str, bool]:
+        """Extra trace fields: ``tree`` marks tree drafting (the report's chain bound does not apply)."""
+        return {}
 
     def step(self, sequence: list[int], state: HeadState, budget: int,
              sampling: Sampling) -> tuple[list[int], torch.Tensor, int]:
@@ -229,6 +234,9 @@ class Eagle2(EagleBase):
 
     Params = Eagle2Params
 
+    def trace_extras(self) -> dict[str, bool]:
+        return {"tree": True}
+
     def grow(self, state: HeadState, root: int, committed: int) -> DraftTree:
         """Expand the draft tree level by level with the head, feeding each level's frontier in one pass."""
         head, top_k = self.head(), self.params.top_k
@@ -255,15 +263,13 @@ class Eagle2(EagleBase):
             for row, node in enumerate(frontier):
                 slots[node] = past + row
             values, tokens = torch.log_softmax(out.logits.float(), dim=-1).topk(top_k, dim=-1)
-            scores = values + torch.tensor([tree.scores[node] for node in frontier])[:, None].to(values.device)
-            candidates = []
-            for row, node in enumerate(frontier):
-                for column in range(top_k):
-                    child = tree.add(int(tokens[row, column]), node, float(scores[row, column]))
-                    candidates.append((float(scores[row, column]), child, row))
-            chosen = sorted(candidates, key=lambda item: (-item[0], item[1]))[:top_k]
-            frontier = [child for _, child, _ in chosen]
-            feature_of_parent = {child: out.hidden_states[row] for _, child, row in chosen}
+            scores = values + torch.tensor([tree.scores[node] for node in frontier], device=values.device)[:, None]
+            children = [[tree.add(token, node, score) for token, score in zip(row_tokens, row_scores)]
+                        for node, row_tokens, row_scores in zip(frontier, tokens.tolist(), scores.tolist())]
+            best = scores.flatten().topk(min(top_k, scores.numel())).indices.tolist()
+            frontier = [children[index // top_k][index % top_k] for index in best]
+            feature_of_parent = {children[index // top_k][index % top_k]: out.hidden_states[index // top_k]
+                                 for index in best}
         return tree
 
     def step(self, sequence: list[int], state: HeadState, budget: int,

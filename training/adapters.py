@@ -174,14 +174,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
         engine = deepspeed_engine(model, optimizer, loop_config["deepspeed"])
 
-        def evaluate() -> float:
+        fit_windows = train_windows[:32].to(device)
+
+        def evaluate(rows: torch.Tensor) -> float:
             engine.module.eval()
             with torch.no_grad():
-                value = adapter_loss(engine.module, teacher, eval_windows, config.objective).item()
+                value = adapter_loss(engine.module, teacher, rows, config.objective).item()
             engine.module.train()
             return value
 
-        before = evaluate()
+        before, fit_before = evaluate(eval_windows), evaluate(fit_windows)
         generator = torch.Generator().manual_seed(config.seed + rank)
         for step in range(config.steps):
             for group in optimizer.param_groups:
@@ -190,7 +192,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             loss = adapter_loss(engine.module, teacher, train_windows[index].to(device), config.objective)
             engine.backward(loss)
             engine.step()
-        metrics[domain] = {"eval_before": before, "eval_after": evaluate()}
+        metrics[domain] = {"eval_before": before, "eval_after": evaluate(eval_windows),
+                           "train_before": fit_before, "train_after": evaluate(fit_windows)}
         saved[domain] = engine.module
         if rank == 0:
             print(f"adapter {domain}: {config.objective} eval loss {before:.4f} -> {metrics[domain]['eval_after']:.4f}",

@@ -55,7 +55,18 @@ def _router_kind() -> ArtifactKind:
     return ArtifactKind("router", parse_router_config, build_router, lambda request, target: load_router(request.directory))
 
 
-KINDS: dict[str, Callable[[], ArtifactKind]] = {"eagle": _eagle_kind, "adapters": _adapters_kind, "router": _router_kind}
+def _alora_kind() -> ArtifactKind:
+    from training.alora import VARIANTS, build_alora, load_variant, parse_alora_config
+
+    def load(request: "ArtifactRequest", target: Any) -> dict[str, Any]:
+        return {variant: load_variant(request.directory, request.config, request.zoo, variant, target.device)
+                for variant in VARIANTS}
+
+    return ArtifactKind("alora", parse_alora_config, build_alora, load)
+
+
+KINDS: dict[str, Callable[[], ArtifactKind]] = {
+    "eagle": _eagle_kind, "adapters": _adapters_kind, "router": _router_kind, "alora": _alora_kind}
 
 
 def artifact_kind(name: str, where: str = "kind") -> ArtifactKind:

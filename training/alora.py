@@ -1,0 +1,181 @@
+"""Activated LoRA (Greenewald et al. 2025) next to a plain LoRA, trained for the same task on the target.
+
+The task: after some conversation text (``prefix_sources``) comes the
+``invocation`` string, and the adapter should continue with text of
+``answer_sources`` (on the zoo: prose, then ``### Code:``, then code). Both
+adapters train on the same sequences with the loss on the answer tokens
+only. The aLoRA (peft's ``alora_invocation_tokens``) changes nothing before
+the invocation, so a conversation's KV cache from the base model stays valid
+when the adapter is invoked; the plain LoRA changes every position, so the
+whole prefix must be recomputed. Saved as ``alora/`` and ``lora/``
+(``save_pretrained``) in one artefact.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from harness.errors import ConfigError
+from harness.models import ModelSpec, parse_model_spec
+from training.adapters import DomainText, LoraSettings
+from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
+
+VARIANTS = ("alora", "lora")
+
+
+@dataclass(frozen=True)
+class AloraTrainConfig:
+    """The invocation task and the adapters' settings."""
+
+    target: ModelSpec = ModelSpec("zoo:target")
+    invocation: str = "\n### Code:\n"
+    prefix_sources: tuple[str, ...] = ("zoo:prose",)
+    answer_sources: tuple[str, ...] = ("zoo:code",)
+    prefix_tokens: int = 64
+    answer_tokens: int = 32
+    samples: int = 256
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16, dropout=0.0,
+                                                                    target_modules=("q_proj", "k_proj", "v_proj")))
+    steps: int = 120
+    batch_size: int = 8
+    lr: float = 3e-3
+    seed: int = 0
+    launch: LaunchSettings = field(default_factory=LaunchSettings)
+
+    def identity(self) -> dict[str, Any]:
+        values = asdict(self)
+        values.pop("launch")
+        return values
+
+
+def parse_alora_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]) -> AloraTrainConfig:
+    """Validated settings from a training-config mapping (``kind: alora``)."""
+    allowed = set(AloraTrainConfig.__dataclass_fields__)
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}", "unknown key", f"allowed: kind, {', '.join(sorted(allowed))}")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name == "target":
+            values[name] = parse_model_spec(value, f"{where}.target", "float32", zoo_names, base_dir)
+        elif name == "invocation":
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{where}.invocation", f"expected a non-empty string, got {value!r}")
+            values[name] = value
+        elif name in ("prefix_sources", "answer_sources"):
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}.{name}", f"expected a list of text sources, got {value!r}")
+            values[name] = tuple(value)
+        elif name == "lora":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.lora", f"expected a mapping, got {value!r}")
+            lora = dict(value)
+            if "target_modules" in lora:
+                lora["target_modules"] = tuple(lora["target_modules"])
+            values[name] = LoraSettings(**lora)
+        elif name == "launch":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.launch", f"expected a mapping, got {value!r}")
+            values[name] = LaunchSettings.from_dict(value, f"{where}.launch", base_dir)
+        else:
+            kind = type(AloraTrainConfig.__dataclass_fields__[name].default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+                raise ConfigError(f"{where}.{name}", f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+            values[name] = kind(value)
+    return AloraTrainConfig(**values)
+
+
+def invocation_ids(tokenizer, invocation: str) -> list[int]:
+    """The invocation string's token ids, as they appear inside a sequence."""
+    return list(tokenizer(invocation, add_special_tokens=False)["input_ids"])
+
+
+def task_sequences(tokenizer, config: AloraTrainConfig, zoo_corpus) -> tuple[torch.Tensor, int]:
+    """``[samples, prefix + invocation + answer]`` token rows, and where the answer starts."""
+    from training.text import token_windows
+
+    def windows(sources: tuple[str, ...], length: int, seed: int) -> torch.Tensor:
+        return token_windows(tokenizer, DomainText(sources, config.samples, length, seed=seed), zoo_corpus)
+
+    invocation = torch.tensor(invocation_ids(tokenizer, config.invocation))
+    prefixes = windows(config.prefix_sources, config.prefix_tokens, config.seed)
+    answers = windows(config.answer_sources, config.answer_tokens, config.seed + 1)
+    rows = torch.cat([prefixes, invocation.expand(config.samples, -1), answers], dim=1)
+    return rows, config.prefix_tokens + len(invocation)
+
+
+def answer_loss(model, rows: torch.Tensor, answer_start: int) -> torch.Tensor:
+    """Next-token loss on the answer tokens only."""
+    logits = model(input_ids=rows).logits[:, answer_start - 1:-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, answer_start:].reshape(-1))
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: train the aLoRA and the plain LoRA on the same rows, save both."""
+    from peft import get_peft_model
+
+    from harness.models import load_model, load_tokenizer
+
+    config: AloraTrainConfig = loop_config["config"]
+    zoo = loop_config["zoo"]
+    device = worker_device(loop_config)
+    tokenizer = load_tokenizer(config.target, zoo)
+    rows, answer_start = task_sequences(tokenizer, config, zoo.corpus)
+    held = max(1, len(rows) // 10)
+    train_rows, eval_rows = rows[held:], rows[:held].to(device)
+    metrics: dict[str, Any] = {"answer_start": answer_start}
+    saved = {}
+    for variant in VARIANTS:
+        torch.manual_seed(config.seed)
+        base = load_model(replace(config.target, dtype="float32"), zoo, device, "target").model
+        extra = {"alora_invocation_tokens": invocation_ids(tokenizer, config.invocation)} if variant == "alora" else {}
+        model = get_peft_model(base, config.lora.peft_config(**extra))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+        engine = deepspeed_engine(model, optimizer, loop_config["deepspeed"])
+        fit_rows = train_rows[:32].to(device)
+        with torch.no_grad():
+            before = answer_loss(engine.module, eval_rows, answer_start).item()
+            fit_before = answer_loss(engine.module, fit_rows, answer_start).item()
+        generator = torch.Generator().manual_seed(config.seed)
+        for _ in range(config.steps):
+            index = torch.randint(0, len(train_rows), (config.batch_size,), generator=generator)
+            loss = answer_loss(engine.module, train_rows[index].to(device), answer_start)
+            engine.backward(loss)
+            engine.step()
+        with torch.no_grad():
+            after = answer_loss(engine.module, eval_rows, answer_start).item()
+            fit_after = answer_loss(engine.module, fit_rows, answer_start).item()
+        metrics[variant] = {"eval_before": before, "eval_after": after, "train_before": fit_before,
+                            "train_after": fit_after}
+        saved[variant] = engine.module
+
+    def write(directory: Path) -> None:
+        for variant, model in saved.items():
+            model.save_pretrained(str(directory / variant))
+        (directory / "alora.json").write_text(json.dumps({"metrics": metrics, "invocation": config.invocation}))
+
+    report_files(metrics, write)
+
+
+def build_alora(config: AloraTrainConfig, zoo, out_dir: Path, target_key: str, name: str,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train the aLoRA and the LoRA of ``config`` into ``out_dir``; return their losses."""
+    loop_config = {"config": config, "zoo": zoo, "batch_size": config.batch_size, "grad_clip": 1.0}
+    return launch(train_loop, loop_config, config.launch, name, out_dir, log)
+
+
+def load_variant(directory: Path, config: AloraTrainConfig, zoo, variant: str, device):
+    """The target with the ``alora`` or ``lora`` adapter of ``directory`` (a private copy of the target)."""
+    from peft import PeftModel
+
+    from harness.models import load_model
+
+    base = load_model(config.target, zoo, device, "target").model
+    return PeftModel.from_pretrained(base, str(Path(directory) / variant)).eval()
