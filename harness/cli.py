@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--zoo-sweep", help="take the zoo settings from this sweep file's zoo: section")
     train.add_argument("--force", action="store_true", help="retrain even if the artefact is cached")
     train.set_defaults(handler=cmd_train)
+
+    adaptive = commands.add_parser("adaptive", help="adaptive drafts: rounds of failure logging and LoRA retraining")
+    adaptive.add_argument("config", help="adaptive YAML file, e.g. configs/adaptive.yaml")
+    adaptive.add_argument("--results-dir", default="results", help="parent of run directories (default: results)")
+    adaptive.add_argument("--run-name", help="run directory name (default: a timestamp)")
+    adaptive.set_defaults(handler=cmd_adaptive)
     return parser
 
 
@@ -153,6 +159,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     manifest = build_artifact(request, force=args.force)
     print(json.dumps(manifest["metrics"], indent=2, default=str))
     print(f"artefact: {request.directory}")
+    return EXIT_OK
+
+
+def cmd_adaptive(args: argparse.Namespace) -> int:
+    from training.adaptive import load_adaptive_config, run_adaptive
+    from training.zoo import ZooConfig
+
+    zoo = ZooConfig()
+    config = load_adaptive_config(Path(args.config), zoo.model_names)
+    run_dir = Path(args.results_dir) / config.name / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    run_adaptive(config, zoo, run_dir)
+    print(f"report: {run_dir / 'report.md'}")
     return EXIT_OK
 
 

@@ -73,3 +73,13 @@ def write_sweep(path: Path, **overrides) -> Path:
     sweep.update(overrides)
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_shut_down_after_module():
+    """Leave no Ray instance behind a test module: training jobs and sweeps start one when none is running."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
