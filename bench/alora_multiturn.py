@@ -6,7 +6,10 @@ then the adapter is invoked (the invocation string appended) and generates
 
 - aLoRA keeps the base turn's KV cache (its weights are inactive before the
   invocation) and prefills only the invocation tokens;
-- LoRA must recompute the whole conversation with its weights (a full prefill).
+- LoRA must recompute the whole conversation with its weights (a full prefill);
+- aLoRA with speculative decoding: the draft carries its own aLoRA, and both
+  the target's and the draft's base-turn caches are reused; the draft proposes
+  ``--gamma`` tokens per step and the aLoRA target verifies them.
 
 Reported per arm: adapter-turn prefill time and total adapter-turn latency
 (prefill + decode), and the prefill time aLoRA saves. The script also checks
@@ -39,7 +42,35 @@ def decode(model, cache, logits: torch.Tensor, count: int, adapted: bool) -> lis
 
 
 @torch.inference_mode()
-def conversation(alora, lora, ids: list[int], invocation: list[int], answer_tokens: int, adapter_tokens: int) -> dict:
+def speculative_turn(alora, draft_alora, target_cache, draft_cache, invocation: list[int], conversation_ids: list[int],
+                     adapter_tokens: int, gamma: int) -> tuple[list[int], float]:
+    """The adapter turn by speculative decoding, both models continuing their base-turn caches; tokens, seconds."""
+    from harness.lm import CausalLM
+    from strategies.sampling import Sampling
+    from strategies.speculative import draft_tokens, verify_step
+    from training.alora import Activated
+
+    target, draft = CausalLM(Activated(alora), "target+alora"), CausalLM(Activated(draft_alora), "draft+alora")
+    target.cache, draft.cache = target_cache, draft_cache
+    sampling = Sampling()
+    started = time.perf_counter()
+    target.extend(invocation)
+    sequence = conversation_ids + invocation
+    prompt_length = len(sequence)
+    # The target's logits after the invocation are its first distribution; the draft extends from the same point.
+    sequence.append(int(target.last_logits.argmax()))
+    while len(sequence) - prompt_length < adapter_tokens:
+        count = min(gamma, adapter_tokens - (len(sequence) - prompt_length) - 1)
+        drafted, q_rows = draft_tokens(draft, sequence, count, sampling) if count > 0 else ([], [])
+        accepted, new = verify_step(target, sequence, drafted, torch.stack(q_rows) if q_rows else None, sampling)
+        draft.crop(min(draft.length, len(sequence) + accepted))
+        sequence.extend(new)
+    return sequence[prompt_length:prompt_length + adapter_tokens], time.perf_counter() - started
+
+
+@torch.inference_mode()
+def conversation(alora, lora, draft_alora, ids: list[int], invocation: list[int], answer_tokens: int,
+                 adapter_tokens: int, gamma: int) -> dict:
     """Time one base turn + adapter turn with each adapter; return the timings and the tokens."""
     from transformers import DynamicCache
 
@@ -47,6 +78,11 @@ def conversation(alora, lora, ids: list[int], invocation: list[int], answer_toke
     logits = alora(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0, -1]
     answer = decode(alora, cache, logits, answer_tokens, adapted=False)
     # The cache now holds the prompt and the whole answer, computed by the base weights.
+    # Copies for the speculative arm: the target's cache and the draft's own pass over the same conversation.
+    import copy
+
+    spec_cache, draft_cache = copy.deepcopy(cache), DynamicCache()
+    draft_alora(input_ids=torch.tensor([ids + answer]), past_key_values=draft_cache, use_cache=True)
     started = time.perf_counter()
     logits = alora(input_ids=torch.tensor([invocation]), past_key_values=cache, use_cache=True,
                    alora_offsets=[len(invocation)]).logits[0, -1]
@@ -65,8 +101,12 @@ def conversation(alora, lora, ids: list[int], invocation: list[int], answer_toke
     cache = DynamicCache()
     logits = alora(input_ids=torch.tensor([full]), past_key_values=cache, use_cache=True).logits[0, -1]
     recomputed = decode(alora, cache, logits, adapter_tokens, adapted=True)
+
+    spec_tokens, spec_total = speculative_turn(alora, draft_alora, spec_cache, draft_cache, invocation, ids + answer,
+                                               adapter_tokens, gamma)
     return {"conversation_tokens": len(full), "alora_prefill_s": alora_prefill, "alora_total_s": alora_total,
-            "lora_prefill_s": lora_prefill, "lora_total_s": lora_total, "reuse_exact": alora_tokens == recomputed}
+            "lora_prefill_s": lora_prefill, "lora_total_s": lora_total, "alora_speculative_total_s": spec_total,
+            "reuse_exact": alora_tokens == recomputed, "speculative_exact": spec_tokens == alora_tokens}
 
 
 def main() -> None:
@@ -75,6 +115,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--answer-tokens", type=int, default=64)
     parser.add_argument("--adapter-tokens", type=int, default=32)
+    parser.add_argument("--gamma", type=int, default=4)
     args = parser.parse_args()
 
     from harness.corpus import heldout_prompts
@@ -90,15 +131,19 @@ def main() -> None:
     device = torch.device("cpu")
     alora = load_variant(request.directory, request.config, zoo, "alora", device)
     lora = load_variant(request.directory, request.config, zoo, "lora", device)
+    draft_alora = load_variant(request.directory, request.config, zoo, "draft_alora", device)
     tokenizer = load_tokenizer(request.config.target, zoo)
     invocation = invocation_ids(tokenizer, request.config.invocation)
     prompts = [tokenizer(text)["input_ids"] for text in heldout_prompts("prose", args.prompts + 1, config=zoo.corpus)]
-    conversation(alora, lora, prompts[0], invocation, 8, 4)  # warm-up
-    rows = [conversation(alora, lora, ids, invocation, args.answer_tokens, args.adapter_tokens) for ids in prompts[1:]]
-    summary = {key: statistics.mean(row[key] for row in rows) for key in rows[0] if key != "reuse_exact"}
-    summary["reuse_exact"] = all(row["reuse_exact"] for row in rows)
+    conversation(alora, lora, draft_alora, prompts[0], invocation, 8, 4, args.gamma)  # warm-up
+    rows = [conversation(alora, lora, draft_alora, ids, invocation, args.answer_tokens, args.adapter_tokens, args.gamma)
+            for ids in prompts[1:]]
+    checks = ("reuse_exact", "speculative_exact")
+    summary = {key: statistics.mean(row[key] for row in rows) for key in rows[0] if key not in checks}
+    summary.update({key: all(row[key] for row in rows) for key in checks})
     summary["prefill_saved"] = 1 - summary["alora_prefill_s"] / summary["lora_prefill_s"]
     summary["latency_saved"] = 1 - summary["alora_total_s"] / summary["lora_total_s"]
+    summary["speculative_speedup_over_alora"] = summary["alora_total_s"] / summary["alora_speculative_total_s"]
     print(json.dumps({"prompts": len(rows), **summary}, indent=2))
 
 

@@ -26,7 +26,7 @@ from harness.models import ModelSpec, parse_model_spec
 from training.adapters import DomainText, LoraSettings
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
 
-VARIANTS = ("alora", "lora")
+VARIANTS = ("alora", "lora", "draft_alora")  # aLoRA and LoRA on the target, aLoRA on the draft
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class AloraTrainConfig:
     """The invocation task and the adapters' settings."""
 
     target: ModelSpec = ModelSpec("zoo:target")
+    draft: ModelSpec = ModelSpec("zoo:draft-1l")  # gets its own aLoRA, to draft the adapter turn speculatively
     invocation: str = "\n### Code:\n"
     prefix_sources: tuple[str, ...] = ("zoo:prose",)
     answer_sources: tuple[str, ...] = ("zoo:code",)
@@ -62,8 +63,8 @@ def parse_alora_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_name
         raise ConfigError(f"{where}.{unknown[0]}", "unknown key", f"allowed: kind, {', '.join(sorted(allowed))}")
     values: dict[str, Any] = {}
     for name, value in raw.items():
-        if name == "target":
-            values[name] = parse_model_spec(value, f"{where}.target", "float32", zoo_names, base_dir)
+        if name in ("target", "draft"):
+            values[name] = parse_model_spec(value, f"{where}.{name}", "float32", zoo_names, base_dir)
         elif name == "invocation":
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"{where}.invocation", f"expected a non-empty string, got {value!r}")
@@ -134,8 +135,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     saved = {}
     for variant in VARIANTS:
         torch.manual_seed(config.seed)
-        base = load_model(replace(config.target, dtype="float32"), zoo, device, "target").model
-        extra = {"alora_invocation_tokens": invocation_ids(tokenizer, config.invocation)} if variant == "alora" else {}
+        spec = config.draft if variant == "draft_alora" else config.target
+        base = load_model(replace(spec, dtype="float32"), zoo, device, variant).model
+        activated = variant in ("alora", "draft_alora")
+        extra = {"alora_invocation_tokens": invocation_ids(tokenizer, config.invocation)} if activated else {}
         model = get_peft_model(base, config.lora.peft_config(**extra))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
         engine = deepspeed_engine(model, optimizer, loop_config["deepspeed"])
@@ -172,10 +175,29 @@ def build_alora(config: AloraTrainConfig, zoo, out_dir: Path, target_key: str, n
 
 
 def load_variant(directory: Path, config: AloraTrainConfig, zoo, variant: str, device):
-    """The target with the ``alora`` or ``lora`` adapter of ``directory`` (a private copy of the target)."""
+    """A private copy of the target (or, for ``draft_alora``, the draft) with that adapter of ``directory``."""
     from peft import PeftModel
 
     from harness.models import load_model
 
-    base = load_model(config.target, zoo, device, "target").model
+    spec = config.draft if variant == "draft_alora" else config.target
+    base = load_model(spec, zoo, device, variant).model
     return PeftModel.from_pretrained(base, str(Path(directory) / variant)).eval()
+
+
+class Activated(torch.nn.Module):
+    """An aLoRA model whose adapter is active on every position of each call.
+
+    For continuing a sequence whose invocation has been seen: peft looks for
+    the invocation inside each call's ``input_ids``, so without this, cached
+    one-token decoding steps after the invocation would run the base weights.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.generation_config = getattr(model, "generation_config", None)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any):
+        return self.model(input_ids=input_ids, alora_offsets=[input_ids.shape[1]] * input_ids.shape[0], **kwargs)
