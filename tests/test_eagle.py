@@ -122,6 +122,18 @@ def test_greedy_eagle_equals_autoregressive(trained_models, zoo_prompts, name, p
     assert accepted > 0  # the multi-token path was exercised
 
 
+def test_a_one_child_tree_drafts_exactly_the_chain(trained_models, zoo_prompts):
+    from strategies import Sampling, build
+
+    chain = build("eagle", {"head": "head", "gamma": 4}, trained_models)
+    tree = build("eagle2", {"head": "head", "total_tokens": 5, "depth": 4, "top_k": 1}, trained_models)
+    for prompt in zoo_prompts:
+        expected = chain.generate(prompt, 24, Sampling())
+        got = tree.generate(prompt, 24, Sampling())
+        assert got.tokens == expected.tokens
+        assert [(s.drafted, s.accepted) for s in got.steps] == [(s.drafted, s.accepted) for s in expected.steps]
+
+
 def test_tree_selection_keeps_ancestors_and_orders_parents_first():
     from strategies.eagle import DraftTree
 
