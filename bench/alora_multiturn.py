@@ -22,6 +22,7 @@ recompute with the aLoRA (the reuse is exact).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -79,8 +80,6 @@ def conversation(alora, lora, draft_alora, ids: list[int], invocation: list[int]
     answer = decode(alora, cache, logits, answer_tokens, adapted=False)
     # The cache now holds the prompt and the whole answer, computed by the base weights.
     # Copies for the speculative arm: the target's cache and the draft's own pass over the same conversation.
-    import copy
-
     spec_cache, draft_cache = copy.deepcopy(cache), DynamicCache()
     draft_alora(input_ids=torch.tensor([ids + answer]), past_key_values=draft_cache, use_cache=True)
     started = time.perf_counter()

@@ -12,7 +12,7 @@ next-token distribution on it (forward KL, as the zoo distils its drafts).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,27 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import ConfigError
-from harness.models import ModelSpec, parse_model_spec
+from harness.models import ModelSpec
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
+from training.settings import LoraSettings, TrainSettings, parse_domains, parse_settings
 
 OBJECTIVES = ("next_token", "distill")
 DEFAULT_DOMAINS = {"code": ("zoo:code",), "prose": ("zoo:prose",), "legal": ("zoo:legal",), "math": ("zoo:math",)}
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """peft ``LoraConfig`` settings (SpecuLoRA's defaults)."""
-
-    r: int = 4
-    alpha: int = 16
-    dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-
-    def peft_config(self, **extra: Any):
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=list(self.target_modules), task_type="CAUSAL_LM", **extra)
 
 
 @dataclass(frozen=True)
@@ -55,7 +40,7 @@ class DomainText:
 
 
 @dataclass(frozen=True)
-class AdapterTrainConfig:
+class AdapterTrainConfig(TrainSettings):
     """One LoRA per domain on ``draft``; ``target`` is the teacher for ``objective: distill``."""
 
     target: ModelSpec = ModelSpec("zoo:target")
@@ -73,62 +58,17 @@ class AdapterTrainConfig:
     seed: int = 0
     launch: LaunchSettings = field(default_factory=LaunchSettings)
 
-    def identity(self) -> dict[str, Any]:
-        values = asdict(self)
-        values.pop("launch")
-        return values
-
     def domain_text(self, sources: tuple[str, ...]) -> DomainText:
         return DomainText(sources=sources, samples=self.samples, seq_len=self.seq_len, seed=self.seed)
 
 
 def parse_adapter_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]) -> AdapterTrainConfig:
     """Validated adapter-training settings from a training-config mapping (``kind: adapters``)."""
-    allowed = set(AdapterTrainConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}", "unknown key", f"allowed: kind, {', '.join(sorted(allowed))}")
-    values: dict[str, Any] = {}
-    for name, value in raw.items():
-        if name in ("target", "draft"):
-            values[name] = parse_model_spec(value, f"{where}.{name}", "float32", zoo_names, base_dir)
-        elif name == "domains":
-            if not isinstance(value, dict) or not value:
-                raise ConfigError(f"{where}.domains", f"expected a mapping of domain -> text sources, got {value!r}",
-                                  "e.g. {code: [zoo:code], legal: [zoo:legal]}")
-            domains = []
-            for domain, sources in value.items():
-                sources = [sources] if isinstance(sources, str) else sources
-                if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
-                    raise ConfigError(f"{where}.domains.{domain}", f"expected a list of text sources, got {sources!r}")
-                domains.append((str(domain), tuple(sources)))
-            values[name] = tuple(domains)
-        elif name == "objective":
-            if value not in OBJECTIVES:
-                raise ConfigError(f"{where}.objective", f"unknown objective {value!r}", f"choose one of {', '.join(OBJECTIVES)}")
-            values[name] = value
-        elif name == "lora":
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}.lora", f"expected a mapping, got {value!r}")
-            bad = sorted(set(value) - set(LoraSettings.__dataclass_fields__))
-            if bad:
-                raise ConfigError(f"{where}.lora.{bad[0]}", "unknown key", "allowed: r, alpha, dropout, target_modules")
-            lora = dict(value)
-            if "target_modules" in lora:
-                lora["target_modules"] = tuple(lora["target_modules"])
-            values[name] = LoraSettings(**lora)
-            if values[name].r < 1:
-                raise ConfigError(f"{where}.lora.r", f"must be >= 1, got {values[name].r}")
-        elif name == "launch":
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}.launch", f"expected a mapping, got {value!r}")
-            values[name] = LaunchSettings.from_dict(value, f"{where}.launch", base_dir)
-        else:
-            kind = type(AdapterTrainConfig.__dataclass_fields__[name].default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-                raise ConfigError(f"{where}.{name}", f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-            values[name] = kind(value)
-    config = AdapterTrainConfig(**values)
+    config = parse_settings(AdapterTrainConfig, raw, where, base_dir, zoo_names, allowed_note="kind",
+                            fields={"domains": parse_domains})
+    if config.objective not in OBJECTIVES:
+        raise ConfigError(f"{where}.objective", f"unknown objective {config.objective!r}",
+                          f"choose one of {', '.join(OBJECTIVES)}")
     for name in ("samples", "seq_len", "steps", "batch_size"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{where}.{name}", f"must be >= 1, got {getattr(config, name)}")
@@ -211,8 +151,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 def build_adapters(config: AdapterTrainConfig, zoo, out_dir: Path, target_key: str, name: str,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train the domain adapters of ``config`` into ``out_dir``; return their metrics."""
-    loop_config = {"config": config, "zoo": zoo, "batch_size": config.batch_size, "grad_clip": 1.0}
-    return launch(train_loop, loop_config, config.launch, name, out_dir, log)
+    return launch(train_loop, config, zoo, name, out_dir, log)
 
 
 class DomainAdapters:

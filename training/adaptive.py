@@ -19,23 +19,23 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from harness.errors import ConfigError
-from harness.models import ModelSpec, parse_model_spec
+from harness.models import ModelSpec
 from harness.paths import content_hash, specsweep_home
-from training.adapters import LoraSettings
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
+from training.settings import LoraSettings, TrainSettings, parse_settings
 
 LOSSES = ("forward_kl", "reverse_kl", "mix")
 
 
 @dataclass(frozen=True)
-class AdaptiveConfig:
+class AdaptiveConfig(TrainSettings):
     """The stream, the failure rule, the retraining job and the evaluation (see ``configs/adaptive.yaml``)."""
 
     name: str = "adaptive"
@@ -72,26 +72,8 @@ def load_adaptive_config(path: Path, zoo_names: tuple[str, ...]) -> AdaptiveConf
     raw = yaml.safe_load(path.read_text())
     if not isinstance(raw, dict):
         raise ConfigError("config", "expected a mapping", "see configs/adaptive.yaml")
-    allowed = set(AdaptiveConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ConfigError(unknown[0], "unknown key", f"allowed: {', '.join(sorted(allowed))}")
-    values: dict[str, Any] = {}
-    for name, value in raw.items():
-        if name in ("target", "draft"):
-            values[name] = parse_model_spec(value, name, "float32", zoo_names, path.parent)
-        elif name == "lora":
-            values[name] = LoraSettings(**{k: tuple(v) if k == "target_modules" else v for k, v in value.items()})
-        elif name == "launch":
-            values[name] = LaunchSettings.from_dict(value, "launch", path.parent)
-        elif name in ("name", "domain", "loss"):
-            values[name] = str(value)
-        else:
-            kind = type(AdaptiveConfig.__dataclass_fields__[name].default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-                raise ConfigError(name, f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-            values[name] = kind(value)
-    config = AdaptiveConfig(**values)
+    as_text = {name: (lambda value, where: str(value)) for name in ("name", "domain", "loss")}
+    config = parse_settings(AdaptiveConfig, raw, "", path.parent, zoo_names, fields=as_text)
     if config.domain not in DOMAINS:
         raise ConfigError("domain", f"unknown zoo domain {config.domain!r}", f"choose one of {', '.join(DOMAINS)}")
     if config.loss not in LOSSES:
@@ -245,11 +227,9 @@ def run_adaptive(config: AdaptiveConfig, zoo, run_dir: Path, log: Callable[[str]
         if len(pending) >= config.retrain_every:
             cases = pending + replay
             out_dir = specsweep_home() / "artifacts" / "adaptive" / content_hash(
-                [asdict(replace(config, launch=LaunchSettings())), zoo.key(), cases])[:16]
+                [config.identity(), zoo.key(), cases])[:16]
             if not (out_dir / "adapter_config.json").exists():
-                metrics = launch(train_loop, {"config": config, "zoo": zoo, "cases": cases,
-                                              "batch_size": config.batch_size, "grad_clip": 1.0},
-                                 config.launch, f"adaptive-r{round_index}", out_dir, log)
+                metrics = launch(train_loop, config, zoo, f"adaptive-r{round_index}", out_dir, log, cases=cases)
                 log(f"round {round_index}: retrained on {len(cases)} cases, loss {metrics['loss_first']:.4f} -> "
                     f"{metrics['loss_last']:.4f}")
             replay = (replay + pending)[-config.replay:] if config.replay else []

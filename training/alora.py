@@ -14,7 +14,7 @@ whole prefix must be recomputed. Saved as ``alora/`` and ``lora/``
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,15 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import ConfigError
-from harness.models import ModelSpec, parse_model_spec
-from training.adapters import DomainText, LoraSettings
+from harness.models import ModelSpec
+from training.adapters import DomainText
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
+from training.settings import LoraSettings, TrainSettings, parse_settings
 
 VARIANTS = ("alora", "lora", "draft_alora")  # aLoRA and LoRA on the target, aLoRA on the draft
 
 
 @dataclass(frozen=True)
-class AloraTrainConfig:
+class AloraTrainConfig(TrainSettings):
     """The invocation task and the adapters' settings."""
 
     target: ModelSpec = ModelSpec("zoo:target")
@@ -49,48 +50,13 @@ class AloraTrainConfig:
     seed: int = 0
     launch: LaunchSettings = field(default_factory=LaunchSettings)
 
-    def identity(self) -> dict[str, Any]:
-        values = asdict(self)
-        values.pop("launch")
-        return values
-
 
 def parse_alora_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]) -> AloraTrainConfig:
     """Validated settings from a training-config mapping (``kind: alora``)."""
-    allowed = set(AloraTrainConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}", "unknown key", f"allowed: kind, {', '.join(sorted(allowed))}")
-    values: dict[str, Any] = {}
-    for name, value in raw.items():
-        if name in ("target", "draft"):
-            values[name] = parse_model_spec(value, f"{where}.{name}", "float32", zoo_names, base_dir)
-        elif name == "invocation":
-            if not isinstance(value, str) or not value.strip():
-                raise ConfigError(f"{where}.invocation", f"expected a non-empty string, got {value!r}")
-            values[name] = value
-        elif name in ("prefix_sources", "answer_sources"):
-            value = [value] if isinstance(value, str) else value
-            if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{where}.{name}", f"expected a list of text sources, got {value!r}")
-            values[name] = tuple(value)
-        elif name == "lora":
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}.lora", f"expected a mapping, got {value!r}")
-            lora = dict(value)
-            if "target_modules" in lora:
-                lora["target_modules"] = tuple(lora["target_modules"])
-            values[name] = LoraSettings(**lora)
-        elif name == "launch":
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}.launch", f"expected a mapping, got {value!r}")
-            values[name] = LaunchSettings.from_dict(value, f"{where}.launch", base_dir)
-        else:
-            kind = type(AloraTrainConfig.__dataclass_fields__[name].default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-                raise ConfigError(f"{where}.{name}", f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-            values[name] = kind(value)
-    return AloraTrainConfig(**values)
+    config = parse_settings(AloraTrainConfig, raw, where, base_dir, zoo_names, allowed_note="kind")
+    if not config.invocation.strip():
+        raise ConfigError(f"{where}.invocation", f"expected a non-empty string, got {config.invocation!r}")
+    return config
 
 
 def invocation_ids(tokenizer, invocation: str) -> list[int]:
@@ -170,8 +136,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 def build_alora(config: AloraTrainConfig, zoo, out_dir: Path, target_key: str, name: str,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train the aLoRA and the LoRA of ``config`` into ``out_dir``; return their losses."""
-    loop_config = {"config": config, "zoo": zoo, "batch_size": config.batch_size, "grad_clip": 1.0}
-    return launch(train_loop, loop_config, config.launch, name, out_dir, log)
+    return launch(train_loop, config, zoo, name, out_dir, log)
 
 
 def load_variant(directory: Path, config: AloraTrainConfig, zoo, variant: str, device):

@@ -81,17 +81,15 @@ class ArtifactRequest:
     """A training config bound to its target and zoo: one artefact to build or reuse."""
 
     kind: str
-    config: Any  # the kind's config dataclass; ``config.target`` is the target it is trained for
+    config: Any  # the kind's config (a ``TrainSettings`` dataclass); ``config.target``, if any, is its target
     zoo: Any  # training.zoo.ZooConfig (zoo targets and zoo text depend on it)
 
     def target_key(self) -> str:
         """The zoo build's key when the config names zoo models or zoo text (their content depends on it)."""
-        identity = self.config.identity() if hasattr(self.config, "identity") else self.config
-        return self.zoo.key() if "zoo:" in json.dumps(identity, default=str) else ""
+        return self.zoo.key() if "zoo:" in json.dumps(self.config.identity(), default=str) else ""
 
     def key(self) -> str:
-        identity = self.config.identity() if hasattr(self.config, "identity") else self.config
-        return content_hash([self.kind, identity, self.target_key()])[:16]
+        return content_hash([self.kind, self.config.identity(), self.target_key()])[:16]
 
     @property
     def directory(self) -> Path:
@@ -151,7 +149,7 @@ def build_artifact(request: ArtifactRequest, log: Callable[[str], None] = print,
     """Build ``request`` into its directory unless it is already there; return its manifest."""
     if request.built() and not force:
         return request.manifest()
-    if "zoo:" in json.dumps(request.config.identity(), default=str):
+    if request.target_key():
         from training.zoo import build_zoo, is_built
 
         if not is_built(request.zoo):

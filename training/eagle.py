@@ -13,7 +13,7 @@ paper's fixed U(-0.1, 0.1).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,15 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import ConfigError
-from harness.models import ModelSpec, parse_model_spec
+from harness.models import ModelSpec
 from training.eagle_data import FeatureDataConfig, build_features, features_dir
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
+from training.settings import TrainSettings, mapping, parse_settings
 
 PROBE_TOKENS = 8
 
 
 @dataclass(frozen=True)
-class EagleTrainConfig:
+class EagleTrainConfig(TrainSettings):
     """Everything that determines a trained head (its hash names the artefact)."""
 
     target: ModelSpec = ModelSpec("zoo:target")
@@ -48,38 +49,13 @@ class EagleTrainConfig:
     seed: int = 0
     launch: LaunchSettings = field(default_factory=LaunchSettings)
 
-    def identity(self) -> dict[str, Any]:
-        """What the artefact key is hashed from (how the job runs is left out)."""
-        values = asdict(self)
-        values.pop("launch")
-        return values
-
 
 def parse_eagle_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]) -> EagleTrainConfig:
     """Validated EAGLE training settings from a training-config mapping (``kind: eagle``)."""
-    allowed = set(EagleTrainConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}", "unknown key", f"allowed: kind, {', '.join(sorted(allowed))}")
-    values: dict[str, Any] = {}
-    for name, value in raw.items():
-        if name == "target":
-            values[name] = parse_model_spec(value, f"{where}.target", "float32", zoo_names, base_dir)
-        elif name == "data":
-            values[name] = FeatureDataConfig.from_dict(_mapping(value, f"{where}.data"), f"{where}.data")
-        elif name == "launch":
-            values[name] = LaunchSettings.from_dict(_mapping(value, f"{where}.launch"), f"{where}.launch", base_dir)
-        elif name == "intermediate_size":
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{where}.{name}", f"expected a positive integer or null, got {value!r}")
-            values[name] = value
-        else:
-            default = EagleTrainConfig.__dataclass_fields__[name].default
-            kind = type(default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-                raise ConfigError(f"{where}.{name}", f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-            values[name] = kind(value)
-    config = EagleTrainConfig(**values)
+    config = parse_settings(EagleTrainConfig, raw, where, base_dir, zoo_names, allowed_note="kind", fields={
+        "data": lambda value, path: FeatureDataConfig.from_dict(mapping(value, path), path),
+        "intermediate_size": _optional_width,
+    })
     for name in ("steps", "batch_size"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{where}.{name}", f"must be >= 1, got {getattr(config, name)}")
@@ -90,9 +66,9 @@ def parse_eagle_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_name
     return config
 
 
-def _mapping(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(where, f"expected a mapping, got {value!r}")
+def _optional_width(value: Any, path: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(path, f"expected a positive integer or null, got {value!r}")
     return value
 
 
@@ -224,9 +200,8 @@ def probe_drafts(head, target, ids: torch.Tensor) -> dict[str, list[int]]:
 def build_head(config: EagleTrainConfig, zoo, out_dir: Path, target_key: str, name: str,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train a head for ``config`` and write it (safetensors + ``head.json``) to ``out_dir``; return its metrics."""
-    loop_config = {"config": config, "zoo": zoo, "batch_size": config.batch_size, "grad_clip": config.grad_clip,
-                   "features_dir": str(features_dir(config.target, target_key, config.data))}
-    return launch(train_loop, loop_config, config.launch, name, out_dir, log)
+    return launch(train_loop, config, zoo, name, out_dir, log,
+                  features_dir=str(features_dir(config.target, target_key, config.data)))
 
 
 def load_head_lm(directory: Path, target):

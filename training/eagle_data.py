@@ -44,19 +44,9 @@ class FeatureDataConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str) -> "FeatureDataConfig":
         """Validated data settings from the ``data`` mapping of a training config."""
-        allowed = cls.__dataclass_fields__
-        unknown = sorted(set(raw) - set(allowed))
-        if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}", "unknown key", f"allowed: {', '.join(allowed)}")
-        values = dict(raw)
-        sources = values.get("sources", cls.sources)
-        if isinstance(sources, str):
-            sources = [sources]
-        if not isinstance(sources, (list, tuple)) or not sources or not all(isinstance(s, str) for s in sources):
-            raise ConfigError(f"{where}.sources", f"expected a list of text sources, got {sources!r}",
-                              "use zoo:<domain>, hf:<dataset>[:<split>] or a .jsonl/.txt/.parquet path")
-        values["sources"] = tuple(sources)
-        config = cls(**values)
+        from training.settings import parse_settings
+
+        config = parse_settings(cls, raw, where, Path("."), ())
         for name in ("samples", "seq_len", "shards", "batch_size"):
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -106,12 +106,16 @@ def uses_gpu(settings: LaunchSettings) -> bool:
     return settings.use_gpu == "true"
 
 
-def launch(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], settings: LaunchSettings,
-           name: str, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``loop(loop_config)`` with DeepSpeed on Ray Train workers; copy rank 0's files to ``out_dir``.
+def launch(loop: Callable[[dict[str, Any]], None], config: Any, zoo: Any, name: str, out_dir: Path,
+           log: Callable[[str], None] = print, **extra: Any) -> dict[str, Any]:
+    """Run ``loop`` with DeepSpeed on Ray Train workers; copy rank 0's files to ``out_dir``.
 
-    ``loop_config`` gains ``deepspeed`` (the resolved DeepSpeed config) and
-    ``home`` (``$SPECSWEEP_HOME``). Returns the metrics the loop reported last.
+    ``config`` is the job's training-config dataclass: its ``launch`` settings
+    place the workers, its ``batch_size`` (and ``grad_clip``, default 1.0) fill
+    the DeepSpeed config. The loop receives ``{"config", "zoo", **extra}``
+    plus ``deepspeed`` (the resolved DeepSpeed config), ``home``
+    (``$SPECSWEEP_HOME``), ``gpu`` and ``cpus_per_worker``. Returns the
+    metrics the loop reported last.
     """
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -119,23 +123,24 @@ def launch(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], 
 
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
+    settings: LaunchSettings = config.launch
     gpu = uses_gpu(settings)
-    config = {**loop_config, "home": str(specsweep_home()), "gpu": gpu, "cpus_per_worker": settings.cpus_per_worker,
-              "deepspeed": deepspeed_settings(settings, loop_config.get("batch_size", 1),
-                                              loop_config.get("grad_clip", 1.0), gpu)}
+    loop_config = {"config": config, "zoo": zoo, **extra, "home": str(specsweep_home()), "gpu": gpu,
+                   "cpus_per_worker": settings.cpus_per_worker,
+                   "deepspeed": deepspeed_settings(settings, config.batch_size, getattr(config, "grad_clip", 1.0), gpu)}
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     storage = specsweep_home() / "ray_train"
     storage.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         loop,
-        train_loop_config=config,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=RunConfig(name=f"{name}-{int(time.time())}", storage_path=str(storage)),
     )
     started = time.perf_counter()
     log(f"training {name} on {settings.num_workers} {'GPU' if gpu else 'CPU'} worker(s) with DeepSpeed "
-        f"ZeRO-{config['deepspeed']['zero_optimization']['stage']}")
+        f"ZeRO-{loop_config['deepspeed']['zero_optimization']['stage']}")
     result = trainer.fit()
     if result.error is not None:
         raise result.error

@@ -15,7 +15,7 @@ import json
 import random
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,13 +24,14 @@ from torch import nn
 
 from harness.errors import ConfigError
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
+from training.settings import TrainSettings, parse_domains, parse_settings
 
 WORD = re.compile(r"\w+")
 DEFAULT_DOMAINS = (("code", ("zoo:code",)), ("prose", ("zoo:prose",)), ("legal", ("zoo:legal",)), ("math", ("zoo:math",)))
 
 
 @dataclass(frozen=True)
-class RouterTrainConfig:
+class RouterTrainConfig(TrainSettings):
     """Domains (name -> text sources), prompt sampling, network and optimisation settings."""
 
     domains: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_DOMAINS
@@ -45,41 +46,22 @@ class RouterTrainConfig:
     seed: int = 0
     launch: LaunchSettings = field(default_factory=LaunchSettings)
 
-    def identity(self) -> dict[str, Any]:
-        values = asdict(self)
-        values.pop("launch")
-        return values
-
 
 def parse_router_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]) -> RouterTrainConfig:
-    """Validated router-training settings from a training-config mapping (``kind: router``)."""
-    allowed = set(RouterTrainConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - allowed - {"target"})
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}", "unknown key", f"allowed: kind, {', '.join(sorted(allowed))}")
-    values: dict[str, Any] = {}
-    for name, value in raw.items():
-        if name == "target":
-            continue  # a router reads text only; a sweep binds every artefact to its target
-        if name == "domains":
-            if not isinstance(value, dict) or len(value) < 2:
-                raise ConfigError(f"{where}.domains", f"expected a mapping of at least two domains, got {value!r}",
-                                  "e.g. {code: [zoo:code], legal: [zoo:legal]}")
-            values[name] = tuple((str(d), tuple([s] if isinstance(s, str) else s)) for d, s in value.items())
-        elif name == "launch":
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}.launch", f"expected a mapping, got {value!r}")
-            values[name] = LaunchSettings.from_dict(value, f"{where}.launch", base_dir)
-        elif name == "hidden":
-            if not isinstance(value, list) or not all(isinstance(v, int) and v > 0 for v in value):
-                raise ConfigError(f"{where}.hidden", f"expected a list of layer widths, got {value!r}")
-            values[name] = tuple(value)
-        else:
-            kind = type(RouterTrainConfig.__dataclass_fields__[name].default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-                raise ConfigError(f"{where}.{name}", f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-            values[name] = kind(value)
-    return RouterTrainConfig(**values)
+    """Validated router-training settings from a training-config mapping (``kind: router``).
+
+    A ``target`` key is accepted and ignored: a router reads text only, and a
+    sweep binds every artefact to its target.
+    """
+    return parse_settings(RouterTrainConfig, raw, where, base_dir, zoo_names, allowed_note="kind", ignore=("target",),
+                          fields={"domains": lambda value, path: parse_domains(value, path, minimum=2),
+                                  "hidden": _widths})
+
+
+def _widths(value: Any, path: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and v > 0 for v in value):
+        raise ConfigError(path, f"expected a list of layer widths, got {value!r}")
+    return tuple(value)
 
 
 def words(text: str) -> list[str]:
@@ -193,8 +175,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 def build_router(config: RouterTrainConfig, zoo, out_dir: Path, target_key: str, name: str,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train the router of ``config`` into ``out_dir``; return its metrics (held-out accuracy)."""
-    loop_config = {"config": config, "zoo": zoo, "batch_size": config.batch_size, "grad_clip": 1.0}
-    return launch(train_loop, loop_config, config.launch, name, out_dir, log)
+    return launch(train_loop, config, zoo, name, out_dir, log)
 
 
 def load_router(directory: Path) -> BagOfWordsRouter:

@@ -1,0 +1,131 @@
+"""Training-config dataclasses: the one parser that turns a YAML mapping into one, and the pieces they share.
+
+Every training config (EAGLE head, domain adapters, router, aLoRA, adaptive
+drafts) is a frozen dataclass whose defaults say what each field holds. The
+parser refuses unknown keys and checks each value against its default's type
+(model spec, ``launch``, ``lora``, string, list of strings, number); a field
+whose value needs more (a nested mapping, an optional width) gets a
+field-specific parser. Range checks stay with each config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.errors import ConfigError
+from harness.models import ModelSpec, parse_model_spec
+from training.launch import LaunchSettings
+
+
+class TrainSettings:
+    """Mixin of artefact configs: ``identity`` is what the artefact key hashes (how the job runs is left out)."""
+
+    def identity(self) -> dict[str, Any]:
+        values = asdict(self)
+        values.pop("launch", None)
+        return values
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """peft ``LoraConfig`` settings (SpecuLoRA's defaults)."""
+
+    r: int = 4
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def peft_config(self, **extra: Any):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules), task_type="CAUSAL_LM", **extra)
+
+
+def parse_settings(cls: type, raw: Any, where: str, base_dir: Path, zoo_names: tuple[str, ...],
+                   fields: dict[str, Callable[[Any, str], Any]] | None = None, ignore: tuple[str, ...] = (),
+                   allowed_note: str = "") -> Any:
+    """An instance of the dataclass ``cls`` from the mapping ``raw``; ``ConfigError`` naming the field otherwise.
+
+    ``fields`` parses named fields (value, field path) -> value; keys in
+    ``ignore`` are accepted and dropped; ``allowed_note`` prefixes the list
+    of allowed keys in the unknown-key error (e.g. ``kind``).
+    """
+    raw = mapping(raw, where)
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(defaults) - set(ignore))
+    if unknown:
+        allowed = ", ".join(([allowed_note] if allowed_note else []) + sorted(defaults))
+        raise ConfigError(_path(where, unknown[0]), "unknown key", f"allowed: {allowed}")
+    parsers = fields or {}
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name in ignore:
+            continue
+        path, default = _path(where, name), defaults[name]
+        if name in parsers:
+            values[name] = parsers[name](value, path)
+        elif isinstance(default, ModelSpec):
+            values[name] = parse_model_spec(value, path, "float32", zoo_names, base_dir)
+        elif isinstance(default, LaunchSettings):
+            values[name] = LaunchSettings.from_dict(mapping(value, path), path, base_dir)
+        elif isinstance(default, LoraSettings):
+            values[name] = parse_lora(value, path)
+        elif isinstance(default, str):
+            if not isinstance(value, str) or not value:
+                raise ConfigError(path, f"expected a non-empty string, got {value!r}")
+            values[name] = value
+        elif isinstance(default, tuple):
+            values[name] = string_list(value, path)
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            values[name] = number(value, type(default), path)
+        else:
+            raise TypeError(f"{cls.__name__}.{name}: no parser for a field with default {default!r}")
+    return cls(**values)
+
+
+def parse_lora(raw: Any, where: str) -> LoraSettings:
+    """``LoraSettings`` from a ``lora`` mapping (unknown keys refused, r >= 1)."""
+    settings = parse_settings(LoraSettings, raw, where, Path("."), ())
+    if settings.r < 1:
+        raise ConfigError(f"{where}.r", f"must be >= 1, got {settings.r}")
+    return settings
+
+
+def parse_domains(raw: Any, where: str, minimum: int = 1) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``domain -> text sources`` pairs from a mapping of at least ``minimum`` domains."""
+    if not isinstance(raw, dict) or len(raw) < minimum:
+        raise ConfigError(where, f"expected a mapping of at least {minimum} domain(s) -> text sources, got {raw!r}",
+                          "e.g. {code: [zoo:code], legal: [zoo:legal]}")
+    return tuple((str(domain), string_list(sources, f"{where}.{domain}")) for domain, sources in raw.items())
+
+
+def string_list(raw: Any, where: str) -> tuple[str, ...]:
+    """A non-empty list of strings (a single string counts as a list of one)."""
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(item, str) for item in items):
+        raise ConfigError(where, f"expected a list of strings, got {raw!r}",
+                          "e.g. text sources: zoo:<domain>, hf:<dataset>[:<split>] or a .jsonl/.txt/.parquet path")
+    return tuple(items)
+
+
+def number(raw: Any, kind: type, where: str) -> int | float:
+    """``raw`` as ``kind`` (int or float); booleans and, for int, fractions are refused."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or (kind is int and not isinstance(raw, int)):
+        raise ConfigError(where, f"expected {'an integer' if kind is int else 'a number'}, got {raw!r}")
+    return kind(raw)
+
+
+def mapping(raw: Any, where: str) -> dict[str, Any]:
+    """``raw`` if it is a mapping; ``ConfigError`` otherwise."""
+    if not isinstance(raw, dict):
+        raise ConfigError(where or "config", f"expected a mapping, got {raw!r}")
+    return raw
+
+
+def _path(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
