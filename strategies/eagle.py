@@ -32,6 +32,7 @@ target's own sampling.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -39,42 +40,56 @@ from harness.errors import ConfigError
 from harness.lm import CausalLM
 from harness.tree import greedy_path, tree_inputs
 from strategies.base import Step, Strategy, StrategyParams, Trace
+from strategies.eagle_head import load_head_lm
 from strategies.registry import register
 from strategies.sampling import Sampling
 from strategies.speculative import verify
 
 
 @dataclass(frozen=True)
-class EagleParams(StrategyParams):
-    """``head``: an EAGLE head named in the sweep's ``train`` section; ``gamma``: chain length."""
+class HeadParams(StrategyParams):
+    """Where the head comes from: ``head``, a ``train`` entry of the sweep, or ``head_dir``, a saved or published head."""
 
-    head: str
-    gamma: int = 4
+    head: str = ""
+    head_dir: str = ""
 
     def validate(self, where: str) -> None:
-        if self.gamma < 1:
-            raise ConfigError(f"{where}.gamma", f"must be >= 1, got {self.gamma}", "draft at least one token per step")
+        if bool(self.head) == bool(self.head_dir):
+            raise ConfigError(f"{where}.head", "give exactly one of head (a train entry) or head_dir (a head directory)",
+                              "e.g. head: head with train: {head: train/eagle_zoo.yaml}, or head_dir: /path/to/EAGLE-head")
+        if self.head_dir and not Path(self.head_dir).expanduser().is_dir():
+            raise ConfigError(f"{where}.head_dir", f"{self.head_dir} is not a directory",
+                              "give the absolute path of a saved head (head.json) or a published one (config.json)")
 
     def uses_artifacts(self) -> list[str]:
-        return [self.head]
+        return [self.head] if self.head else []
 
 
 @dataclass(frozen=True)
-class Eagle2Params(StrategyParams):
-    """EAGLE-2's tree budget: ``total_tokens`` verified (root included), ``depth`` draft levels, ``top_k`` branching."""
+class EagleParams(HeadParams):
+    """EAGLE's head and ``gamma``, the chain length."""
 
-    head: str
+    gamma: int = 4
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.gamma < 1:
+            raise ConfigError(f"{where}.gamma", f"must be >= 1, got {self.gamma}", "draft at least one token per step")
+
+
+@dataclass(frozen=True)
+class Eagle2Params(HeadParams):
+    """EAGLE-2's head and tree budget: ``total_tokens`` verified (root included), ``depth`` levels, ``top_k`` branching."""
+
     total_tokens: int = 60
     depth: int = 5
     top_k: int = 10
 
     def validate(self, where: str) -> None:
+        super().validate(where)
         for name, low in (("total_tokens", 2), ("depth", 1), ("top_k", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{where}.{name}", f"must be >= {low}, got {getattr(self, name)}")
-
-    def uses_artifacts(self) -> list[str]:
-        return [self.head]
 
 
 @dataclass
@@ -88,8 +103,15 @@ class HeadState:
 class EagleBase(Strategy):
     """What the chain and the tree share: the two-cache prefill and the post-verification head update."""
 
+    _loaded_head: CausalLM | None = None
+
     def head(self) -> CausalLM:
-        return self.models.artifact(self.params.head)
+        """The drafting head: the sweep's trained artefact, or the head directory loaded once for this strategy."""
+        if self.params.head:
+            return self.models.artifact(self.params.head)
+        if self._loaded_head is None:
+            self._loaded_head = load_head_lm(Path(self.params.head_dir).expanduser(), self.models.target)
+        return self._loaded_head
 
     def start(self, prompt_ids: list[int], sampling: Sampling) -> tuple[int, HeadState | None]:
         """Prefill the target (its logits give the first token) and the head; return that token and the head state."""

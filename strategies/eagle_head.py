@@ -10,6 +10,17 @@ head holds only ``fc`` and the decoder layer (safetensors + ``head.json``).
 As in the reference code, the decoder layer has no input norm (the fused
 input is not normalised) and there is no final norm before ``lm_head``.
 
+A head may draft from a vocabulary subset (FR-Spec: the most frequent tokens of
+its training text, saved in ``head.json``); its logits are then computed for
+those rows of ``lm_head`` only, -inf elsewhere. The target verifies over the
+full vocabulary, so decoding stays lossless.
+
+Published EAGLE-1/2 heads (the reference layout: ``config.json`` plus
+``fc.*`` and ``layers.0.*`` weights in ``model.safetensors`` or
+``pytorch_model.bin``) load too. The reference feeds ``fc`` with
+[embedding; feature], the reverse of this module's order, so its ``fc``
+columns are swapped on load.
+
 The forward signature matches a Hugging Face causal LM's (plus ``features``),
 so :class:`harness.lm.CausalLM` gives the head the same KV-cache handling,
 tree masks and timing as any model.
@@ -29,6 +40,8 @@ from harness.lm import cache_argument
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head.json"
+PUBLISHED_CONFIG = "config.json"
+PUBLISHED_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 @dataclass
@@ -62,7 +75,7 @@ def head_config(target_config: Any, intermediate_size: int | None = None):
 class EagleHead(nn.Module):
     """``fc(2h -> h)`` + one decoder layer, over the frozen embedding and ``lm_head`` of the target."""
 
-    def __init__(self, config, embed_tokens: nn.Module, lm_head: nn.Module) -> None:
+    def __init__(self, config, embed_tokens: nn.Module, lm_head: nn.Module, vocab_subset: list[int] | None = None) -> None:
         from transformers import LlamaModel
 
         super().__init__()
@@ -81,6 +94,19 @@ class EagleHead(nn.Module):
         for module in (self.embed_tokens, self.lm_head):
             for parameter in module.parameters():
                 parameter.requires_grad_(False)
+        self.vocab_subset = sorted(set(vocab_subset)) if vocab_subset else None
+        self._subset_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, lm_head rows), built lazily
+
+    def subset_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(ids, lm_head rows)`` of the drafting subset, or None when the head drafts from the full vocabulary."""
+        if self.vocab_subset is None:
+            return None
+        weight = self.lm_head.weight
+        if self._subset_rows is None or self._subset_rows[1].device != weight.device or \
+                self._subset_rows[1].dtype != weight.dtype:
+            ids = torch.tensor(self.vocab_subset, dtype=torch.long, device=weight.device)
+            self._subset_rows = (ids, weight.detach().index_select(0, ids))
+        return self._subset_rows
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The head's own weights (``fc`` and the decoder layer), as saved."""
@@ -100,14 +126,27 @@ class EagleHead(nn.Module):
         attention_mask: torch.Tensor | None = None,
         use_cache: bool = False,
         output_hidden_states: bool = False,
+        compute_logits: bool = True,
     ) -> HeadOutput:
-        """Predict the next features for each (feature, next-token) pair, and their logits."""
+        """Predict the next features for each (feature, next-token) pair, and (unless not asked) their logits."""
         embedded = self.embed_tokens(input_ids).to(self.fc.weight.dtype)
         fused = self.fc(torch.cat([features.to(self.fc.weight.dtype), embedded], dim=-1))
         out = self.decoder(inputs_embeds=fused, position_ids=position_ids, attention_mask=attention_mask,
                            use_cache=use_cache, **{self.decoder_cache_argument: cache})
         predicted = out.last_hidden_state
-        return HeadOutput(logits=self.lm_head(predicted.to(self.lm_head.weight.dtype)), hidden_states=(predicted,))
+        return HeadOutput(logits=self.logits(predicted) if compute_logits else None, hidden_states=(predicted,))
+
+    def logits(self, predicted: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits of predicted features: ``lm_head``, or its subset rows with -inf elsewhere."""
+        predicted = predicted.to(self.lm_head.weight.dtype)
+        rows = self.subset_rows()
+        if rows is None:
+            return self.lm_head(predicted)
+        ids, weight = rows
+        full = torch.full((*predicted.shape[:-1], self.lm_head.weight.shape[0]), float("-inf"),
+                          dtype=predicted.dtype, device=predicted.device)
+        full[..., ids] = nn.functional.linear(predicted, weight)
+        return full
 
 
 def save_head(head: EagleHead, directory: Path, extra: dict[str, Any] | None = None) -> None:
@@ -117,24 +156,90 @@ def save_head(head: EagleHead, directory: Path, extra: dict[str, Any] | None = N
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in head.trainable_state().items()}
     save_file(state, str(directory / HEAD_WEIGHTS))
-    (directory / HEAD_CONFIG).write_text(json.dumps({"config": head.config.to_dict(), **(extra or {})}, indent=2))
+    meta = {"config": head.config.to_dict(), "vocab_subset": head.vocab_subset, **(extra or {})}
+    (directory / HEAD_CONFIG).write_text(json.dumps(meta, indent=2))
 
 
 def load_head(directory: Path, target_model: nn.Module) -> EagleHead:
-    """Load a saved head onto ``target_model``'s device and dtype, sharing its embedding and ``lm_head``."""
-    from safetensors.torch import load_file
+    """Load a saved or published head onto ``target_model``'s device and dtype, sharing its embedding and ``lm_head``."""
+    directory = Path(directory)
+    if (directory / HEAD_CONFIG).is_file():
+        meta = json.loads((directory / HEAD_CONFIG).read_text())
+        config_dict, subset = meta["config"], meta.get("vocab_subset")
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / HEAD_WEIGHTS))
+    elif (directory / PUBLISHED_CONFIG).is_file():
+        config_dict, subset = json.loads((directory / PUBLISHED_CONFIG).read_text()), None
+        state = published_state(directory, int(config_dict["hidden_size"]))
+    else:
+        raise FileNotFoundError(f"{directory} holds no EAGLE head: expected {HEAD_CONFIG} + {HEAD_WEIGHTS} (specsweep) "
+                                f"or {PUBLISHED_CONFIG} + {' or '.join(PUBLISHED_WEIGHTS)} (the reference layout)")
     from transformers import LlamaConfig
 
-    meta = json.loads((Path(directory) / HEAD_CONFIG).read_text())
-    config = LlamaConfig.from_dict(meta["config"])
+    config = LlamaConfig.from_dict({key: value for key, value in config_dict.items() if key != "architectures"})
     if config.hidden_size != target_model.config.hidden_size or config.vocab_size != target_model.config.vocab_size:
         raise ValueError(f"head in {directory} was trained for hidden size {config.hidden_size} / vocabulary "
                          f"{config.vocab_size}, not this target's {target_model.config.hidden_size} / "
                          f"{target_model.config.vocab_size}")
-    head = EagleHead(config, target_model.get_input_embeddings(), target_model.get_output_embeddings())
-    missing, unexpected = head.load_state_dict(load_file(str(Path(directory) / HEAD_WEIGHTS)), strict=False)
+    config.num_hidden_layers = 1
+    head = EagleHead(config, target_model.get_input_embeddings(), target_model.get_output_embeddings(), subset)
+    missing, unexpected = head.load_state_dict(state, strict=False)
     missing = [name for name in missing if not name.startswith(("embed_tokens.", "lm_head."))]
     if missing or unexpected:
         raise ValueError(f"head in {directory} does not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
     parameter = next(target_model.parameters())
     return head.to(device=parameter.device, dtype=parameter.dtype).eval()
+
+
+def load_head_lm(directory: Path, target):
+    """The head in ``directory`` as a ``CausalLM`` over ``target`` (a ``CausalLM``), ready to draft.
+
+    Its cost-model size is its own weights plus the ``lm_head`` rows it computes.
+    """
+    from harness.lm import CausalLM
+
+    head = load_head(directory, target.model)
+    rows = head.subset_rows()
+    lm_head_parameters = target.model.get_output_embeddings().weight.numel() if rows is None else rows[1].numel()
+    return CausalLM(head, name="eagle-head", num_parameters=head.own_parameters() + lm_head_parameters)
+
+
+def published_state(directory: Path, hidden: int) -> dict[str, torch.Tensor]:
+    """A reference-layout EAGLE-1/2 checkpoint's weights renamed to this module's (``fc`` columns swapped)."""
+    path = next((directory / name for name in PUBLISHED_WEIGHTS if (directory / name).is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"{directory} has {PUBLISHED_CONFIG} but no {' or '.join(PUBLISHED_WEIGHTS)}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        raw = load_file(str(path))
+    else:
+        raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in raw.items():
+        if name.startswith("fc."):
+            state[name] = torch.cat([tensor[:, hidden:], tensor[:, :hidden]], dim=1) if name == "fc.weight" else tensor
+        elif name.startswith("layers.0."):
+            state["decoder." + name] = tensor
+        elif not name.startswith(("embed_tokens.", "lm_head.")):
+            raise ValueError(f"unexpected tensor {name!r} in the published EAGLE head {path}")
+    if "fc.bias" not in state:
+        state["fc.bias"] = torch.zeros(hidden, dtype=state["fc.weight"].dtype)  # reference heads may have no fc bias
+    return state
+
+
+def save_published(head: EagleHead, directory: Path) -> None:
+    """Write ``head`` in the reference layout (``config.json`` + ``model.safetensors``, [embedding; feature] fc)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    hidden = head.config.hidden_size
+    state = {}
+    for name, tensor in head.trainable_state().items():
+        tensor = tensor.detach().to("cpu", torch.float32)
+        if name == "fc.weight":
+            tensor = torch.cat([tensor[:, hidden:], tensor[:, :hidden]], dim=1)
+        state[name.removeprefix("decoder.")] = tensor.contiguous()
+    save_file(state, str(directory / PUBLISHED_WEIGHTS[0]))
+    (directory / PUBLISHED_CONFIG).write_text(json.dumps(head.config.to_dict(), indent=2))

@@ -39,6 +39,7 @@ def test_greedy_cascade_equals_autoregressive(cascade_models, zoo_prompts, param
         levels = got.extras["levels"]
         assert levels["target"]["reviews"] == len(got.steps)
         assert all(level["accepted"] <= level["proposed"] for level in levels.values())
+        assert all(step.drafted <= sum(params["k_matrix"][0]) for step in got.steps)  # no level passes row 0
 
 
 @pytest.mark.parametrize("gamma", [1, 3, 5])
@@ -50,6 +51,25 @@ def test_single_draft_cascade_is_speculative_decoding(cascade_models, zoo_prompt
         assert a.tokens == b.tokens
         assert a.target_calls == b.target_calls
         assert [(s.drafted, s.accepted) for s in a.steps] == [(s.drafted, s.accepted) for s in b.steps]
+
+
+@pytest.mark.parametrize("mag_tokens", [10, 4])
+def test_mag_only_k_matrix_sets_the_draft_length(cascade_models, zoo_prompts, mag_tokens):
+    """MaG proposes ``mag_tokens`` at a time, but the cascade stops at row 0's threshold (k = 5 used to draft 10)."""
+    baseline = build("autoregressive", {}, cascade_models)
+    expected = [baseline.generate(ids, 40, Sampling()).tokens for ids in zoo_prompts]
+    drafted = {}
+    for k in (5, 10):
+        strategy = build("cascade", {"drafts": [], "k_matrix": [[k]], "use_mag": True, "mag_tokens": mag_tokens},
+                         cascade_models)
+        drafted[k] = 0
+        for ids, tokens in zip(zoo_prompts, expected):
+            got = strategy.generate(ids, 40, Sampling())
+            assert got.tokens == tokens
+            assert all(step.drafted <= k for step in got.steps)
+            assert got.steps[0].drafted == k  # the first step has budget for k tokens (in several MaG calls if needed)
+            drafted[k] += got.drafted
+    assert drafted[10] > drafted[5]
 
 
 def test_mag_costs_nothing_and_fixed_ratios_counter(cascade_models, zoo_prompts):

@@ -65,8 +65,7 @@ def test_killed_worker_is_replaced_and_its_cell_rerun(tmp_path, tiny_zoo, fresh_
 
 
 def test_raising_strategy_fails_only_its_cell(tmp_path, tiny_zoo, zoo_models, fresh_ray):
-    from harness.prompts import load_prompts, shard
-    from harness.runner import prompt_token_ids
+    from harness.prompts import conversation_ids, load_prompts, shard
 
     _, tokenizer = zoo_models
     path = many_cells_sweep(tmp_path / "sweep.yaml", plugins=[str(TESTS / "plugins" / "probes.py")],
@@ -74,8 +73,9 @@ def test_raising_strategy_fails_only_its_cell(tmp_path, tiny_zoo, zoo_models, fr
     sweep = load_sweep(path)
     prompts = load_prompts(sweep.prompt_sets[0], tiny_zoo.corpus)
     poisoned = shard(prompts, 1, 2)[-1]
-    lengths = {len(prompt_token_ids(tokenizer, [p.turns[0]], "zoo", 10**6)) for p in prompts if p is not poisoned}
-    poison_length = len(prompt_token_ids(tokenizer, [poisoned.turns[0]], "zoo", 10**6))
+    spec = sweep.prompt_sets[0]
+    lengths = {len(conversation_ids(tokenizer, spec, [p.turns[0]], 10**6)) for p in prompts if p is not poisoned}
+    poison_length = len(conversation_ids(tokenizer, spec, [poisoned.turns[0]], 10**6))
     assert poison_length not in lengths
     path = many_cells_sweep(tmp_path / "sweep.yaml", plugins=[str(TESTS / "plugins" / "probes.py")],
                             strategies=[{"name": "faulty", "params": {"poison_length": poison_length}},

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import yaml
 
 from harness.errors import ConfigError
-from harness.models import ModelSpec
+from harness.models import ARTIFACT_PREFIX, ModelSpec
 from harness.paths import content_hash, specsweep_home
 
 MANIFEST = "artifact.json"
@@ -37,7 +37,8 @@ class ArtifactKind:
 
 
 def _eagle_kind() -> ArtifactKind:
-    from training.eagle import build_head, load_head_lm, parse_eagle_config
+    from strategies.eagle_head import load_head_lm
+    from training.eagle import build_head, parse_eagle_config
 
     return ArtifactKind("eagle", parse_eagle_config, build_head, lambda request, target: load_head_lm(request.directory, target))
 
@@ -65,8 +66,15 @@ def _alora_kind() -> ArtifactKind:
     return ArtifactKind("alora", parse_alora_config, build_alora, load)
 
 
+def _draft_kind() -> ArtifactKind:
+    from training.draft import MODEL_DIR, build_draft, parse_draft_config
+
+    return ArtifactKind("draft", parse_draft_config, build_draft, lambda request, target: request.directory / MODEL_DIR)
+
+
 KINDS: dict[str, Callable[[], ArtifactKind]] = {
-    "eagle": _eagle_kind, "adapters": _adapters_kind, "router": _router_kind, "alora": _alora_kind}
+    "eagle": _eagle_kind, "adapters": _adapters_kind, "router": _router_kind, "alora": _alora_kind,
+    "draft": _draft_kind}
 
 
 def artifact_kind(name: str, where: str = "kind") -> ArtifactKind:
@@ -91,6 +99,10 @@ class ArtifactRequest:
     def key(self) -> str:
         return content_hash([self.kind, self.config.identity(), self.target_key()])[:16]
 
+    def uses_zoo_models(self) -> bool:
+        """Whether the config names a zoo model (then the zoo must be built first; zoo text alone needs no models)."""
+        return any(isinstance(value, ModelSpec) and value.zoo_name for value in vars(self.config).values())
+
     @property
     def directory(self) -> Path:
         return specsweep_home() / "artifacts" / self.kind / self.key()
@@ -100,6 +112,10 @@ class ArtifactRequest:
 
     def manifest(self) -> dict[str, Any]:
         return json.loads((self.directory / MANIFEST).read_text())
+
+    def model_id(self) -> str:
+        """The model id (``artifact:<kind>/<key>``) under which a sweep loads a trained model, e.g. a draft."""
+        return f"{ARTIFACT_PREFIX}{self.kind}/{self.key()}"
 
     def label(self) -> str:
         target = getattr(self.config, "target", None)
@@ -149,7 +165,7 @@ def build_artifact(request: ArtifactRequest, log: Callable[[str], None] = print,
     """Build ``request`` into its directory unless it is already there; return its manifest."""
     if request.built() and not force:
         return request.manifest()
-    if request.target_key():
+    if request.uses_zoo_models():
         from training.zoo import build_zoo, is_built
 
         if not is_built(request.zoo):

@@ -17,21 +17,54 @@ from harness.paths import content_hash, specsweep_home
 from strategies.ngram import BigramTable
 
 
+_FLUSH_PAIRS = 1 << 22  # pending pair keys merged into the running counts at a time
+
+
+def _merge_counts(keys: torch.Tensor, counts: torch.Tensor, pending: list[torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys``/``counts`` (distinct, sorted) with the pair keys in ``pending`` (one occurrence each) added."""
+    all_keys = torch.cat([keys, *pending])
+    all_counts = torch.cat([counts, torch.ones(len(all_keys) - len(keys), dtype=torch.int64)])
+    merged, inverse = torch.unique(all_keys, sorted=True, return_inverse=True)
+    return merged, torch.zeros(len(merged), dtype=torch.int64).index_add_(0, inverse, all_counts)
+
+
 def count_bigrams(token_streams: list[list[int]], vocab_size: int) -> BigramTable:
-    """The greedy bigram table of ``token_streams`` (a token never seen first maps to the most frequent token)."""
-    counts = torch.zeros(vocab_size * vocab_size, dtype=torch.int64)
+    """The greedy bigram table of ``token_streams`` (a token never seen first maps to the most frequent token).
+
+    Ids outside ``0 .. vocab_size-1`` are dropped before pairing. Counting is
+    sparse: each adjacent pair is one int64 key ``prev * vocab_size + next``
+    and only the distinct observed keys are counted, so memory is
+    O(distinct pairs + vocab_size) and nothing vocab x vocab is ever built.
+    Ties between successors go to the smaller token id (as a dense ``argmax``).
+    """
     unigram = torch.zeros(vocab_size, dtype=torch.int64)
+    keys = torch.zeros(0, dtype=torch.int64)
+    counts = torch.zeros(0, dtype=torch.int64)
+    pending: list[torch.Tensor] = []
+    pending_size = 0
     for stream in token_streams:
-        ids = torch.tensor([t for t in stream if 0 <= t < vocab_size], dtype=torch.int64)
+        ids = torch.as_tensor(list(stream), dtype=torch.int64)
+        ids = ids[(ids >= 0) & (ids < vocab_size)]
         if len(ids) < 2:
             continue
-        counts.index_add_(0, ids[:-1] * vocab_size + ids[1:], torch.ones(len(ids) - 1, dtype=torch.int64))
         unigram.index_add_(0, ids, torch.ones(len(ids), dtype=torch.int64))
-    counts = counts.view(vocab_size, vocab_size)
-    best = counts.argmax(dim=1)
-    seen = counts.sum(dim=1) > 0
-    fallback = int(unigram.argmax())
-    return BigramTable(tuple(int(b) if s else fallback for b, s in zip(best, seen)))
+        pending.append(ids[:-1] * vocab_size + ids[1:])
+        pending_size += len(ids) - 1
+        if pending_size >= _FLUSH_PAIRS:
+            keys, counts = _merge_counts(keys, counts, pending)
+            pending, pending_size = [], 0
+    if pending:
+        keys, counts = _merge_counts(keys, counts, pending)
+    rows, successors = keys // vocab_size, keys % vocab_size
+    # the largest count of every row, then the smallest successor id among the pairs reaching it
+    row_max = torch.zeros(vocab_size, dtype=torch.int64).scatter_reduce_(0, rows, counts, "amax", include_self=False)
+    top = counts == row_max[rows]
+    best = torch.full((vocab_size,), vocab_size, dtype=torch.int64)
+    best.scatter_reduce_(0, rows[top], successors[top], "amin", include_self=True)
+    fallback = int(unigram.argmax())  # the first (smallest) id among the most frequent
+    best[best == vocab_size] = fallback
+    return BigramTable(tuple(best.tolist()))
 
 
 @functools.lru_cache(maxsize=4)

@@ -8,11 +8,17 @@ cross-entropy of ``lm_head(prediction)`` against the target's own next-token
 distribution ``softmax(lm_head(f_{i+1}))`` (weights 1.0 and 0.1). The
 reference code scales its noise by 512 / sequence length; we follow the
 paper's fixed U(-0.1, 0.1).
+
+On a real vocabulary the CE term dominates the cost: both distributions need
+the full ``lm_head`` (49,152 x 576 on SmolLM2) for every position. With
+``vocab_subset: N`` the CE is taken over the N tokens most frequent in the
+training windows (both distributions renormalised there, as FR-Spec drafts),
+and the saved head drafts from those tokens only; verification stays on the
+full vocabulary, so decoding is still lossless.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -22,9 +28,10 @@ import torch.nn.functional as F
 
 from harness.errors import ConfigError
 from harness.models import ModelSpec
+from training.draft import frequent_tokens
 from training.eagle_data import FeatureDataConfig, build_features, features_dir
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
-from training.settings import TrainSettings, mapping, parse_settings
+from training.settings import TrainSettings, mapping, parse_settings, warmup_cosine
 
 PROBE_TOKENS = 8
 
@@ -36,6 +43,7 @@ class EagleTrainConfig(TrainSettings):
     target: ModelSpec = ModelSpec("zoo:target")
     data: FeatureDataConfig = field(default_factory=FeatureDataConfig)
     intermediate_size: int | None = None  # the head layer's MLP width; None = the target's
+    vocab_subset: int = 0  # CE over, and drafting from, the N most frequent tokens (FR-Spec); 0 = full vocabulary
     steps: int = 600
     batch_size: int = 16
     lr: float = 1e-3
@@ -56,6 +64,8 @@ def parse_eagle_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_name
         "data": lambda value, path: FeatureDataConfig.from_dict(mapping(value, path), path),
         "intermediate_size": _optional_width,
     })
+    if config.vocab_subset < 0:
+        raise ConfigError(f"{where}.vocab_subset", f"must be >= 0, got {config.vocab_subset}", "0 keeps the full vocabulary")
     for name in ("steps", "batch_size"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{where}.{name}", f"must be >= 1, got {getattr(config, name)}")
@@ -77,35 +87,35 @@ def _optional_width(value: Any, path: str) -> int | None:
 
 def eagle_loss(head, batch: dict[str, torch.Tensor], config: EagleTrainConfig,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """EAGLE's loss on a batch of (input_ids, hidden, loss_mask); also the head's top-1 agreement with the target."""
+    """EAGLE's loss on a batch of (input_ids, hidden, loss_mask); also the head's top-1 agreement with the target.
+
+    The CE term and the agreement are over the head's vocabulary subset when it has one.
+    """
     ids, hidden, mask = batch["input_ids"], batch["hidden"], batch["loss_mask"]
     dtype = head.fc.weight.dtype
     inputs = hidden[:, :-1]
     if config.noise > 0 and head.training:
         noise = torch.rand(inputs.shape, generator=generator, device="cpu").to(inputs.device)
         inputs = inputs + (noise * 2 - 1) * config.noise
-    out = head(input_ids=ids[:, 1:], features=inputs.to(dtype))
+    out = head(input_ids=ids[:, 1:], features=inputs.to(dtype), compute_logits=False)
     predicted = out.hidden_states[-1].float()
     wanted = hidden[:, 1:].float()
     weight = mask[:, 1:].float()
     denominator = weight.sum().clamp(min=1.0)
     v_loss = (F.smooth_l1_loss(predicted, wanted, reduction="none").mean(-1) * weight).sum() / denominator
+    head_weight = head.lm_head.weight
+    if head.vocab_subset is not None:
+        head_weight = head_weight.index_select(0, torch.tensor(head.vocab_subset, device=head_weight.device))
     with torch.no_grad():
-        target_logits = head.lm_head(wanted.to(head.lm_head.weight.dtype)).float()
+        target_logits = F.linear(wanted.to(head_weight.dtype), head_weight).float()
         target_probs = torch.softmax(target_logits, dim=-1)
-    log_probs = torch.log_softmax(out.logits.float(), dim=-1)
+    logits = F.linear(out.hidden_states[-1].to(head_weight.dtype), head_weight).float()
+    log_probs = torch.log_softmax(logits, dim=-1)
     p_loss = (-(target_probs * log_probs).sum(-1) * weight).sum() / denominator
     loss = config.v_weight * v_loss + config.p_weight * p_loss
-    agree = ((out.logits.argmax(-1) == target_logits.argmax(-1)).float() * weight).sum() / denominator
+    agree = ((logits.argmax(-1) == target_logits.argmax(-1)).float() * weight).sum() / denominator
     stats = {"loss": loss.item(), "v_loss": v_loss.item(), "p_loss": p_loss.item(), "top1": agree.item()}
     return loss, stats
-
-
-def _lr_factor(step: int, config: EagleTrainConfig) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ---------------------------------------------------------------------------- the Ray Train loop
@@ -139,8 +149,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     train_rows = split["train"].shard(world, rank)
     eval_rows = split["test"][:]
 
+    vocab = target.get_output_embeddings().weight.shape[0]
+    subset = None
+    if config.vocab_subset and config.vocab_subset < vocab:
+        tokenizer = load_tokenizer(config.target, zoo)
+        specials = [t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if t is not None]
+        train_ids = split["train"].select_columns(["input_ids"])[:]["input_ids"]
+        subset = frequent_tokens(torch.as_tensor(train_ids), vocab, config.vocab_subset, specials)
     head = EagleHead(head_config(target.config, config.intermediate_size), target.get_input_embeddings(),
-                     target.get_output_embeddings()).to(device)
+                     target.get_output_embeddings(), subset).to(device)
     head.train()
     trainable = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
@@ -162,7 +179,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     history: list[float] = []
     for step in range(config.steps):
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(step, config)
+            group["lr"] = config.lr * warmup_cosine(step, config.steps, config.warmup_steps)
         index = torch.randint(0, len(train_rows), (config.batch_size,), generator=generator).tolist()
         loss, stats = eagle_loss(module, to_device(train_rows[index]), config, generator)
         engine.backward(loss)
@@ -202,13 +219,3 @@ def build_head(config: EagleTrainConfig, zoo, out_dir: Path, target_key: str, na
     """Train a head for ``config`` and write it (safetensors + ``head.json``) to ``out_dir``; return its metrics."""
     return launch(train_loop, config, zoo, name, out_dir, log,
                   features_dir=str(features_dir(config.target, target_key, config.data)))
-
-
-def load_head_lm(directory: Path, target):
-    """The head in ``directory`` as a ``CausalLM`` over ``target`` (a ``CausalLM``), ready to draft."""
-    from harness.lm import CausalLM
-    from strategies.eagle_head import load_head
-
-    head = load_head(directory, target.model)
-    lm_head_parameters = target.model.get_output_embeddings().weight.numel()
-    return CausalLM(head, name="eagle-head", num_parameters=head.own_parameters() + lm_head_parameters)

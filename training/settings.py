@@ -11,6 +11,7 @@ field-specific parser. Range checks stay with each config.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -86,6 +87,14 @@ def parse_settings(cls: type, raw: Any, where: str, base_dir: Path, zoo_names: t
         else:
             raise TypeError(f"{cls.__name__}.{name}: no parser for a field with default {default!r}")
     return cls(**values)
+
+
+def warmup_cosine(step: int, steps: int, warmup_steps: int) -> float:
+    """The learning-rate factor at ``step``: linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def parse_lora(raw: Any, where: str) -> LoraSettings:

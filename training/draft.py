@@ -1,0 +1,201 @@
+"""Distilled drafts for any target: the target's own first layers, trained to imitate the whole target.
+
+A draft of ``layers`` decoder layers starts as the target's early exit (its
+embedding, first ``layers`` layers, final norm and LM head, as in LayerSkip and
+Draft & Verify), so it shares the target's tokenizer and is useful before any
+training. Distillation then trains the kept layers and the final norm to match
+the target's next-token distribution (forward KL, teacher and student at
+temperature 1) on text the machine has (``zoo:<domain>``, ``hf:<dataset>`` or a
+file), through the Ray Train + DeepSpeed launcher. Embedding and LM head stay
+frozen and shared with the target.
+
+A real vocabulary makes the LM head the draft's largest cost (49,152 x 576 is
+about 21 % of SmolLM2-135M). With ``vocab_subset: N`` the draft's head keeps
+only the N tokens most frequent in the training text (FR-Spec, Zhao et al.
+2025): the loss is the KL between the target's and the draft's distributions
+renormalised over those N tokens, and at decode time the draft proposes only
+from them. The target still verifies over the full vocabulary, so decoding
+stays lossless. The result is a plain Hugging Face directory (``model/``, plus
+``vocab_subset.json`` when cut) that any sweep can name as a draft.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from harness.errors import ConfigError
+from harness.models import VOCAB_SUBSET_FILE, ModelSpec, keep_first_layers
+from training.eagle_data import FeatureDataConfig
+from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
+from training.settings import TrainSettings, mapping, parse_settings, warmup_cosine
+
+MODEL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class DraftTrainConfig(TrainSettings):
+    """Everything that determines a distilled draft (its hash names the artefact)."""
+
+    target: ModelSpec = ModelSpec("zoo:target")
+    layers: int = 1
+    vocab_subset: int = 0  # keep the N most frequent tokens in the draft's head (FR-Spec); 0 = the full vocabulary
+    data: FeatureDataConfig = field(default_factory=FeatureDataConfig)
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 5e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_fraction: float = 0.05
+    seed: int = 0
+    launch: LaunchSettings = field(default_factory=LaunchSettings)
+
+
+def parse_draft_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]) -> DraftTrainConfig:
+    """Validated draft-distillation settings from a training-config mapping (``kind: draft``)."""
+    config = parse_settings(DraftTrainConfig, raw, where, base_dir, zoo_names, allowed_note="kind", fields={
+        "data": lambda value, path: FeatureDataConfig.from_dict(mapping(value, path), path),
+    })
+    for name, low in (("layers", 1), ("steps", 1), ("batch_size", 1), ("vocab_subset", 0)):
+        if getattr(config, name) < low:
+            raise ConfigError(f"{where}.{name}", f"must be >= {low}, got {getattr(config, name)}")
+    if not 0 < config.eval_fraction < 1:
+        raise ConfigError(f"{where}.eval_fraction", f"must be between 0 and 1, got {config.eval_fraction}")
+    if config.lr <= 0:
+        raise ConfigError(f"{where}.lr", f"must be > 0, got {config.lr}")
+    if config.target.layers is not None:
+        raise ConfigError(f"{where}.target.layers", "the target must be whole", "set the draft's depth with layers")
+    return config
+
+
+def frequent_tokens(windows: torch.Tensor, vocab_size: int, count: int, always: list[int]) -> list[int]:
+    """The ``count`` most frequent token ids of ``windows`` (ties to the smaller id), plus the ``always`` ids."""
+    counts = torch.bincount(windows.flatten(), minlength=vocab_size)[:vocab_size]
+    order = torch.sort(-counts, stable=True).indices[:count].tolist()
+    return sorted(set(order) | {token for token in always if 0 <= token < vocab_size})
+
+
+def early_exit_draft(target: torch.nn.Module, layers: int) -> torch.nn.Module:
+    """A copy of ``target`` cut to its first ``layers`` layers, sharing (and freezing) its embedding and LM head."""
+    body = target.get_decoder()
+    kept = body.layers
+    body.layers = kept[:layers]  # copy only what the draft keeps
+    try:
+        student = copy.deepcopy(target)
+    finally:
+        body.layers = kept
+    keep_first_layers(student, layers)
+    for parameter in student.parameters():
+        parameter.requires_grad_(True)
+    student.set_input_embeddings(target.get_input_embeddings())
+    if student.get_output_embeddings() is not None:
+        student.set_output_embeddings(target.get_output_embeddings())
+    for module in (student.get_input_embeddings(), student.get_output_embeddings()):
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+    return student
+
+
+def subset_logits(model: torch.nn.Module, ids: torch.Tensor, head_rows: torch.Tensor) -> torch.Tensor:
+    """``model``'s logits for ``ids`` over the LM-head rows ``head_rows`` only (its last hidden states x those rows)."""
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+    return F.linear(hidden, head_rows).float()
+
+
+def distill_loss(student, target, ids: torch.Tensor, head_rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward KL(target || draft) over the head rows (the subset, renormalised), and the top-1 agreement."""
+    with torch.no_grad():
+        teacher = subset_logits(target, ids, head_rows)
+        teacher_log = torch.log_softmax(teacher, dim=-1)
+    student_log = torch.log_softmax(subset_logits(student, ids, head_rows), dim=-1)
+    kl = (teacher_log.exp() * (teacher_log - student_log)).sum(-1).mean()
+    agree = (student_log.argmax(-1) == teacher.argmax(-1)).float().mean()
+    return kl, {"kl": kl.item(), "top1": agree.item()}
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: tokenise the text, distil the draft with DeepSpeed, report its directory."""
+    import ray.train
+
+    from harness.models import load_model, load_tokenizer
+    from training.text import token_windows
+
+    config: DraftTrainConfig = loop_config["config"]
+    zoo = loop_config["zoo"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = worker_device(loop_config)
+    torch.manual_seed(config.seed + rank)
+
+    target = load_model(replace(config.target, dtype="float32"), zoo, device, "target").model.eval()
+    for parameter in target.parameters():
+        parameter.requires_grad_(False)
+    tokenizer = load_tokenizer(config.target, zoo)
+    windows = token_windows(tokenizer, config.data, zoo.corpus)
+    held_out = max(1, int(len(windows) * config.eval_fraction))
+    train_rows, eval_rows = windows[held_out:], windows[:held_out].to(device)
+    vocab = target.get_output_embeddings().weight.shape[0]
+    subset = None
+    if config.vocab_subset and config.vocab_subset < vocab:
+        specials = [tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id]
+        subset = frequent_tokens(train_rows, vocab, config.vocab_subset, [t for t in specials if t is not None])
+    head_weight = target.get_output_embeddings().weight
+    head_rows = head_weight if subset is None else head_weight[torch.tensor(subset, device=head_weight.device)]
+
+    student = early_exit_draft(target, config.layers).to(device)
+    student.train()
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    engine = deepspeed_engine(student, optimizer, loop_config["deepspeed"])
+    module = engine.module
+
+    def evaluate() -> dict[str, float]:
+        module.eval()
+        with torch.no_grad():
+            stats = [distill_loss(module, target, eval_rows[i:i + config.batch_size], head_rows)[1]
+                     for i in range(0, len(eval_rows), config.batch_size)]
+        module.train()
+        return {name: sum(s[name] for s in stats) / len(stats) for name in stats[0]}
+
+    before = evaluate()
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    history: list[float] = []
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * warmup_cosine(step, config.steps, config.warmup_steps)
+        index = torch.randint(0, len(train_rows), (config.batch_size,), generator=generator)
+        loss, stats = distill_loss(module, target, train_rows[index].to(device), head_rows)
+        engine.backward(loss)
+        engine.step()
+        history.append(stats["kl"])
+        if rank == 0 and (step + 1) % max(1, config.steps // 10) == 0:
+            print(f"draft step {step + 1}/{config.steps}: kl {stats['kl']:.4f} top1 {stats['top1']:.3f}", flush=True)
+    after = evaluate()
+    metrics = {"eval_before": before, "eval_after": after, "steps": config.steps, "layers": config.layers,
+               "train_windows": len(train_rows), "train_tokens": config.steps * config.batch_size * config.data.seq_len,
+               "vocab_subset": len(subset) if subset else vocab,
+               "parameters": sum(p.numel() for p in module.parameters()), "world_size": world}
+
+    def write(directory: Path) -> None:
+        out = directory / MODEL_DIR
+        module.eval()
+        module.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        if subset is not None:
+            (out / VOCAB_SUBSET_FILE).write_text(json.dumps(subset))
+        (directory / "draft.json").write_text(json.dumps({"metrics": metrics}, indent=2))
+
+    report_files(metrics, write)
+
+
+def build_draft(config: DraftTrainConfig, zoo, out_dir: Path, target_key: str, name: str,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Distil a draft for ``config`` into ``out_dir`` (a Hugging Face directory under ``model/``); return its metrics."""
+    return launch(train_loop, config, zoo, name, out_dir, log)
