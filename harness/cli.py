@@ -114,6 +114,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     import dataclasses
 
     from harness.corpus import DOMAINS
+    from harness.sources import PACKAGED_MODELS
     from strategies import available
     from training.zoo import ZooConfig, is_built, zoo_dir
 
@@ -127,8 +128,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("prompt sets:")
     for domain in DOMAINS:
         print(f"  zoo:{domain:<12} held-out {domain} prompts of the embedded zoo corpus")
+    print("  specbench        Spec-Bench's 480 questions (shipped; categories, per_category)")
     print("  <path>.jsonl     a Spec-Bench-format file (question_id, category, turns)")
     print("  hf:<dataset>     a Hugging Face dataset (split, field), where a hub is reachable")
+    print("packaged models (specsweep model list):")
+    for name, packaged in PACKAGED_MODELS.items():
+        print(f"  pkg:{name:<12} {packaged.description}")
     config = ZooConfig()
     state = f"built in {zoo_dir(config)}" if is_built(config) else "not built yet (built on first use)"
     print(f"zoo models ({state}):")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -52,9 +53,17 @@ def test_two_cell_sweep_through_ray(tmp_path, tiny_zoo, ray_local, capsys):
 
 
 def test_failing_strategy_is_recorded_and_sweep_goes_on(tmp_path, tiny_zoo, ray_local, capsys):
-    """A cell whose draft cannot load is recorded failed with its error; the other cell succeeds; exit code 1."""
+    """A cell whose draft cannot load is recorded failed with its error; the other cell succeeds; exit code 1.
+
+    The broken draft has the target's tokenizer (so the check before Ray passes) but no weights.
+    """
+    from harness.models import ModelSpec, pretrained_location
+
     broken = tmp_path / "broken-draft"
     broken.mkdir()
+    for source in Path(pretrained_location(ModelSpec("zoo:draft-1l"), tiny_zoo)).iterdir():
+        if source.name.startswith(("tokenizer", "special_tokens")):
+            (broken / source.name).write_bytes(source.read_bytes())
     path = write_sweep(
         tmp_path / "sweep.yaml",
         models={"target": "zoo:target", "drafts": {"small": "zoo:draft-1l", "broken": str(broken)}, "device": "cpu"},
