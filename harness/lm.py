@@ -11,6 +11,7 @@ measured the same way.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -36,8 +37,6 @@ def keep_positions(cache, positions: torch.Tensor) -> None:
 
 def cache_argument(model: torch.nn.Module) -> str:
     """The name under which ``model.forward`` takes the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -98,6 +97,7 @@ class CausalLM:
         self.cache = None
         self.last_logits: torch.Tensor | None = None
         self.cache_argument = cache_argument(model)
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters  # HF LMs: skip unused rows
 
     # ------------------------------------------------------------------ state
 
@@ -120,16 +120,18 @@ class CausalLM:
 
     @torch.inference_mode()
     def prefill(self, ids: list[int] | torch.Tensor, output_hidden_states: bool = False,
-                extra_inputs: dict[str, torch.Tensor] | None = None) -> StepOutput:
-        """Start a new sequence with ``ids``; return logits for every prompt position.
+                extra_inputs: dict[str, torch.Tensor] | None = None, all_logits: bool = False) -> StepOutput:
+        """Start a new sequence with ``ids``; return the logits of its last position (of every one if ``all_logits``).
 
         ``extra_inputs`` are further per-token model inputs (``[new, ...]``, e.g. an
         EAGLE head's features), passed to the model with a batch axis added.
+        Hidden states, when asked for, cover every position.
         """
         from transformers import DynamicCache
 
         self.cache = DynamicCache()
-        return self._forward(ids, prefill=True, output_hidden_states=output_hidden_states, extra_inputs=extra_inputs)
+        return self._forward(ids, prefill=True, output_hidden_states=output_hidden_states, extra_inputs=extra_inputs,
+                             last_logits_only=not all_logits)
 
     @torch.inference_mode()
     def extend(
@@ -170,6 +172,7 @@ class CausalLM:
         position_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         extra_inputs: dict[str, torch.Tensor] | None = None,
+        last_logits_only: bool = False,
     ) -> StepOutput:
         input_ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(1, -1)
         n_new = input_ids.shape[1]
@@ -187,11 +190,13 @@ class CausalLM:
                   **kwargs}
         if self.subset is not None:
             hidden = self.subset.body(**inputs, **{self.subset.cache_argument: self.cache}).last_hidden_state
-            logits = self.subset.logits(hidden[0])
+            logits = self.subset.logits(hidden[0, -1:] if last_logits_only else hidden[0])
             out = None
         else:
+            if last_logits_only and self.keeps_logits:
+                inputs["logits_to_keep"] = 1
             out = self.model(output_hidden_states=output_hidden_states, **inputs, **{self.cache_argument: self.cache})
-            logits = out.logits[0].float()
+            logits = out.logits[0, -1:].float() if last_logits_only else out.logits[0].float()
         synchronize(self.device)
         elapsed = time.perf_counter() - started
         if prefill:

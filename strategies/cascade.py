@@ -137,7 +137,7 @@ class CachedModel:
             return self.lm.last_logits[None]
         keep = min(common_prefix(self.tokens, sequence), start)
         if keep == 0:
-            logits = self.lm.prefill(sequence).logits
+            logits = self.lm.prefill(sequence, all_logits=True).logits
         else:
             self.lm.crop(keep)
             logits = self.lm.extend(sequence[keep:]).logits

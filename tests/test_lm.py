@@ -14,7 +14,7 @@ def test_crop_then_extend_equals_fresh_forward(zoo_models, zoo_prompts):
     target.extend(continuation)             # go 5 tokens ahead...
     target.crop(len(ids) + 2)               # ...roll back to keep only 2 of them
     after_crop = target.extend([11, 12]).logits
-    fresh = target.prefill(ids + continuation[:2] + [11, 12]).logits[-2:]
+    fresh = target.prefill(ids + continuation[:2] + [11, 12], all_logits=True).logits[-2:]
     assert target.length == len(ids) + 4
     torch.testing.assert_close(after_crop, fresh, rtol=1e-4, atol=1e-4)
 
