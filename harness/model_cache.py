@@ -28,7 +28,8 @@ class ModelCache:
 
     @staticmethod
     def key(spec: ModelSpec) -> tuple:
-        return (spec.id, spec.dtype, spec.revision)
+        """Everything that makes two specs different models (an early exit of the target is not the target)."""
+        return tuple(sorted((name, str(value)) for name, value in spec.as_dict().items()))
 
     def model(self, spec: ModelSpec, name: str):
         """The ``CausalLM`` for ``spec``, loading it on first use and evicting older models over budget."""

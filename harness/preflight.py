@@ -13,9 +13,9 @@ from strategies import parse_params, strategy_class
 
 def prepare_models(sweep: Sweep, log: Callable[[str], None]) -> None:
     """Convert every ``gguf:``/``pkg:`` model of ``sweep`` once, then refuse drafts whose tokenizer differs."""
-    for spec in (*sweep.targets.values(), *sweep.drafts.values()):
-        if is_converted_source(spec.id):
-            log(f"model {spec.id}: {local_directory(spec.id, log=log)}")
+    for model_id in sorted({spec.id for spec in (*sweep.targets.values(), *sweep.drafts.values())}):
+        if is_converted_source(model_id):
+            log(f"model {model_id}: {local_directory(model_id, log=log)}")
     check_tokenizers(sweep)
 
 

@@ -19,3 +19,12 @@ def test_models_load_once_and_lru_is_evicted_over_budget(tiny_zoo):
     assert cache.held_bytes() <= cache.max_bytes
     cache.model(mid, "mid")
     assert cache.loads == {"zoo:target": 1, "zoo:draft-2l": 2, "zoo:draft-1l": 1}
+
+
+def test_an_early_exit_of_the_target_is_cached_as_its_own_model(tiny_zoo):
+    cache = ModelCache(tiny_zoo, "cpu")
+    target = cache.model(ModelSpec("zoo:target"), "target")
+    exit_draft = cache.model(ModelSpec("zoo:target", layers=2), "exit-2l")
+    assert exit_draft is not target
+    assert len(target.model.get_decoder().layers) == 4 and len(exit_draft.model.get_decoder().layers) == 2
+    assert cache.model(ModelSpec("zoo:target", layers=2), "exit-2l") is exit_draft
