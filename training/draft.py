@@ -34,7 +34,7 @@ from harness.errors import ConfigError
 from harness.models import VOCAB_SUBSET_FILE, ModelSpec, keep_first_layers
 from training.eagle_data import FeatureDataConfig
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
-from training.settings import TrainSettings, mapping, parse_settings, warmup_cosine
+from training.settings import TrainSettings, check_ranges, mapping, parse_settings, warmup_cosine
 
 MODEL_DIR = "model"
 
@@ -63,13 +63,7 @@ def parse_draft_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_name
     config = parse_settings(DraftTrainConfig, raw, where, base_dir, zoo_names, allowed_note="kind", fields={
         "data": lambda value, path: FeatureDataConfig.from_dict(mapping(value, path), path),
     })
-    for name, low in (("layers", 1), ("steps", 1), ("batch_size", 1), ("vocab_subset", 0)):
-        if getattr(config, name) < low:
-            raise ConfigError(f"{where}.{name}", f"must be >= {low}, got {getattr(config, name)}")
-    if not 0 < config.eval_fraction < 1:
-        raise ConfigError(f"{where}.eval_fraction", f"must be between 0 and 1, got {config.eval_fraction}")
-    if config.lr <= 0:
-        raise ConfigError(f"{where}.lr", f"must be > 0, got {config.lr}")
+    check_ranges(config, where, {"layers": 1, "steps": 1, "batch_size": 1, "vocab_subset": 0})
     if config.target.layers is not None:
         raise ConfigError(f"{where}.target.layers", "the target must be whole", "set the draft's depth with layers")
     return config

@@ -31,7 +31,7 @@ from harness.models import ModelSpec
 from training.draft import frequent_tokens
 from training.eagle_data import FeatureDataConfig, build_features, features_dir
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
-from training.settings import TrainSettings, mapping, parse_settings, warmup_cosine
+from training.settings import TrainSettings, check_ranges, mapping, parse_settings, warmup_cosine
 
 PROBE_TOKENS = 8
 
@@ -64,15 +64,7 @@ def parse_eagle_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_name
         "data": lambda value, path: FeatureDataConfig.from_dict(mapping(value, path), path),
         "intermediate_size": _optional_width,
     })
-    if config.vocab_subset < 0:
-        raise ConfigError(f"{where}.vocab_subset", f"must be >= 0, got {config.vocab_subset}", "0 keeps the full vocabulary")
-    for name in ("steps", "batch_size"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"{where}.{name}", f"must be >= 1, got {getattr(config, name)}")
-    if not 0 < config.eval_fraction < 1:
-        raise ConfigError(f"{where}.eval_fraction", f"must be between 0 and 1, got {config.eval_fraction}")
-    if config.lr <= 0:
-        raise ConfigError(f"{where}.lr", f"must be > 0, got {config.lr}")
+    check_ranges(config, where, {"steps": 1, "batch_size": 1, "vocab_subset": 0})
     return config
 
 

@@ -89,6 +89,17 @@ def parse_settings(cls: type, raw: Any, where: str, base_dir: Path, zoo_names: t
     return cls(**values)
 
 
+def check_ranges(config: Any, where: str, minimums: dict[str, int]) -> None:
+    """``ConfigError`` naming the first field below its minimum, an ``eval_fraction`` outside (0, 1) or a ``lr`` <= 0."""
+    for name, low in minimums.items():
+        if getattr(config, name) < low:
+            raise ConfigError(f"{where}.{name}", f"must be >= {low}, got {getattr(config, name)}")
+    if not 0 < config.eval_fraction < 1:
+        raise ConfigError(f"{where}.eval_fraction", f"must be between 0 and 1, got {config.eval_fraction}")
+    if config.lr <= 0:
+        raise ConfigError(f"{where}.lr", f"must be > 0, got {config.lr}")
+
+
 def warmup_cosine(step: int, steps: int, warmup_steps: int) -> float:
     """The learning-rate factor at ``step``: linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``steps``."""
     if step < warmup_steps:
