@@ -53,10 +53,18 @@ class HeadOutput:
 
 
 def head_config(target_config: Any, intermediate_size: int | None = None):
-    """A one-layer Llama config matching ``target_config``'s hidden size, heads, RoPE and vocabulary."""
+    """A one-layer Llama config matching ``target_config``'s hidden size, heads, RoPE and vocabulary.
+
+    RoPE settings are copied whole (``rope_parameters`` under transformers 5, else ``rope_theta``), as the
+    reference head shares its target's config; an earlier version read only ``rope_theta``, which transformers 5
+    no longer has, and so gave heads of targets with another base (SmolLM2: 100,000) the default 10,000.
+    """
     from transformers import LlamaConfig
 
     heads = int(target_config.num_attention_heads)
+    rope = getattr(target_config, "rope_parameters", None)  # transformers 5 keeps rope_theta in here
+    rope_settings = {"rope_parameters": dict(rope)} if rope else \
+        {"rope_theta": float(getattr(target_config, "rope_theta", 10000.0))}
     return LlamaConfig(
         vocab_size=int(target_config.vocab_size),
         hidden_size=int(target_config.hidden_size),
@@ -66,7 +74,7 @@ def head_config(target_config: Any, intermediate_size: int | None = None):
         num_key_value_heads=int(getattr(target_config, "num_key_value_heads", None) or heads),
         max_position_embeddings=int(target_config.max_position_embeddings),
         rms_norm_eps=float(getattr(target_config, "rms_norm_eps", 1e-6)),
-        rope_theta=float(getattr(target_config, "rope_theta", 10000.0)),
+        **rope_settings,
         head_dim=int(getattr(target_config, "head_dim", None) or target_config.hidden_size // heads),
         tie_word_embeddings=False,
     )

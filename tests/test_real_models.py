@@ -333,3 +333,15 @@ def test_a_train_draft_must_name_a_draft_entry(tmp_path, tiny_zoo):
     path = write_sweep(tmp_path / "sweep.yaml", models={"target": "zoo:target", "drafts": {"small": "train:nope"}})
     with pytest.raises(ConfigError, match=r"models\.drafts\.small\.id: 'train:nope' names no draft"):
         load_sweep(path)
+
+
+def test_an_eagle_head_takes_its_targets_rope_settings():
+    from transformers import LlamaConfig
+
+    from strategies.eagle_head import head_config
+
+    target = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=300, rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+    head = head_config(target)
+    assert head.rope_parameters["rope_theta"] == 100000.0
+    assert head.num_hidden_layers == 1 and head.num_key_value_heads == 2
