@@ -232,10 +232,15 @@ class VocabSubset:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary float32 logits ``[tokens, vocab]`` with only the subset's entries finite."""
-        part = torch.nn.functional.linear(hidden, self.weight, self.bias).float()
-        full = torch.full((hidden.shape[0], self.vocab_size), float("-inf"), device=hidden.device)
-        full[:, self.ids] = part
-        return full
+        return scatter_subset(torch.nn.functional.linear(hidden, self.weight, self.bias).float(), self.ids,
+                              self.vocab_size)
+
+
+def scatter_subset(part: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Logits over the subset ``ids`` (last axis) spread to the full vocabulary, -inf outside the subset."""
+    full = torch.full((*part.shape[:-1], vocab_size), float("-inf"), dtype=part.dtype, device=part.device)
+    full[..., ids] = part
+    return full
 
 
 def _parameters_used(model: torch.nn.Module, subset: VocabSubset | None) -> int:

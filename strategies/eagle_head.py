@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.lm import cache_argument
+from harness.lm import cache_argument, scatter_subset
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head.json"
@@ -151,10 +151,7 @@ class EagleHead(nn.Module):
         if rows is None:
             return self.lm_head(predicted)
         ids, weight = rows
-        full = torch.full((*predicted.shape[:-1], self.lm_head.weight.shape[0]), float("-inf"),
-                          dtype=predicted.dtype, device=predicted.device)
-        full[..., ids] = nn.functional.linear(predicted, weight)
-        return full
+        return scatter_subset(nn.functional.linear(predicted, weight), ids, self.lm_head.weight.shape[0])
 
 
 def save_head(head: EagleHead, directory: Path, extra: dict[str, Any] | None = None) -> None:

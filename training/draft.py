@@ -69,11 +69,12 @@ def parse_draft_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_name
     return config
 
 
-def frequent_tokens(windows: torch.Tensor, vocab_size: int, count: int, always: list[int]) -> list[int]:
-    """The ``count`` most frequent token ids of ``windows`` (ties to the smaller id), plus the ``always`` ids."""
+def frequent_tokens(windows: torch.Tensor, vocab_size: int, count: int, tokenizer: Any) -> list[int]:
+    """The ``count`` most frequent token ids of ``windows`` (ties to the smaller id), plus ``tokenizer``'s EOS/BOS/pad."""
     counts = torch.bincount(windows.flatten(), minlength=vocab_size)[:vocab_size]
     order = torch.sort(-counts, stable=True).indices[:count].tolist()
-    return sorted(set(order) | {token for token in always if 0 <= token < vocab_size})
+    specials = (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id)
+    return sorted(set(order) | {token for token in specials if token is not None and 0 <= token < vocab_size})
 
 
 def early_exit_draft(target: torch.nn.Module, layers: int) -> torch.nn.Module:
@@ -138,8 +139,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     vocab = target.get_output_embeddings().weight.shape[0]
     subset = None
     if config.vocab_subset and config.vocab_subset < vocab:
-        specials = [tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id]
-        subset = frequent_tokens(train_rows, vocab, config.vocab_subset, [t for t in specials if t is not None])
+        subset = frequent_tokens(train_rows, vocab, config.vocab_subset, tokenizer)
     head_weight = target.get_output_embeddings().weight
     head_rows = head_weight if subset is None else head_weight[torch.tensor(subset, device=head_weight.device)]
 

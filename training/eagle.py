@@ -95,9 +95,8 @@ def eagle_loss(head, batch: dict[str, torch.Tensor], config: EagleTrainConfig,
     weight = mask[:, 1:].float()
     denominator = weight.sum().clamp(min=1.0)
     v_loss = (F.smooth_l1_loss(predicted, wanted, reduction="none").mean(-1) * weight).sum() / denominator
-    head_weight = head.lm_head.weight
-    if head.vocab_subset is not None:
-        head_weight = head_weight.index_select(0, torch.tensor(head.vocab_subset, device=head_weight.device))
+    rows = head.subset_rows()  # built once per head; lm_head is frozen
+    head_weight = head.lm_head.weight if rows is None else rows[1]
     with torch.no_grad():
         target_logits = F.linear(wanted.to(head_weight.dtype), head_weight).float()
         target_probs = torch.softmax(target_logits, dim=-1)
@@ -145,9 +144,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     subset = None
     if config.vocab_subset and config.vocab_subset < vocab:
         tokenizer = load_tokenizer(config.target, zoo)
-        specials = [t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if t is not None]
         train_ids = split["train"].select_columns(["input_ids"])[:]["input_ids"]
-        subset = frequent_tokens(torch.as_tensor(train_ids), vocab, config.vocab_subset, specials)
+        subset = frequent_tokens(torch.as_tensor(train_ids), vocab, config.vocab_subset, tokenizer)
     head = EagleHead(head_config(target.config, config.intermediate_size), target.get_input_embeddings(),
                      target.get_output_embeddings(), subset).to(device)
     head.train()
