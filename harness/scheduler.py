@@ -116,6 +116,15 @@ def train_artifact(request: Any, home: str) -> dict[str, Any]:
     return build_artifact(request, log=lambda message: print(message, flush=True))
 
 
+def job_demand(request: Any, device: str) -> tuple[int, int]:
+    """(GPUs, CPUs) that the training job of ``request`` reserves on the cluster."""
+    from training.launch import uses_gpu
+
+    launch = request.config.launch
+    gpus = launch.num_workers if device == "cuda" and uses_gpu(launch) else 0
+    return gpus, launch.cpu_demand()
+
+
 def reserved_workers(requests: list[Any], count: int, options: dict[str, Any], device: str) -> int:
     """How many of ``count`` workers to hold back so that the training jobs of ``requests`` can be placed."""
     import ray
@@ -123,16 +132,35 @@ def reserved_workers(requests: list[Any], count: int, options: dict[str, Any], d
     if not requests:
         return 0
     if device == "cuda":
-        from training.launch import uses_gpu
-
-        demand = sum(r.config.launch.num_workers for r in requests if uses_gpu(r.config.launch))
+        demand = sum(job_demand(r, device)[0] for r in requests)
         free = int(ray.cluster_resources().get("GPU", 0)) - count * options.get("num_gpus", 1)
         per = options.get("num_gpus", 1)
     else:
-        demand = sum(r.config.launch.cpu_demand() for r in requests)
+        demand = sum(job_demand(r, device)[1] for r in requests)
         free = int(ray.cluster_resources().get("CPU", 1)) - count * options["num_cpus"]
         per = options["num_cpus"]
     return min(count, math.ceil(max(0, demand - free) / per))
+
+
+def jobs_that_fit(queued: list[Any], running: list[Any], workers: int, options: dict[str, Any], device: str,
+                  resources: dict[str, float]) -> list[Any]:
+    """The queued training jobs to start now: those whose GPUs and CPUs fit beside the running jobs and the
+    ``workers`` started workers (at least one when none runs, so that a job larger than the cluster still fails
+    loudly in Ray Train instead of waiting forever). Ray Train gives up on a worker group it cannot place within
+    a minute, so jobs that would queue for the same GPU are started one after another instead."""
+    free_gpus = resources.get("GPU", 0) - workers * options.get("num_gpus", 0)
+    free_cpus = resources.get("CPU", 1) - workers * options.get("num_cpus", 1)
+    for job in running:
+        gpus, cpus = job_demand(job, device)
+        free_gpus, free_cpus = free_gpus - gpus, free_cpus - cpus
+    admitted = []
+    for job in queued:
+        gpus, cpus = job_demand(job, device)
+        if (running or admitted) and (gpus > free_gpus or cpus > free_cpus):
+            break
+        admitted.append(job)
+        free_gpus, free_cpus = free_gpus - gpus, free_cpus - cpus
+    return admitted
 
 
 def env_key(runtime_env: dict[str, Any]) -> str:
@@ -162,6 +190,8 @@ class Dispatcher:
         self.baseline_errors: dict[str, str] = {}
         self.blocked: dict[str, set[str]] = {}  # cell id -> keys of artefacts it still waits for
         self.reserved = 0  # workers held back while training jobs run
+        self.training_queue: list[Any] = []  # artefact requests waiting for resources
+        self.training: dict[str, Any] = {}  # artefact key -> request of the jobs running
 
     # ------------------------------------------------------------------ workers
 
@@ -219,14 +249,14 @@ class Dispatcher:
                 held[cell.cell_id] = cell
             else:
                 self._route(cell, queue, waiting, outcome, progress)
-        for request in jobs.values():
-            self._start_training(request)
         attempts: dict[str, int] = {}
         envs = {env_key(cell.runtime_env): cell.runtime_env for cell in cells}
         first_env = cells[0].runtime_env if cells else {}
         self.reserved = reserved_workers(list(jobs.values()), self.count, self.options, self.device)
         for _ in range(self.count - self.reserved):
             self.start_worker(first_env)
+        self.training_queue = list(jobs.values())
+        self._admit_training()
 
         while queue or waiting or self.blocked or any(event in ("run", "train") for event, *_ in self.pending.values()):
             if not self.pending:
@@ -241,8 +271,10 @@ class Dispatcher:
             event, name, cell, submitted = self.pending.pop(ref)
             slot = self.slots.get(name)
             if event == "train":
+                self.training.pop(name, None)
                 self._trained(ref, name, held, queue, waiting, outcome, progress)
-                if self.reserved and not any(e == "train" for e, *_ in self.pending.values()):
+                self._admit_training()
+                if self.reserved and not self.training:
                     for _ in range(self.reserved):
                         self.start_worker(first_env)
                     self.reserved = 0
@@ -288,6 +320,15 @@ class Dispatcher:
                                                   f"{self.baseline_errors[cell.baseline_id]}"), outcome, progress)
         else:
             waiting.setdefault(cell.baseline_id, []).append(cell)
+
+    def _admit_training(self) -> None:
+        """Start the queued training jobs that the cluster can place now."""
+        resources = self.ray.cluster_resources()
+        for request in jobs_that_fit(self.training_queue, list(self.training.values()), self.count - self.reserved,
+                                     self.options, self.device, resources):
+            self.training_queue.remove(request)
+            self.training[request.key()] = request
+            self._start_training(request)
 
     def _start_training(self, request: Any) -> None:
         """Launch the one training job that builds ``request`` (a Ray task running a Ray Train job)."""

@@ -3,6 +3,7 @@ vocabulary-subset drafts, tokenizer checks before Ray starts, published EAGLE he
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -293,7 +294,8 @@ TINY_DRAFT = {
     "target": "zoo:target",
     "layers": 1,
     "vocab_subset": 300,
-    "data": {"sources": ["zoo:code", "zoo:prose"], "samples": 64, "seq_len": 32},
+    "data": {"sources": ["zoo:code", "answers:zoo:prose"], "samples": 64, "seq_len": 32,
+             "answer_prompts": 6, "answer_tokens": 12},
     "steps": 30,
     "batch_size": 8,
     "lr": 0.003,
@@ -324,6 +326,8 @@ def test_a_sweep_distils_a_train_draft_once_and_decodes_losslessly_with_it(tmp_p
     assert metrics["eval_after"]["kl"] < metrics["eval_before"]["kl"]
     subset = json.loads((request.directory / "model" / VOCAB_SUBSET_FILE).read_text())
     assert len(subset) >= 300 and metrics["vocab_subset"] == len(subset)
+    answers = list((Path(os.environ["SPECSWEEP_HOME"]) / "artifacts" / "answers").glob("*.jsonl"))
+    assert len(answers) == 1 and len(answers[0].read_text().splitlines()) == 6  # the target answered in the job
 
 
 def test_a_train_draft_must_name_a_draft_entry(tmp_path, tiny_zoo):
@@ -344,3 +348,22 @@ def test_an_eagle_head_takes_its_targets_rope_settings():
     head = head_config(target)
     assert head.rope_parameters["rope_theta"] == 100000.0
     assert head.num_hidden_layers == 1 and head.num_key_value_heads == 2
+
+
+def test_a_draft_or_head_cast_to_bf16_for_training_leaves_its_float32_teacher_untouched(zoo_models):
+    """DeepSpeed casts the module it trains to bf16 on GPU, in place: nothing it holds may be the target's."""
+    import copy
+
+    from training.draft import distill_loss, early_exit_draft
+    from training.eagle import training_head
+
+    models, _ = zoo_models
+    target = copy.deepcopy(models.target.model)
+    student = early_exit_draft(target, 1).bfloat16()  # as DeepSpeed's bf16 engine does
+    head = training_head(target, None, None).bfloat16()
+    assert {p.dtype for p in target.parameters()} == {torch.float32}
+    assert not any(p.requires_grad for p in (*student.get_input_embeddings().parameters(),
+                                             *head.lm_head.parameters()))
+    ids = torch.randint(0, target.config.vocab_size, (2, 8))
+    kl, stats = distill_loss(student, target, ids, target.get_output_embeddings().weight)
+    assert torch.isfinite(kl) and 0.0 <= stats["top1"] <= 1.0

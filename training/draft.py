@@ -6,8 +6,9 @@ Draft & Verify), so it shares the target's tokenizer and is useful before any
 training. Distillation then trains the kept layers and the final norm to match
 the target's next-token distribution (forward KL, teacher and student at
 temperature 1) on text the machine has (``zoo:<domain>``, ``hf:<dataset>`` or a
-file), through the Ray Train + DeepSpeed launcher. Embedding and LM head stay
-frozen and shared with the target.
+file) or on the target's own chat answers to it (``answers:<source>``), through
+the Ray Train + DeepSpeed launcher. Embedding and LM head stay frozen (the
+draft's own copies of the target's).
 
 A real vocabulary makes the LM head the draft's largest cost (49,152 x 576 is
 about 21 % of SmolLM2-135M). With ``vocab_subset: N`` the draft's head keeps
@@ -78,7 +79,11 @@ def frequent_tokens(windows: torch.Tensor, vocab_size: int, count: int, tokenize
 
 
 def early_exit_draft(target: torch.nn.Module, layers: int) -> torch.nn.Module:
-    """A copy of ``target`` cut to its first ``layers`` layers, sharing (and freezing) its embedding and LM head."""
+    """A copy of ``target`` cut to its first ``layers`` layers, with its embedding and LM head frozen.
+
+    The draft holds its own copies of the frozen modules rather than the target's: DeepSpeed casts the module
+    it trains (bf16 on GPU) in place, which would otherwise cast the teacher's embedding and head too.
+    """
     body = target.get_decoder()
     kept = body.layers
     body.layers = kept[:layers]  # copy only what the draft keeps
@@ -89,9 +94,6 @@ def early_exit_draft(target: torch.nn.Module, layers: int) -> torch.nn.Module:
     keep_first_layers(student, layers)
     for parameter in student.parameters():
         parameter.requires_grad_(True)
-    student.set_input_embeddings(target.get_input_embeddings())
-    if student.get_output_embeddings() is not None:
-        student.set_output_embeddings(target.get_output_embeddings())
     for module in (student.get_input_embeddings(), student.get_output_embeddings()):
         for parameter in module.parameters():
             parameter.requires_grad_(False)
@@ -101,7 +103,7 @@ def early_exit_draft(target: torch.nn.Module, layers: int) -> torch.nn.Module:
 def subset_logits(model: torch.nn.Module, ids: torch.Tensor, head_rows: torch.Tensor) -> torch.Tensor:
     """``model``'s logits for ``ids`` over the LM-head rows ``head_rows`` only (its last hidden states x those rows)."""
     hidden = model.get_decoder()(input_ids=ids).last_hidden_state
-    return F.linear(hidden, head_rows).float()
+    return F.linear(hidden, head_rows.to(hidden.dtype)).float()
 
 
 def distill_loss(student, target, ids: torch.Tensor, head_rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -133,7 +135,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     for parameter in target.parameters():
         parameter.requires_grad_(False)
     tokenizer = load_tokenizer(config.target, zoo)
-    windows = token_windows(tokenizer, config.data, zoo.corpus)
+    windows = token_windows(tokenizer, config.data, zoo.corpus, target, [config.target.as_dict(), loop_config["target_key"]])
     held_out = max(1, int(len(windows) * config.eval_fraction))
     train_rows, eval_rows = windows[held_out:], windows[:held_out].to(device)
     vocab = target.get_output_embeddings().weight.shape[0]
@@ -192,4 +194,4 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 def build_draft(config: DraftTrainConfig, zoo, out_dir: Path, target_key: str, name: str,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Distil a draft for ``config`` into ``out_dir`` (a Hugging Face directory under ``model/``); return its metrics."""
-    return launch(train_loop, config, zoo, name, out_dir, log)
+    return launch(train_loop, config, zoo, name, out_dir, log, target_key=target_key)

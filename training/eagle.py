@@ -19,6 +19,7 @@ full vocabulary, so decoding is still lossless.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from harness.errors import ConfigError
 from harness.models import ModelSpec
+from strategies.eagle_head import EagleHead, head_config, save_head
 from training.draft import frequent_tokens
 from training.eagle_data import FeatureDataConfig, build_features, features_dir
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
@@ -112,6 +114,15 @@ def eagle_loss(head, batch: dict[str, torch.Tensor], config: EagleTrainConfig,
 # ---------------------------------------------------------------------------- the Ray Train loop
 
 
+def training_head(target: torch.nn.Module, intermediate_size: int | None, subset: list[int] | None) -> EagleHead:
+    """A fresh head for ``target``, over its own copies of the target's frozen embedding and LM head.
+
+    DeepSpeed casts the module it trains (bf16 on GPU) in place; shared modules would cast the target's too.
+    """
+    return EagleHead(head_config(target.config, intermediate_size), copy.deepcopy(target.get_input_embeddings()),
+                     copy.deepcopy(target.get_output_embeddings()), subset)
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: build or read the features, train the head with DeepSpeed, report it."""
     import datasets
@@ -119,7 +130,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from harness.models import load_model, load_tokenizer
-    from strategies.eagle_head import EagleHead, head_config, save_head
 
     datasets.disable_progress_bars()
     config: EagleTrainConfig = loop_config["config"]
@@ -132,7 +142,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     target = load_model(replace(config.target, dtype="float32"), zoo, device, "target").model
     data_dir = Path(loop_config["features_dir"])
     if rank == 0:
-        build_features(target, load_tokenizer(config.target, zoo), config.data, zoo.corpus, data_dir)
+        build_features(target, load_tokenizer(config.target, zoo), config.data, zoo.corpus, data_dir,
+                       [config.target.as_dict(), loop_config["target_key"]])
     if world > 1:
         dist.barrier()
     rows = datasets.load_from_disk(str(data_dir)).with_format("torch")
@@ -146,8 +157,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         tokenizer = load_tokenizer(config.target, zoo)
         train_ids = split["train"].select_columns(["input_ids"])[:]["input_ids"]
         subset = frequent_tokens(torch.as_tensor(train_ids), vocab, config.vocab_subset, tokenizer)
-    head = EagleHead(head_config(target.config, config.intermediate_size), target.get_input_embeddings(),
-                     target.get_output_embeddings(), subset).to(device)
+    head = training_head(target, config.intermediate_size, subset).to(device)
     head.train()
     trainable = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
@@ -208,4 +218,4 @@ def build_head(config: EagleTrainConfig, zoo, out_dir: Path, target_key: str, na
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train a head for ``config`` and write it (safetensors + ``head.json``) to ``out_dir``; return its metrics."""
     return launch(train_loop, config, zoo, name, out_dir, log,
-                  features_dir=str(features_dir(config.target, target_key, config.data)))
+                  features_dir=str(features_dir(config.target, target_key, config.data)), target_key=target_key)

@@ -1,8 +1,10 @@
 """EAGLE training data: token windows with the target's last hidden states, as a sharded ``datasets`` artefact.
 
 Text comes from the zoo's domains (``zoo:<domain>``, training split only), a
-Hugging Face dataset (``hf:<name>[:<split>]``) or a local ``.jsonl`` /
-``.json`` / ``.txt`` / ``.parquet`` file; ``field`` names the text column.
+Hugging Face dataset (``hf:<name>[:<split>]``), a local ``.jsonl`` /
+``.json`` / ``.txt`` / ``.parquet`` file (``field`` names the text column), or
+the target's own chat answers to one of those (``answers:<source>``,
+``answer_prompts`` prompts of at most ``answer_tokens`` tokens each).
 The text of each source is tokenised into one stream (documents separated by
 EOS) and cut into ``seq_len``-token windows, balanced across sources. Each
 row holds ``input_ids``, ``hidden`` (the target's features after the final
@@ -24,7 +26,7 @@ import torch
 from harness.errors import ConfigError
 from harness.models import ModelSpec
 from harness.paths import content_hash, specsweep_home
-from training.text import token_windows
+from training.text import check_sources, token_windows
 
 DONE_MARKER = "features.done"
 
@@ -40,6 +42,8 @@ class FeatureDataConfig:
     shards: int = 4
     batch_size: int = 16
     seed: int = 0
+    answer_prompts: int = 256  # prompts the target answers per answers:<source>
+    answer_tokens: int = 128  # the longest answer, in tokens
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str) -> "FeatureDataConfig":
@@ -47,7 +51,8 @@ class FeatureDataConfig:
         from training.settings import parse_settings
 
         config = parse_settings(cls, raw, where, Path("."), ())
-        for name in ("samples", "seq_len", "shards", "batch_size"):
+        check_sources(config.sources, f"{where}.sources", answers_allowed=True)
+        for name in ("samples", "seq_len", "shards", "batch_size", "answer_prompts", "answer_tokens"):
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{where}.{name}", f"expected a positive integer, got {value!r}")
@@ -73,14 +78,14 @@ def target_features(model, windows: torch.Tensor, batch_size: int) -> Iterator[d
             yield {"input_ids": ids.tolist(), "hidden": states.numpy(), "loss_mask": [1] * len(ids)}
 
 
-def build_features(model, tokenizer, data: FeatureDataConfig, zoo_corpus, out_dir: Path,
+def build_features(model, tokenizer, data: FeatureDataConfig, zoo_corpus, out_dir: Path, target_identity: Any,
                    log: Callable[[str], None] = print) -> Path:
     """Compute and save the feature dataset to ``out_dir`` (skipped if it is already there)."""
     from datasets import Array2D, Dataset, Features, Sequence, Value
 
     if (out_dir / DONE_MARKER).exists():
         return out_dir
-    windows = token_windows(tokenizer, data, zoo_corpus)
+    windows = token_windows(tokenizer, data, zoo_corpus, model, target_identity)
     hidden_size = int(model.config.hidden_size)
     features = Features({
         "input_ids": Sequence(Value("int32")),

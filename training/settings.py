@@ -19,6 +19,7 @@ from typing import Any, Callable
 from harness.errors import ConfigError
 from harness.models import ModelSpec, parse_model_spec
 from training.launch import LaunchSettings
+from training.text import check_sources
 
 
 class TrainSettings:
@@ -121,7 +122,10 @@ def parse_domains(raw: Any, where: str, minimum: int = 1) -> tuple[tuple[str, tu
     if not isinstance(raw, dict) or len(raw) < minimum:
         raise ConfigError(where, f"expected a mapping of at least {minimum} domain(s) -> text sources, got {raw!r}",
                           "e.g. {code: [zoo:code], legal: [zoo:legal]}")
-    return tuple((str(domain), string_list(sources, f"{where}.{domain}")) for domain, sources in raw.items())
+    domains = tuple((str(domain), string_list(sources, f"{where}.{domain}")) for domain, sources in raw.items())
+    for domain, sources in domains:
+        check_sources(sources, f"{where}.{domain}", answers_allowed=False)
+    return domains
 
 
 def string_list(raw: Any, where: str) -> tuple[str, ...]:

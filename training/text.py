@@ -1,4 +1,5 @@
-"""Training text: documents from the zoo's domains, a Hugging Face dataset or a local file, cut into token windows."""
+"""Training text: documents from the zoo's domains, a Hugging Face dataset, a local file, or the target's own
+answers to one of those (``answers:<source>``, see ``training.answers``), cut into token windows."""
 
 from __future__ import annotations
 
@@ -8,6 +9,20 @@ from typing import Any
 import torch
 
 from harness.errors import ConfigError
+from training.answers import ANSWERS_PREFIX, AnswerSettings, cached_answers, is_answers_source
+
+ANSWERS_FIX = "answers:<source> needs the target model; only kind: draft and kind: eagle configs take it"
+
+
+def check_sources(sources: tuple[str, ...], where: str, answers_allowed: bool) -> None:
+    """Refuse malformed text sources (and ``answers:`` where no target answers) before anything loads."""
+    for source in sources:
+        inner = source[len(ANSWERS_PREFIX):] if is_answers_source(source) else source
+        if is_answers_source(source) and not answers_allowed:
+            raise ConfigError(where, f"{source!r} cannot be used here", ANSWERS_FIX)
+        if not inner or is_answers_source(inner):
+            raise ConfigError(where, f"{source!r} names no text source",
+                              "use answers:zoo:<domain>, answers:hf:<dataset> or answers:<file>")
 
 
 def source_texts(source: str, field: str, zoo_corpus) -> list[str]:
@@ -35,15 +50,28 @@ def source_texts(source: str, field: str, zoo_corpus) -> list[str]:
     return [text for text in rows[field] if isinstance(text, str) and text]
 
 
-def token_windows(tokenizer, data: Any, zoo_corpus) -> torch.Tensor:
+def source_documents(source: str, data: Any, zoo_corpus, tokenizer, answer_model: Any, target_identity: Any) -> list[str]:
+    """The documents of one source; for ``answers:<source>``, ``answer_model``'s transcripts over that source."""
+    if not is_answers_source(source):
+        return source_texts(source, data.field, zoo_corpus)
+    if answer_model is None:
+        raise ConfigError("data.sources", f"{source!r} cannot be used here", ANSWERS_FIX)
+    inner = source[len(ANSWERS_PREFIX):]
+    settings = AnswerSettings(prompts=data.answer_prompts, max_new_tokens=data.answer_tokens, seed=data.seed)
+    return cached_answers(answer_model, tokenizer, inner, source_texts(inner, data.field, zoo_corpus), settings,
+                          target_identity)
+
+
+def token_windows(tokenizer, data: Any, zoo_corpus, answer_model: Any = None, target_identity: Any = None) -> torch.Tensor:
     """``[samples, seq_len]`` token windows, spread evenly over the sources and over each source's stream.
 
-    ``data`` has ``sources``, ``field``, ``samples``, ``seq_len`` and ``seed``.
+    ``data`` has ``sources``, ``field``, ``samples``, ``seq_len`` and ``seed`` (and ``answer_prompts`` /
+    ``answer_tokens`` when a source is ``answers:``, answered by ``answer_model``, cached under ``target_identity``).
     """
     streams = []
     for source in data.sources:
         ids: list[int] = []
-        for text in source_texts(source, data.field, zoo_corpus):
+        for text in source_documents(source, data, zoo_corpus, tokenizer, answer_model, target_identity):
             ids.extend(tokenizer(text)["input_ids"])
             if tokenizer.eos_token_id is not None:
                 ids.append(tokenizer.eos_token_id)
