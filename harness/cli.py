@@ -11,7 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from harness.errors import ConfigError
+from harness.console import sweep_console
+from harness.provenance import write_environment
 
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -20,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``specsweep`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return args.handler(args)
     except ConfigError as error:
@@ -29,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specsweep", description="Benchmark speculative decoding strategies.")
+    parser.add_argument("--version", action="version", version=f"specsweep {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a sweep file and write its report")
@@ -39,11 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
                      "an existing one is resumed")
     run.add_argument("--resume", metavar="RUN_DIR", help="resume this run directory, skipping finished cells")
     run.add_argument("--retry-failed", action="store_true", help="on resume, run failed cells again")
+    run.add_argument("--retry-suspect", action="store_true",
+                     help="on resume, run cells whose timing the drift guard flagged again")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a sweep setting, e.g. --set run.max_new_tokens=16 --set prompts[0].count=2")
+    run.add_argument("--limit", type=int, metavar="N", help="run at most N prompts of each prompt set")
+    run.add_argument("-q", "--quiet", action="store_true", help="print warnings and the final table only")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="also print Ray, training and worker output (by default it goes to RUN_DIR/sweep.log)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the cells, the worker plan and the artefacts to train, without starting Ray")
     run.set_defaults(handler=cmd_run)
 
     report = commands.add_parser("report", help="(re)write cells.csv, report.md and plots of a run directory")
     report.add_argument("run_dir")
     report.set_defaults(handler=cmd_report)
+
+    compare = commands.add_parser("compare", help="a leaderboard across run directories (markdown and CSV)")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--by", default="category", choices=("category", "target", "strategy"),
+                         help="columns: speedup per prompt category (default), per target, or per strategy")
+    compare.add_argument("--out", default="results/compare", help="where compare.md and compare.csv go")
+    compare.set_defaults(handler=cmd_compare)
 
     listing = commands.add_parser("list", help="list strategies, prompt sets and zoo models")
     listing.set_defaults(handler=cmd_list)
@@ -71,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_list = model_commands.add_parser("list", help="packaged models and whether each is converted already")
     model_list.set_defaults(handler=cmd_model_list)
 
+    stamp = commands.add_parser("stamp", help="record the checkout's git commit in the package (for copies without "
+                                "git metadata, e.g. a ray job submit working directory)")
+    stamp.set_defaults(handler=cmd_stamp)
+
     adaptive = commands.add_parser("adaptive", help="adaptive drafts: rounds of failure logging and LoRA retraining")
     adaptive.add_argument("config", help="adaptive YAML file, e.g. configs/adaptive.yaml")
     adaptive.add_argument("--results-dir", default="results", help="parent of run directories (default: results)")
@@ -84,7 +111,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.report import write_report
     from harness.scheduler import run_sweep
 
-    sweep = load_sweep(args.sweep)
+    sweep = load_sweep(args.sweep, args.overrides, args.limit)
+    if args.dry_run:
+        return dry_run(sweep)
     if args.resume:
         run_dir = Path(args.resume)
         if not run_dir.is_dir():
@@ -92,12 +121,85 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         run_dir = Path(args.results_dir) / sweep.name / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "sweep.yaml").write_text(Path(args.sweep).read_text())
-    outcome = run_sweep(sweep, run_dir, address=args.address or sweep.run.address, retry_failed=args.retry_failed)
+    if args.overrides or args.limit is not None:  # the file as it ran, overrides applied
+        applied = " ".join([*(f"--set {item}" for item in args.overrides),
+                            *([f"--limit {args.limit}"] if args.limit is not None else [])])
+        (run_dir / "sweep.yaml").write_text(f"# {args.sweep} with {applied}\n" + yaml.safe_dump(sweep.raw, sort_keys=False))
+    else:
+        (run_dir / "sweep.yaml").write_text(Path(args.sweep).read_text())
+    write_environment(run_dir, args.argv, referenced_files(sweep, Path(args.sweep)))
+    verbosity = 1 if args.verbose else -1 if args.quiet else 0
+    with sweep_console(run_dir / "sweep.log", verbosity) as (logger, terminal):
+        outcome = run_sweep(sweep, run_dir, address=args.address or sweep.run.address, log=logger.info,
+                            retry_failed=args.retry_failed, retry_suspect=args.retry_suspect, stream=terminal)
     report = write_report(run_dir)
+    print(summary_table(run_dir))
     print(f"{outcome.ok} of {outcome.total} cells ok, {outcome.failed} failed")
     print(f"report: {report}")
     return EXIT_FAILED_CELLS if outcome.failed else EXIT_OK
+
+
+def referenced_files(sweep, sweep_path: Path) -> list[Path]:
+    """The files a sweep names besides itself: training configs and plugin modules given as paths."""
+    base = sweep_path.resolve().parent
+    paths = [base / value for value in (sweep.raw.get("train") or {}).values() if isinstance(value, str)]
+    paths += [Path(plugin) for plugin in sweep.plugins if plugin.endswith(".py")]
+    return paths
+
+
+def cmd_stamp(args: argparse.Namespace) -> int:
+    from harness.provenance import stamp
+
+    print(f"stamped {stamp()}")
+    return EXIT_OK
+
+
+def dry_run(sweep) -> int:
+    """Print what ``run`` would do: the cells, the worker plan and the artefacts to train; Ray is not started."""
+    import os
+
+    import torch
+
+    cuda = sweep.device in ("auto", "cuda") and torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    cells = sweep.cells(device_type=device)
+    missing = {request.key(): request for cell in cells for request in cell.artifacts.values() if not request.built()}
+    if cuda:
+        plan = f"{max(1, torch.cuda.device_count())} GPU worker(s) on this machine (a cluster's GPUs decide under Ray)"
+    else:
+        cpus = sweep.run.num_cpus or os.cpu_count() or 1
+        plan = f"{min(sweep.run.workers, cpus)} CPU worker(s) over {cpus} CPUs"
+    baselines = sum(cell.kind == "baseline" for cell in cells)
+    print(f"{sweep.name}: {len(cells)} cells ({baselines} baseline, {len(cells) - baselines} strategy), "
+          f"pairing {sweep.run.pairing}, repeats {sweep.run.repeats}")
+    for cell in cells:
+        print(f"  {cell.cell_id}  {cell.label}")
+    print(f"workers: {plan}")
+    print("artefacts to train: " + (", ".join(request.label() for request in missing.values()) or "none"))
+    return EXIT_OK
+
+
+def summary_table(run_dir: Path) -> str:
+    """The report's best rows as a plain-text table for the terminal."""
+    import json
+
+    rows = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else []
+    if not rows:
+        return "(no strategy cell finished)"
+    lines = [f"{'strategy':<18} {'params':<40} {'prompt set':<14} {'speedup':>8} {'τ':>5}  timing"]
+    for row in sorted(rows, key=lambda r: -(r.get("speedup") or 0))[:10]:
+        lines.append(f"{row['strategy']:<18} {row['params'][:40]:<40} {row['prompt_set'][:14]:<14} "
+                     f"{row['speedup']:>8.2f} {row['tau']:>5.2f}  {'SUSPECT' if row.get('timing_suspect') else 'ok'}")
+    return "\n".join(lines)
+
+
+def package_version() -> str:
+    """The installed specsweep version and the git commit stamped at install time (or found now)."""
+    from harness.provenance import build_info
+
+    info = build_info()
+    dirty = "+dirty" if info.get("dirty") else ""
+    return f"{info['version']} ({info['commit']}{dirty})"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -107,6 +209,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not (run_dir / "cells.jsonl").exists():
         raise ConfigError("run_dir", f"{run_dir} has no cells.jsonl", "pass a results/<sweep>/<run> directory")
     print(f"report: {write_report(run_dir)}")
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness.compare import write_leaderboard
+
+    for run_dir in args.run_dirs:
+        if not (Path(run_dir) / "cells.jsonl").exists():
+            raise ConfigError("RUN_DIR", f"{run_dir} has no cells.jsonl", "pass results/<sweep>/<run> directories")
+    markdown, csv = write_leaderboard([Path(d) for d in args.run_dirs], Path(args.out), args.by)
+    print(markdown.read_text())
+    print(f"written: {markdown}, {csv}")
     return EXIT_OK
 
 

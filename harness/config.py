@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from harness.errors import ConfigError
+from harness.overrides import apply_overrides, limit_prompts
 from harness.models import DEVICES, DTYPES, ModelSpec, parse_model_spec
 from harness.paths import content_hash
 from harness.prompts import PromptSetSpec, parse_prompt_set
@@ -25,6 +26,9 @@ STRATEGY_KEYS = ("name", "params", "grid", "runtime_env")
 BASELINE = "autoregressive"
 TRAIN_PREFIX = "train:"  # a model the sweep's train section builds (kind: draft)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+PAIRINGS = ("interleaved", "shared")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,14 @@ class RunSettings:
     max_prompt_tokens: int | None = None
     max_retries: int = 2
     cache_memory_gb: float | None = None
+    pairing: str = "interleaved"  # interleaved: baseline and strategy back to back per turn | shared: one baseline cell
+    repeats: int = 1  # time each turn this many times (per side) and keep the median
+    drift_tolerance: float = 0.10  # flag a cell when the target's 1-token step time differs more between its sides
+
+    @property
+    def sampled(self) -> bool:
+        """Whether decoding samples (then outputs legitimately differ from the baseline's)."""
+        return self.temperature > 0
 
 
 @dataclass(frozen=True)
@@ -63,9 +75,11 @@ class StrategySpec:
 class Cell:
     """One unit of work: a strategy with fixed params on one shard of one prompt set, for one target.
 
-    ``kind`` is ``baseline`` for the autoregressive run that every strategy cell on
-    the same (target, shard, generation settings, device type) is paired against,
-    and ``strategy`` otherwise; a strategy cell names its baseline in ``baseline_id``.
+    ``kind`` is ``baseline`` for the autoregressive run that, under ``pairing:
+    shared``, every strategy cell on the same (target, shard, generation settings,
+    device type) is paired against, and ``strategy`` otherwise; such a strategy cell
+    names its baseline in ``baseline_id``. Under ``pairing: interleaved`` there are
+    no baseline cells: each strategy cell runs the baseline itself, turn by turn.
     """
 
     sweep: str
@@ -100,6 +114,8 @@ class Cell:
                 "seed": self.run.seed,
                 "temperature": self.run.temperature,
                 "max_prompt_tokens": self.run.max_prompt_tokens,
+                "pairing": self.run.pairing,
+                "repeats": self.run.repeats,
             },
             "device": self.device,
         }
@@ -144,7 +160,8 @@ class Sweep:
     draft_artifacts: dict[str, Any] = field(default_factory=dict)  # draft name -> its request (``train:<name>`` drafts)
 
     def cells(self, device_type: str = "cpu") -> list[Cell]:
-        """The grid expanded into cells: one baseline per (target, prompt shard), then the strategy cells.
+        """The grid expanded into cells: one baseline per (target, prompt shard) under shared pairing, then the
+        strategy cells.
 
         ``device_type`` (``cpu`` or ``cuda``) is where the workers run; it is part
         of every cell id, so results from different device types never pair.
@@ -158,7 +175,9 @@ class Sweep:
                 for shard_index in range(prompt_set.shards):
                     baseline = _with_id(Cell(self.name, target, target_spec, {}, prompt_set, shard_index, BASELINE,
                                              {}, self.run, device_type, kind="baseline", plugins=self.plugins))
-                    cells.append(baseline)
+                    shared = self.run.pairing == "shared"
+                    if shared:
+                        cells.append(baseline)
                     for strategy in self.strategies:
                         for params in strategy.points():
                             checked = parse_params(strategy.name, params, strategy.name)
@@ -169,7 +188,8 @@ class Sweep:
                                               for name in drafts if name in self.draft_artifacts})
                             cell = Cell(self.name, target, target_spec, drafts,
                                         prompt_set, shard_index, strategy.name, params, self.run, device_type,
-                                        baseline_id=baseline.cell_id, runtime_env=strategy.runtime_env,
+                                        baseline_id=baseline.cell_id if shared else "",
+                                        runtime_env=strategy.runtime_env,
                                         plugins=self.plugins, artifacts=artifacts)
                             cells.append(_with_id(cell))
         return cells
@@ -187,8 +207,9 @@ def _with_id(cell: Cell) -> Cell:
 # ---------------------------------------------------------------------------- loading
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and validate the sweep file at ``path``."""
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), limit: int | None = None) -> Sweep:
+    """Read and validate the sweep file at ``path``, with ``--set`` ``overrides`` and a ``--limit`` of prompts
+    per set applied first."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("sweep file", f"{path} not found", "pass the path of a sweep YAML file, e.g. configs/quickstart.yaml")
@@ -198,6 +219,11 @@ def load_sweep(path: str | Path) -> Sweep:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError("sweep file", f"{path} is not valid YAML{where}", "fix the YAML syntax") from None
+    if overrides or limit is not None:
+        raw = _mapping(raw, "sweep file", "the file must be a YAML mapping with name, models, prompts, strategies")
+        raw = apply_overrides(raw, list(overrides))
+        if limit is not None:
+            raw = limit_prompts(raw, limit)
     return parse_sweep(raw, base_dir=path.resolve().parent, path=path)
 
 
@@ -352,17 +378,22 @@ def _parse_run(raw: Any) -> RunSettings:
     _no_unknown(raw, tuple(allowed), "run")
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        expected = {"temperature": (int, float), "cache_memory_gb": (int, float), "address": (str,)}.get(key, (int,))
+        expected = {"temperature": (int, float), "cache_memory_gb": (int, float), "drift_tolerance": (int, float),
+                    "address": (str,), "pairing": (str,)}.get(key, (int,))
         optional = key in ("num_cpus", "address", "max_prompt_tokens", "cache_memory_gb")
         if value is None and optional:
             values[key] = None
             continue
         if isinstance(value, bool) or not isinstance(value, expected):
-            kind = "a number" if float in expected else "a string" if key == "address" else "an integer"
+            kind = "a number" if float in expected else "a string" if str in expected else "an integer"
             raise ConfigError(f"run.{key}", f"expected {kind}, got {value!r}")
         values[key] = float(value) if float in expected else value
     run = RunSettings(**values)
-    for key, low in (("max_new_tokens", 1), ("warmup_prompts", 0), ("workers", 1), ("max_retries", 0)):
+    if run.pairing not in PAIRINGS:
+        raise ConfigError("run.pairing", f"unknown pairing {run.pairing!r}", f"use one of {', '.join(PAIRINGS)}")
+    if run.drift_tolerance <= 0:
+        raise ConfigError("run.drift_tolerance", f"must be > 0, got {run.drift_tolerance}", "e.g. 0.1 for 10 %")
+    for key, low in (("max_new_tokens", 1), ("warmup_prompts", 0), ("workers", 1), ("max_retries", 0), ("repeats", 1)):
         if getattr(run, key) < low:
             raise ConfigError(f"run.{key}", f"must be >= {low}, got {getattr(run, key)}")
     if run.temperature < 0:

@@ -116,6 +116,28 @@ class CausalLM:
         stats, self.stats = self.stats, ForwardStats()
         return stats
 
+    @torch.inference_mode()
+    def time_single_step(self, context: int = 8, repeats: int = 3) -> float:
+        """Median seconds of a 1-token decode forward on a short fixed context (the drift guard's probe).
+
+        Runs on a cache of its own; the sequence, cache and statistics in use are left as they were.
+        """
+        from transformers import DynamicCache
+
+        saved = (self.cache, self.last_logits, self.stats)
+        try:
+            self.cache, self.stats = DynamicCache(), ForwardStats()
+            ids = [index % self.vocab_size for index in range(context)]
+            self._forward(ids, prefill=True, last_logits_only=True)
+            times = []
+            for index in range(repeats):
+                before = self.stats.decode_seconds
+                self._forward([ids[index % context]], prefill=False)
+                times.append(self.stats.decode_seconds - before)
+            return sorted(times)[len(times) // 2]
+        finally:
+            self.cache, self.last_logits, self.stats = saved
+
     # ------------------------------------------------------------------ forward passes
 
     @torch.inference_mode()

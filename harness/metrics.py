@@ -1,4 +1,11 @@
-"""Per-prompt and per-group metrics as PROTOCOL.md defines them: paired speedups, intervals, bounds."""
+"""Per-prompt and per-group metrics as PROTOCOL.md defines them: paired speedups, intervals, bounds, and the
+drift guard that flags timings a reviewer should not trust.
+
+Speedup is a ratio of throughputs: (strategy tokens / strategy seconds) / (baseline tokens / baseline seconds),
+pooled over the prompts of a group. Under greedy decoding both sides generate the same tokens, so this equals
+the ratio of wall times; under sampling the two sides may generate different numbers of tokens, and only the
+throughput ratio compares like with like.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +17,17 @@ import numpy as np
 BOOTSTRAP_SAMPLES = 2000
 
 
-def prompt_totals(prompt: dict[str, Any]) -> dict[str, float]:
-    """Sum one prompt's turns into baseline and strategy totals."""
-    totals: dict[str, float] = {}
+def prompt_totals(prompt: dict[str, Any]) -> dict[str, Any]:
+    """Sum one prompt's turns into baseline and strategy totals (and list each side's probe times)."""
+    totals: dict[str, Any] = {}
     for turn in prompt["turns"]:
         for side in ("baseline", "strategy"):
             trace = turn[side]
             for key in ("wall_s", "new_tokens", "steps", "drafted", "accepted", "cost_units", "target_calls"):
                 totals[f"{side}_{key}"] = totals.get(f"{side}_{key}", 0.0) + float(trace[key])
             totals[f"{side}_tree"] = float(bool(trace.get("extras", {}).get("tree")))
+            if trace.get("probe_s") is not None:
+                totals.setdefault(f"{side}_probes", []).append(float(trace["probe_s"]))
             for role, stats in trace["forward"].items():
                 kind = "target" if role == "target" else "draft"
                 for key in ("decode_calls", "decode_seconds"):
@@ -29,15 +38,23 @@ def prompt_totals(prompt: dict[str, Any]) -> dict[str, float]:
     return totals
 
 
-def ratio_interval(numerators: np.ndarray, denominators: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval (over prompts) of Σ numerators / Σ denominators."""
-    count = len(numerators)
+def throughput_ratio(base_tokens: np.ndarray, base_wall: np.ndarray, strat_tokens: np.ndarray,
+                     strat_wall: np.ndarray) -> float:
+    """(Σ strategy tokens / Σ strategy seconds) / (Σ baseline tokens / Σ baseline seconds)."""
+    return float((strat_tokens.sum() / strat_wall.sum()) / (base_tokens.sum() / base_wall.sum()))
+
+
+def ratio_interval(base_tokens: np.ndarray, base_wall: np.ndarray, strat_tokens: np.ndarray, strat_wall: np.ndarray,
+                   seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval (resampling prompts) of the pooled throughput ratio."""
+    count = len(base_wall)
     if count < 2:
-        value = float(numerators.sum() / denominators.sum()) if count else math.nan
+        value = throughput_ratio(base_tokens, base_wall, strat_tokens, strat_wall) if count else math.nan
         return value, value
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, count, size=(BOOTSTRAP_SAMPLES, count))
-    ratios = numerators[picks].sum(axis=1) / denominators[picks].sum(axis=1)
+    ratios = ((strat_tokens[picks].sum(axis=1) / strat_wall[picks].sum(axis=1))
+              / (base_tokens[picks].sum(axis=1) / base_wall[picks].sum(axis=1)))
     low, high = np.percentile(ratios, [2.5, 97.5])
     return float(low), float(high)
 
@@ -56,16 +73,19 @@ def speedup_bound(alpha: float | None, drafted_per_step: float, target_step_s: f
     return expected / (1 + draft_s_per_step / target_step_s)
 
 
-def summarize(prompts: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
-    """The per-group metrics (speedup with interval, tau, alpha, cost speedup, bound, match rate) over ``prompts``."""
+def summarize(prompts: list[dict[str, Any]], seed: int = 0, sampled: bool = False,
+              drift_tolerance: float = 0.10) -> dict[str, Any]:
+    """The per-group metrics (speedup with interval, tau, alpha, cost speedup, bound, match rate, timing check)
+    over ``prompts``; ``match_rate`` is None for ``sampled`` decoding, where outputs may legitimately differ."""
     rows = [prompt_totals(prompt) for prompt in prompts]
     if not rows:
         return {}
     def column(name: str) -> np.ndarray:
         return np.array([row.get(name, 0.0) for row in rows])
     base_wall, strat_wall = column("baseline_wall_s"), column("strategy_wall_s")
-    speedup = float(base_wall.sum() / strat_wall.sum())
-    low, high = ratio_interval(base_wall, strat_wall, seed)
+    base_tokens, strat_tokens = column("baseline_new_tokens"), column("strategy_new_tokens")
+    speedup = throughput_ratio(base_tokens, base_wall, strat_tokens, strat_wall)
+    low, high = ratio_interval(base_tokens, base_wall, strat_tokens, strat_wall, seed)
     drafted, accepted, steps = column("strategy_drafted").sum(), column("strategy_accepted").sum(), column("strategy_steps").sum()
     alpha = float(accepted / drafted) if drafted else None
     target_step_s = column("baseline_target_decode_seconds").sum() / max(1.0, column("baseline_target_decode_calls").sum())
@@ -92,5 +112,45 @@ def summarize(prompts: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
         "baseline_target_calls": int(column("baseline_target_calls").sum()),
         "bound": bound,
         "efficiency": speedup / bound if bound else math.nan,
-        "match_rate": float(column("matches").sum() / column("turns").sum()),
+        "match_rate": None if sampled else float(column("matches").sum() / column("turns").sum()),
+        **timing_check(prompts, drift_tolerance, speedup=speedup),
     }
+
+
+def timing_check(prompts: list[dict[str, Any]], tolerance: float, speedup: float | None = None) -> dict[str, Any]:
+    """The drift guard: is this pairing's timing trustworthy?
+
+    ``baseline_probe_ms`` / ``strategy_probe_ms`` are the medians of the target's
+    1-token forward, timed on a fixed short context after each run of each side.
+    The cell is ``timing_suspect`` when they differ by more than ``tolerance``
+    (the machine changed speed between the sides), or when the speedup exceeds
+    its ceiling τ × (baseline 1-token step time ÷ strategy verification-step
+    time): no strategy can beat that, so exceeding it means the sides were timed
+    under different conditions.
+    """
+    totals = [prompt_totals(prompt) for prompt in prompts]
+    base_probes = [probe for row in totals for probe in row.get("baseline_probes", [])]
+    strat_probes = [probe for row in totals for probe in row.get("strategy_probes", [])]
+    def total(name: str) -> float:
+        return sum(row.get(name, 0.0) for row in totals)
+    if speedup is None:
+        speedup = throughput_ratio(*(np.array([row.get(name, 0.0) for row in totals]) for name in (
+            "baseline_new_tokens", "baseline_wall_s", "strategy_new_tokens", "strategy_wall_s")))
+    step_s = total("baseline_target_decode_seconds") / max(1.0, total("baseline_target_decode_calls"))
+    verify_s = total("strategy_target_decode_seconds") / max(1.0, total("strategy_target_decode_calls"))
+    tau = total("strategy_new_tokens") / max(1.0, total("strategy_steps"))
+    ceiling = tau * step_s / verify_s if verify_s > 0 and step_s > 0 else math.nan
+    reasons = []
+    drift = math.nan
+    if base_probes and strat_probes:
+        base_ms, strat_ms = 1e3 * float(np.median(base_probes)), 1e3 * float(np.median(strat_probes))
+        drift = strat_ms / base_ms - 1
+        if abs(drift) > tolerance:
+            reasons.append(f"the target's 1-token step took {strat_ms:.2f} ms on the strategy side and "
+                           f"{base_ms:.2f} ms on the baseline side ({drift:+.0%}; tolerance {tolerance:.0%})")
+    else:
+        base_ms = strat_ms = math.nan
+    if not math.isnan(ceiling) and speedup > ceiling:
+        reasons.append(f"speedup {speedup:.2f} exceeds its ceiling τ × step / verify = {ceiling:.2f}")
+    return {"baseline_probe_ms": base_ms, "strategy_probe_ms": strat_ms, "step_drift": drift,
+            "speedup_ceiling": ceiling, "timing_suspect": bool(reasons), "timing_note": "; ".join(reasons)}

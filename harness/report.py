@@ -1,8 +1,11 @@
 """Reports of a run directory: ``cells.csv``, ``report.md`` and PNG plots, from ``cells.jsonl``.
 
 Rows of the report group a strategy configuration over all shards of a prompt
-set (one target); every speedup is the ratio of summed wall times against the
-autoregressive baseline run on the same prompts in the same worker.
+set, per target; every speedup is a throughput ratio against the autoregressive
+baseline on the same prompts (see ``harness.metrics``). The report names the
+models, resolves every strategy's params (defaults shown), defines its metrics
+in a glossary, and marks timings the drift guard does not trust. The main table
+is also written as ``summary.csv`` and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -11,13 +14,37 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import yaml
 
 from harness.metrics import summarize
 from harness.results import ResultStore
+from strategies import parse_params
 
-PAIRED_AGAINST = ("the autoregressive baseline (specsweep's own decoding loop) on the same prompts, target and "
-                  "device type, run once per prompt shard and shared by every strategy on that shard")
+PAIRED_AGAINST = {
+    "interleaved": "the autoregressive baseline (specsweep's own decoding loop) run inside each cell on the same "
+                   "prompts, turn by turn back to back with the strategy on the same worker, alternating which goes "
+                   "first",
+    "shared": "the autoregressive baseline (specsweep's own decoding loop) on the same prompts, target and device "
+              "model, run once per prompt shard and shared by every strategy on that shard",
+}
+MIN_PROMPTS_FOR_INTERVAL = 8
+GLOSSARY = [
+    "- **speedup**: (strategy tokens / strategy seconds) / (baseline tokens / baseline seconds), pooled over the "
+    "group's prompts; 95% interval by bootstrap over prompts.",
+    "- **τ** (mean accepted tokens): new tokens / target verification steps.",
+    "- **α** (acceptance rate): accepted draft tokens / drafted tokens.",
+    "- **cost speedup**: baseline cost / strategy cost in CS Drafting's parameter-count units "
+    "(each forward costs its model's parameters × tokens).",
+    "- **bound**: Leviathan et al.'s ideal speedup (1 - α^(γ+1)) / (1 - α) / (1 + draft seconds per step / target "
+    "seconds per 1-token step), with γ the mean drafted tokens per step; none for trees.",
+    "- **efficiency**: speedup / bound.",
+    "- **token match**: share of turns whose tokens equal the baseline's; n/a under sampling.",
+    "- **timing**: *suspect* when the target's 1-token step (probed after every run of each side) differs by more "
+    "than `run.drift_tolerance` between the sides, or when speedup exceeds τ × (baseline 1-token step time / "
+    "strategy verification-step time), which no strategy can beat.",
+]
 MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 SPEC_BENCH_COLUMNS = {
     "Multi-turn conversation": MT_BENCH,
@@ -48,14 +75,24 @@ def cell_rows(records: dict[str, dict[str, Any]]) -> pd.DataFrame:
             "prompt_set": cell["prompt_set"]["name"],
             "shard": cell["shard"],
             "device": record.get("env", {}).get("device", ""),
+            "device_name": record.get("env", {}).get("device_name", ""),
             "worker": record.get("worker", ""),
             "error": record.get("error", ""),
             "paired_with": record.get("paired_with", {}).get("cell_id", ""),
         }
         if record.get("status") == "ok" and row["kind"] == "strategy":
-            row.update(summarize(record["prompts"]))
+            row.update(summarize(record["prompts"], sampled=is_sampled(record),
+                                 drift_tolerance=drift_tolerance(record)))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def is_sampled(record: dict[str, Any]) -> bool:
+    return float(record["cell"]["generation"].get("temperature", 0.0)) > 0
+
+
+def drift_tolerance(record: dict[str, Any]) -> float:
+    return float(record.get("timing", {}).get("tolerance", 0.10))
 
 
 def grouped_prompts(records: dict[str, dict[str, Any]]) -> dict[tuple, tuple[dict[str, Any], list[dict[str, Any]]]]:
@@ -66,38 +103,57 @@ def grouped_prompts(records: dict[str, dict[str, Any]]) -> dict[tuple, tuple[dic
         if record.get("status") != "ok" or record.get("kind", "strategy") != "strategy":
             continue
         cell = record["cell"]
-        key = (cell["target"][0], cell["strategy"], params_label(cell["params"]), cell["prompt_set"]["name"])
-        groups.setdefault(key, (cell["params"], []))[1].extend(record["prompts"])
+        params = resolved_params(cell["strategy"], cell["params"])
+        key = (cell["target"][0], cell["strategy"], params_label(params), cell["prompt_set"]["name"])
+        groups.setdefault(key, (params, []))[1].extend(record["prompts"])
     return groups
+
+
+def resolved_params(strategy: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with the strategy's defaults filled in (as given when the strategy is not registered here)."""
+    try:
+        return parse_params(strategy, params, strategy).as_dict()
+    except Exception:  # a plugin strategy this process has not imported
+        return dict(params)
 
 
 def group_rows(records: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """One row per (target, strategy, params, prompt set), pooling the prompts of all its shards."""
     rows = []
+    sampled = any(is_sampled(record) for record in records.values())
+    tolerance = max((drift_tolerance(record) for record in records.values()), default=0.10)
     for (target, strategy, params, prompt_set), (raw, prompts) in grouped_prompts(records).items():
         rows.append({"target": target, "strategy": strategy, "params": params, "prompt_set": prompt_set,
-                     "params_raw": raw, "levels": level_summary(prompts), **summarize(prompts)})
+                     "params_raw": raw, "levels": level_summary(prompts),
+                     **summarize(prompts, sampled=sampled, drift_tolerance=tolerance)})
     return pd.DataFrame(rows)
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "-"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
 
 
+def escape_cell(text: str) -> str:
+    """``text`` safe inside a markdown table cell: pipes escaped, line breaks folded."""
+    return " ".join(str(text).replace("|", "\\|").split())
+
+
 def markdown_table(frame: pd.DataFrame, columns: dict[str, str]) -> str:
     """A GitHub markdown table of ``frame``'s ``columns`` (name -> header)."""
-    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(escape_cell(header) for header in columns.values()) + " |", "|" + "---|" * len(columns)]
     for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(_fmt(row.get(name)) for name in columns) + " |")
+        lines.append("| " + " | ".join(escape_cell(_fmt(row.get(name))) for name in columns) + " |")
     return "\n".join(lines)
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write ``cells.csv``, ``report.md`` and ``speedup.png`` into ``run_dir``; return the report's path."""
+    """Write ``cells.csv``, ``summary.csv``/``.json``, ``report.md`` and plots into ``run_dir``; return the report."""
     run_dir = Path(run_dir)
     records = ResultStore(run_dir).latest()
     if not records:
@@ -105,64 +161,154 @@ def write_report(run_dir: str | Path) -> Path:
     cells = cell_rows(records)
     cells.to_csv(run_dir / "cells.csv", index=False)
     groups = group_rows(records)
-    sections = [f"# specsweep report: {run_dir.parent.name} / {run_dir.name}", ""]
+    multi_target = cells["target"].nunique() > 1
     first = next((r for r in records.values() if r.get("env")), next(iter(records.values())))
     env = first.get("env", {})
+    generation = first["cell"]["generation"]
+    sampled = any(is_sampled(record) for record in records.values())
     ok, failed = int((cells["status"] == "ok").sum()), int((cells["status"] != "ok").sum())
     baselines = int((cells["kind"] == "baseline").sum())
+    pairing = generation.get("pairing", "shared")
+    sections = [f"# specsweep report: {sweep_name(run_dir, records)} / {run_dir.name}", ""]
     sections += [
         f"- cells: {len(cells)} ({ok} ok, {failed} failed), of which {baselines} baseline cells",
         f"- device: {env.get('device', '?')} ({env.get('device_name', '?')}), dtype {env.get('dtype', '?')}, "
         f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, commit {first.get('commit', '?')}",
-        f"- generation: max_new_tokens {first['cell']['generation']['max_new_tokens']}, "
-        f"temperature {first['cell']['generation']['temperature']}, seed {first['cell']['generation']['seed']}",
-        f"- speedups are paired against: {PAIRED_AGAINST}; interval: 95% bootstrap over prompts",
+        f"- generation: max_new_tokens {generation['max_new_tokens']}, temperature {generation['temperature']}, "
+        f"seed {generation['seed']}, repeats {generation.get('repeats', 1)} (median kept)",
+        f"- speedups are paired against: {PAIRED_AGAINST.get(pairing, pairing)}; interval: 95% bootstrap over prompts",
         f"- prompt templates: {templates_line(records)}",
         "",
+        "## Models", "", models_table(records), "",
     ]
+    columns = {"strategy": "strategy", "params": "params", "prompt_set": "prompt set", "prompts": "prompts",
+               "speedup_ci": "speedup (95% CI)", "tau": "τ", "alpha": "α", "cost_speedup": "cost speedup",
+               "bound": "bound", "efficiency": "efficiency", "strategy_ms_per_token": "ms/token",
+               "baseline_ms_per_token": "baseline ms/token", "match": "token match", "timing": "timing"}
+    if multi_target:
+        columns = {"target": "target", **columns}
     if not groups.empty:
-        groups = groups.sort_values(["prompt_set", "speedup"], ascending=[True, False])
+        groups = groups.sort_values(["target", "prompt_set", "speedup"], ascending=[True, True, False])
         groups["speedup_ci"] = groups.apply(
             lambda r: f"{r.speedup:.2f} [{r.speedup_low:.2f}, {r.speedup_high:.2f}]", axis=1)
-        sections += ["## Speedup by strategy and prompt set", "", markdown_table(groups, {
-            "strategy": "strategy", "params": "params", "prompt_set": "prompt set", "prompts": "prompts",
-            "speedup_ci": "speedup (95% CI)", "tau": "τ", "alpha": "α", "cost_speedup": "cost speedup",
-            "bound": "bound", "efficiency": "efficiency", "strategy_ms_per_token": "ms/token",
-            "baseline_ms_per_token": "baseline ms/token", "match_rate": "token match",
-        }), ""]
-        pivot = groups.pivot_table(index=["strategy", "params"], columns="prompt_set", values="speedup")
+        groups["match"] = groups["match_rate"].map(lambda v: "n/a (sampled)" if sampled else _fmt(v))
+        groups["timing"] = groups["timing_suspect"].map(lambda v: "SUSPECT" if v else "ok")
+        write_summary(groups, columns, run_dir)
+        sections += ["## Speedup by strategy and prompt set", "", markdown_table(groups, columns), ""]
+        small = groups[groups["prompts"] < MIN_PROMPTS_FOR_INTERVAL]
+        if not small.empty:
+            sections += [f"> **Warning:** {len(small)} row(s) rest on fewer than {MIN_PROMPTS_FOR_INTERVAL} prompts; "
+                         "their intervals say little. Run more prompts per set.", ""]
+        suspects = groups[groups["timing_suspect"]]
+        if not suspects.empty:
+            sections += [f"> **Warning:** {len(suspects)} row(s) have suspect timings (below); rerun them with "
+                         "`specsweep run --resume RUN_DIR --retry-suspect` on a quiet machine.", ""]
+            sections += [markdown_table(suspects, {**({"target": "target"} if multi_target else {}),
+                                                   "strategy": "strategy", "params": "params",
+                                                   "prompt_set": "prompt set", "timing_note": "why"}), ""]
+        index = ["target", "strategy", "params"] if multi_target else ["strategy", "params"]
+        pivot = groups.pivot_table(index=index, columns="prompt_set", values="speedup")
         pivot["mean"] = pivot.mean(axis=1)
         sections += ["## Speedup overview (strategy x prompt set)", "",
                      markdown_table(pivot.reset_index(), {c: str(c) for c in pivot.reset_index().columns}), ""]
-        sections += ["## Best configuration per strategy", "", markdown_table(best_per_strategy(groups), {
-            "strategy": "strategy", "params": "best params", "speedup": "mean speedup", "cost_speedup": "mean cost speedup",
-        }), ""]
-        plot_speedups(groups, run_dir / "speedup.png")
+        best_columns = {"strategy": "strategy", "params": "best params", "speedup": "mean speedup",
+                        "cost_speedup": "mean cost speedup", "verdict": "vs runner-up"}
+        sections += ["## Best configuration per strategy", "", markdown_table(
+            best_per_strategy(groups), {**({"target": "target"} if multi_target else {}), **best_columns}), ""]
+        plot_speedups(groups, run_dir / "speedup.png", multi_target)
         sections += ["![speedup](speedup.png)", ""]
+        if plot_acceptance_vs_gamma(groups, run_dir / "acceptance_vs_gamma.png"):
+            sections += ["![α and τ against γ](acceptance_vs_gamma.png)", ""]
         cascade = cascade_section(groups, run_dir)
         if cascade:
             sections += cascade
-        spec_bench = spec_bench_table(records)
+        spec_bench = spec_bench_table(records, multi_target)
         if spec_bench is not None:
             sections += ["## Spec-Bench", "",
-                         "Speedup (ratio of mean wall times, 95% bootstrap interval) per Spec-Bench task; "
-                         "multi-turn conversation pools the MT-bench categories; multi-turn prompts are run turn by turn.",
+                         "Speedup (throughput ratio, 95% bootstrap interval) per Spec-Bench task; multi-turn "
+                         "conversation pools the MT-bench categories; multi-turn prompts are run turn by turn.",
                          "", spec_bench, ""]
-    correctness = cells[cells["kind"] == "strategy"].groupby("strategy").agg(
-        cells=("cell_id", "count"), failed=("status", lambda s: int((s != "ok").sum())),
-        match_rate=("match_rate", "mean") if "match_rate" in cells else ("cell_id", "count"),
-    ).reset_index()
-    sections += ["## Correctness", "", markdown_table(correctness, {
-        "strategy": "strategy", "cells": "cells", "failed": "failed", "match_rate": "token match (mean over cells)",
-    }), ""]
+    sections += correctness_section(cells, sampled)
     failures = cells[cells["status"] != "ok"]
     if not failures.empty:
         sections += [f"### Failed cells ({len(failures)})", "", markdown_table(failures, {
             "cell_id": "cell", "kind": "kind", "strategy": "strategy", "params": "params", "prompt_set": "prompt set",
             "shard": "shard", "error": "error"}), ""]
+    sections += ["## Glossary", "", *GLOSSARY, ""]
     report = run_dir / "report.md"
     report.write_text("\n".join(sections))
     return report
+
+
+def sweep_name(run_dir: Path, records: dict[str, dict[str, Any]]) -> str:
+    """The sweep's name: from the run's ``sweep.yaml``, else from the records, else the parent directory."""
+    sweep_file = run_dir / "sweep.yaml"
+    if sweep_file.exists():
+        try:
+            name = (yaml.safe_load(sweep_file.read_text()) or {}).get("name")
+        except yaml.YAMLError:
+            name = None
+        if isinstance(name, str) and name:
+            return name
+    return next((r["sweep"] for r in records.values() if r.get("sweep")), run_dir.resolve().parent.name)
+
+
+def models_table(records: dict[str, dict[str, Any]]) -> str:
+    """Each model the run used: role, id, revision, dtype, parameters, and the chat template of its prompts."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for record in records.values():
+        cell, env = record["cell"], record.get("env", {})
+        parameters = env.get("parameters", {})
+        name, spec = cell["target"]
+        entry = rows.setdefault(("target", name), {"role": "target", "name": name, "id": spec.get("id"),
+                                                   "revision": spec.get("revision", "-"), "dtype": spec.get("dtype"),
+                                                   "parameters": None, "template": set()})
+        entry["parameters"] = entry["parameters"] or parameters.get("target")
+        if record.get("template"):
+            entry["template"].add(record["template"])
+        for draft, draft_spec in cell.get("drafts", {}).items():
+            draft_entry = rows.setdefault(("draft", draft), {
+                "role": "draft", "name": draft, "id": draft_spec.get("id"), "revision": draft_spec.get("revision", "-"),
+                "dtype": draft_spec.get("dtype"), "parameters": None, "template": set()})
+            draft_entry["parameters"] = draft_entry["parameters"] or parameters.get(f"draft:{draft}")
+    frame = pd.DataFrame([{**row, "parameters": f"{row['parameters'] / 1e6:.1f}M" if row["parameters"] else "-",
+                           "template": " / ".join(sorted(row["template"])) or "-"} for row in rows.values()])
+    return markdown_table(frame, {"role": "role", "name": "name", "id": "id", "revision": "revision",
+                                  "dtype": "dtype", "parameters": "parameters", "template": "chat template"})
+
+
+def write_summary(groups: pd.DataFrame, columns: dict[str, str], run_dir: Path) -> None:
+    """The main table as ``summary.csv`` and ``summary.json`` (numbers unrounded)."""
+    keep = [name for name in ("target", "strategy", "params", "prompt_set", "prompts", "turns", "new_tokens", "speedup",
+                              "speedup_low", "speedup_high", "tau", "alpha", "cost_speedup", "bound", "efficiency",
+                              "strategy_ms_per_token", "baseline_ms_per_token", "match_rate", "baseline_probe_ms",
+                              "strategy_probe_ms", "step_drift", "speedup_ceiling", "timing_suspect", "timing_note")
+            if name in groups.columns]
+    table = groups[keep]
+    table.to_csv(run_dir / "summary.csv", index=False)
+    rows = json.loads(table.to_json(orient="records"))
+    (run_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def correctness_section(cells: pd.DataFrame, sampled: bool) -> list[str]:
+    """Per strategy: cells, failed cells and the mean token match of the cells that ran (n/a under sampling)."""
+    strategy_cells = cells[cells["kind"] == "strategy"]
+    if strategy_cells.empty:
+        return []
+    rows = []
+    for strategy, frame in strategy_cells.groupby("strategy"):
+        ran = frame[frame["status"] == "ok"]
+        if sampled:
+            match = "n/a (sampled)"
+        elif ran.empty or "match_rate" not in ran:
+            match = "-"
+        else:
+            match = _fmt(float(ran["match_rate"].mean()))
+        rows.append({"strategy": strategy, "cells": len(frame), "failed": int((frame["status"] != "ok").sum()),
+                     "match": match})
+    return ["## Correctness", "", markdown_table(pd.DataFrame(rows), {
+        "strategy": "strategy", "cells": "cells", "failed": "failed", "match": "token match (mean over cells that ran)",
+    }), ""]
 
 
 def level_summary(prompts: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -264,7 +410,7 @@ def templates_line(records: dict[str, dict[str, Any]]) -> str:
     return ", ".join(f"{name}: {' / '.join(sorted(labels))}" for name, labels in sorted(used.items())) or "-"
 
 
-def spec_bench_table(records: dict[str, dict[str, Any]]) -> str | None:
+def spec_bench_table(records: dict[str, dict[str, Any]], multi_target: bool = False) -> str | None:
     """Spec-Bench's table (per-task speedups, mean accepted tokens, overall) when the prompts carry its categories."""
     known = {category for categories in SPEC_BENCH_COLUMNS.values() for category in categories}
     sources = {r["cell"]["prompt_set"]["name"]: r["cell"]["prompt_set"]["source"] for r in records.values()}
@@ -273,7 +419,7 @@ def spec_bench_table(records: dict[str, dict[str, Any]]) -> str | None:
         categories = {prompt["category"] for prompt in prompts}
         if sources[prompt_set].startswith(("zoo:", "hf:")) or not categories & known:
             continue
-        row = {"strategy": strategy, "params": params, "prompt_set": prompt_set}
+        row = {"target": target, "strategy": strategy, "params": params, "prompt_set": prompt_set}
         for column, members in SPEC_BENCH_COLUMNS.items():
             subset = [prompt for prompt in prompts if prompt["category"] in members]
             row[column] = _speedup_cell(summarize(subset)) if subset else "-"
@@ -286,9 +432,11 @@ def spec_bench_table(records: dict[str, dict[str, Any]]) -> str | None:
     if not rows:
         return None
     frame = pd.DataFrame(rows)
-    columns = {"strategy": "strategy", "params": "params", "prompt_set": "prompt set"}
-    columns.update({name: name for name in frame.columns if name not in columns})
+    columns = {**({"target": "target"} if multi_target else {}),
+               "strategy": "strategy", "params": "params", "prompt_set": "prompt set"}
+    columns.update({name: name for name in frame.columns if name not in columns and name != "target"})
     return markdown_table(frame.fillna("-"), columns)
+
 
 
 def _speedup_cell(summary: dict[str, Any]) -> str:
@@ -296,27 +444,93 @@ def _speedup_cell(summary: dict[str, Any]) -> str:
 
 
 def best_per_strategy(groups: pd.DataFrame) -> pd.DataFrame:
-    """For each strategy, the params with the highest speedup averaged over prompt sets."""
-    means = groups.groupby(["strategy", "params"], as_index=False)[["speedup", "cost_speedup"]].mean()
-    return means.loc[means.groupby("strategy")["speedup"].idxmax()].sort_values("speedup", ascending=False)
+    """For each (target and) strategy, the params with the highest speedup averaged over prompt sets; *tied* when
+    the runner-up's mean interval overlaps the best one's."""
+    keys = ["target", "strategy"]
+    means = groups.groupby([*keys, "params"], as_index=False)[
+        ["speedup", "cost_speedup", "speedup_low", "speedup_high"]].mean()
+    rows = []
+    for _, frame in means.groupby(keys):
+        ordered = frame.sort_values("speedup", ascending=False)
+        best = ordered.iloc[0].to_dict()
+        if len(ordered) == 1:
+            best["verdict"] = "only configuration"
+        else:
+            second = ordered.iloc[1]
+            overlap = second["speedup_high"] >= best["speedup_low"]
+            best["verdict"] = f"tied with {second['params']}" if overlap else "better (intervals apart)"
+        rows.append(best)
+    return pd.DataFrame(rows).sort_values("speedup", ascending=False)
 
 
-def plot_speedups(groups: pd.DataFrame, path: Path) -> None:
-    """Horizontal bars of speedup with 95% intervals, one per (strategy, params, prompt set)."""
+def plot_speedups(groups: pd.DataFrame, path: Path, multi_target: bool = False) -> None:
+    """Speedup bars with 95% intervals, one panel per prompt set (and target), one colour per strategy, a legend;
+    bars are labelled by their params, so the figure stays readable with many configurations."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r.strategy} {r.params} | {r.prompt_set}" for r in groups.itertuples()]
-    height = max(2.5, 0.35 * len(labels) + 1)
-    fig, ax = plt.subplots(figsize=(9, height))
-    errors = [groups["speedup"] - groups["speedup_low"], groups["speedup_high"] - groups["speedup"]]
-    ax.barh(range(len(labels)), groups["speedup"], xerr=errors, color="#4c78a8", capsize=3)
-    ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
-    ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("wall-clock speedup over autoregressive (95% CI)")
-    fig.tight_layout()
+    facets = [(key, frame) for key, frame in groups.groupby(["target", "prompt_set"] if multi_target else ["prompt_set"])]
+    strategies = sorted(groups["strategy"].unique())
+    colours = {name: plt.get_cmap("tab10")(index % 10) for index, name in enumerate(strategies)}
+    tallest = max(len(frame) for _, frame in facets)
+    fig, axes = plt.subplots(1, len(facets), figsize=(6.5 * len(facets), max(2.5, 0.28 * tallest + 1.5)), squeeze=False)
+    for ax, (key, frame) in zip(axes[0], facets):
+        frame = frame.sort_values("speedup")
+        labels = [short_label(row.strategy, row.params) for row in frame.itertuples()]
+        errors = [frame["speedup"] - frame["speedup_low"], frame["speedup_high"] - frame["speedup"]]
+        ax.barh(range(len(frame)), frame["speedup"], xerr=errors, capsize=2,
+                color=[colours[name] for name in frame["strategy"]])
+        ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_yticks(range(len(frame)), labels, fontsize=7)
+        ax.set_title(" / ".join(key) if isinstance(key, tuple) else str(key), fontsize=9)
+        ax.set_xlabel("speedup over autoregressive (95% CI)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[name]) for name in strategies]
+    columns = max(1, min(len(strategies), 4 * len(facets)))
+    legend_rows = -(-len(strategies) // columns)
+    fig.legend(handles, strategies, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, min(0.4, 0.05 * legend_rows + 0.02), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def short_label(strategy: str, params: str, width: int = 48) -> str:
+    text = f"{strategy} {params}" if params != "-" else strategy
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def plot_acceptance_vs_gamma(groups: pd.DataFrame, path: Path) -> bool:
+    """α and τ against draft length γ, one line per (strategy, other params, prompt set); False when no strategy
+    swept γ over at least two values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for row in groups.itertuples():
+        raw = row.params_raw
+        if isinstance(raw, dict) and isinstance(raw.get("gamma"), int):
+            rest = ", ".join(f"{k}={v}" for k, v in raw.items() if k != "gamma")
+            rows.append({"line": f"{row.target} {row.strategy} {rest} | {row.prompt_set}", "gamma": raw["gamma"],
+                         "alpha": row.alpha, "tau": row.tau})
+    table = pd.DataFrame(rows)
+    if table.empty or table.groupby("line")["gamma"].nunique().max() < 2:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for line, frame in table.groupby("line"):
+        if frame["gamma"].nunique() < 2:
+            continue
+        frame = frame.sort_values("gamma")
+        axes[0].plot(frame["gamma"], frame["alpha"], marker="o", label=short_label(line, "-", 60))
+        axes[1].plot(frame["gamma"], frame["tau"], marker="o")
+    axes[0].set_ylabel("α (accepted / drafted)")
+    axes[1].set_ylabel("τ (tokens per target step)")
+    for ax in axes:
+        ax.set_xlabel("γ (draft tokens per step)")
+    fig.legend(loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.15, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

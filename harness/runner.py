@@ -1,9 +1,16 @@
 """Running one cell in-process: the autoregressive baseline and the strategy on the same prompts, paired.
 
-For each prompt (and each turn of a multi-turn prompt) the baseline runs and
-then the strategy, back to back on the same models, so that every speedup is
-paired. Greedy cells also check that the strategy's tokens equal the
-baseline's; in float32 a mismatch fails the cell.
+Under ``run.pairing: interleaved`` (the default) each turn of each prompt runs
+the baseline and the strategy back to back on the same worker, alternating
+which goes first, so that a machine slowing down or speeding up hits both
+sides. Under ``pairing: shared`` a baseline cell runs once per prompt shard
+and every strategy cell on it replays its conversations; a strategy cell on a
+device of another name runs its baseline itself. Each side is timed
+``run.repeats`` times per turn (the median is kept), and after each run the
+target's 1-token forward is timed on a fixed short context: the drift guard
+(``harness.metrics.timing_check``) compares those probes between the sides.
+Greedy cells also check that the strategy's tokens equal the baseline's; in
+float32 a mismatch fails the cell.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import torch
 
 from harness.config import Cell
 from harness.lm import synchronize
+from harness.metrics import timing_check
 from harness.model_cache import ModelCache
 from harness.paths import content_hash
+from harness.provenance import cpu_model
 from harness.prompts import Prompt, conversation_ids, load_prompts, shard, template_label
 from strategies import ModelSet, Sampling, Trace, build, strategy_class
 
@@ -51,27 +60,32 @@ def conversation_at(prompt: Prompt, turn_index: int, answers: list[str]) -> list
     return conversation
 
 
-def run_baseline_prompt(baseline, prompt: Prompt, tokenizer, cell: Cell, limit: int, device: torch.device) -> dict[str, Any]:
+def run_baseline_prompt(baseline, prompt: Prompt, tokenizer, cell: Cell, limit: int, device: torch.device,
+                        models: ModelSet) -> dict[str, Any]:
     """Run every turn of ``prompt`` with the baseline (Spec-Bench style: each turn sees the earlier answers)."""
     record: dict[str, Any] = {"prompt_id": prompt.prompt_id, "category": prompt.category, "turns": []}
     answers: list[str] = []
     for turn_index in range(len(prompt.turns)):
         ids = conversation_ids(tokenizer, cell.prompt_set, conversation_at(prompt, turn_index, answers), limit)
-        trace = timed(baseline, ids, cell, turn_seed(cell, prompt, turn_index), device)
+        trace = median_run([timed(baseline, ids, cell, turn_seed(cell, prompt, turn_index), device, models)
+                            for _ in range(cell.run.repeats)])
         answers.append(tokenizer.decode(trace.tokens, skip_special_tokens=True))
-        record["turns"].append({"prompt_tokens": len(ids), "baseline": trace_record(trace), "answer": answers[-1]})
+        record["turns"].append({"prompt_ids": ids, "prompt_tokens": len(ids), "baseline": trace_record(trace),
+                                "answer": answers[-1]})
     return record
 
 
 def run_strategy_prompt(strategy, prompt: Prompt, baseline_prompt: dict[str, Any], tokenizer, cell: Cell, limit: int,
-                        device: torch.device) -> dict[str, Any]:
+                        device: torch.device, models: ModelSet) -> dict[str, Any]:
     """Run ``prompt`` turn by turn with the strategy on the baseline's conversation, paired with its traces."""
     record: dict[str, Any] = {"prompt_id": prompt.prompt_id, "category": prompt.category, "turns": []}
     answers = [turn["answer"] for turn in baseline_prompt["turns"]]
     for turn_index, base_turn in enumerate(baseline_prompt["turns"]):
         ids = conversation_ids(tokenizer, cell.prompt_set, conversation_at(prompt, turn_index, answers), limit)
-        trace = timed(strategy, ids, cell, turn_seed(cell, prompt, turn_index), device, prompt.category)
+        trace = median_run([timed(strategy, ids, cell, turn_seed(cell, prompt, turn_index), device, models,
+                                  prompt.category) for _ in range(cell.run.repeats)])
         record["turns"].append({
+            "prompt_ids": ids,
             "prompt_tokens": len(ids),
             "baseline": base_turn["baseline"],
             "strategy": trace_record(trace),
@@ -80,13 +94,53 @@ def run_strategy_prompt(strategy, prompt: Prompt, baseline_prompt: dict[str, Any
     return record
 
 
+def run_interleaved_prompt(baseline, strategy, prompt: Prompt, tokenizer, cell: Cell, limit: int,
+                           device: torch.device, models: ModelSet, order: int) -> dict[str, Any]:
+    """Run each turn of ``prompt`` with the baseline and the strategy back to back, alternating which goes first
+    (``order`` counts the turns run before, so the alternation continues across prompts)."""
+    record: dict[str, Any] = {"prompt_id": prompt.prompt_id, "category": prompt.category, "turns": []}
+    answers: list[str] = []
+    for turn_index in range(len(prompt.turns)):
+        ids = conversation_ids(tokenizer, cell.prompt_set, conversation_at(prompt, turn_index, answers), limit)
+        seed = turn_seed(cell, prompt, turn_index)
+        runs: dict[str, list[Trace]] = {"baseline": [], "strategy": []}
+        for repeat in range(cell.run.repeats):
+            sides = ("baseline", "strategy") if (order + turn_index + repeat) % 2 == 0 else ("strategy", "baseline")
+            for side in sides:
+                runner, category = (baseline, None) if side == "baseline" else (strategy, prompt.category)
+                runs[side].append(timed(runner, ids, cell, seed, device, models, category))
+        base, trace = median_run(runs["baseline"]), median_run(runs["strategy"])
+        answers.append(tokenizer.decode(base.tokens, skip_special_tokens=True))
+        record["turns"].append({
+            "prompt_ids": ids,
+            "prompt_tokens": len(ids),
+            "baseline": trace_record(base),
+            "strategy": trace_record(trace),
+            "first": sides[0] if cell.run.repeats == 1 else "alternating",
+            **match_record(base.tokens, trace.tokens),
+        })
+    return record
+
+
+def median_run(traces: list[Trace]) -> Trace:
+    """The run of median wall time among repeats of one turn (the lower median for an even count)."""
+    ordered = sorted(traces, key=lambda trace: trace.wall_s)
+    chosen = ordered[(len(ordered) - 1) // 2]
+    if len(traces) > 1:
+        chosen.extras = {**chosen.extras, "wall_runs": [trace.wall_s for trace in traces],
+                         "probe_runs": [trace.extras.get("probe_s") for trace in traces]}
+    return chosen
+
+
 def turn_seed(cell: Cell, prompt: Prompt, turn_index: int) -> int:
     """The sampling seed of one turn: the same for the baseline and every strategy."""
     return int(content_hash([cell.run.seed, prompt.prompt_id, turn_index])[:8], 16)
 
 
-def timed(strategy, ids: list[int], cell: Cell, seed: int, device: torch.device, category: str | None = None) -> Trace:
-    """``strategy.generate`` with synchronised wall-clock time and a seeded generator."""
+def timed(strategy, ids: list[int], cell: Cell, seed: int, device: torch.device, models: ModelSet,
+          category: str | None = None) -> Trace:
+    """``strategy.generate`` with synchronised wall-clock time and a seeded generator, then the target's
+    1-token probe (untimed in the wall time)."""
     strategy.prompt_category = category
     generator = torch.Generator(device=device).manual_seed(seed)
     sampling = Sampling(temperature=cell.run.temperature, generator=generator)
@@ -95,6 +149,7 @@ def timed(strategy, ids: list[int], cell: Cell, seed: int, device: torch.device,
     trace = strategy.generate(ids, cell.run.max_new_tokens, sampling)
     synchronize(device)
     trace.wall_s = time.perf_counter() - started
+    trace.extras = {**trace.extras, "probe_s": models.target.time_single_step()}
     return trace
 
 
@@ -112,7 +167,8 @@ def trace_record(trace: Trace) -> dict[str, Any]:
         "cost_units": trace.cost_units,
         "forward": trace.forward,
         "tokens": trace.tokens,
-        "extras": trace.extras,
+        "probe_s": trace.extras.get("probe_s"),
+        "extras": {key: value for key, value in trace.extras.items() if key != "probe_s"},
     }
 
 
@@ -144,23 +200,47 @@ def run_cell(cell: Cell, cache: ModelCache, worker: str = "local",
         record["env"] = environment(cache, models, cell)
         record["template"] = template_label(tokenizer, cell.prompt_set)
         warmup = prompts[: cell.run.warmup_prompts]
+        device = cache.device
+        autoregressive = build("autoregressive", {}, models)
         if cell.kind == "baseline":
-            runner = build("autoregressive", {}, models)
             for prompt in warmup:
-                run_baseline_prompt(runner, prompt, tokenizer, cell, limit, cache.device)
-            record["prompts"] = [run_baseline_prompt(runner, p, tokenizer, cell, limit, cache.device) for p in prompts]
-        else:
-            if baseline is None or baseline.get("status") != "ok":
-                raise CellFailure(f"baseline cell {cell.baseline_id} has no successful result")
-            record["paired_with"] = {"cell_id": baseline["cell_id"], "worker": baseline.get("worker"),
-                                     "device": baseline.get("env", {}).get("device")}
-            by_id = {p["prompt_id"]: p for p in baseline["prompts"]}
-            strategy = build(cell.strategy, cell.params, models)
-            for prompt in warmup:
-                run_strategy_prompt(strategy, prompt, by_id[prompt.prompt_id], tokenizer, cell, limit, cache.device)
-            record["prompts"] = [run_strategy_prompt(strategy, p, by_id[p.prompt_id], tokenizer, cell, limit, cache.device)
+                run_baseline_prompt(autoregressive, prompt, tokenizer, cell, limit, device, models)
+            record["prompts"] = [run_baseline_prompt(autoregressive, p, tokenizer, cell, limit, device, models)
                                  for p in prompts]
+        else:
+            strategy = build(cell.strategy, cell.params, models)
+            if cell.run.pairing == "interleaved":
+                record["paired_with"] = {"pairing": "interleaved"}
+                for prompt in warmup:
+                    run_interleaved_prompt(autoregressive, strategy, prompt, tokenizer, cell, limit, device, models, 0)
+                record["prompts"] = []
+                for prompt in prompts:
+                    order = sum(len(p["turns"]) for p in record["prompts"])
+                    record["prompts"].append(run_interleaved_prompt(autoregressive, strategy, prompt, tokenizer, cell,
+                                                                    limit, device, models, order))
+            else:
+                if baseline is None or baseline.get("status") != "ok":
+                    raise CellFailure(f"baseline cell {cell.baseline_id} has no successful result")
+                own_device = record["env"]["device_name"]
+                baseline_device = baseline.get("env", {}).get("device_name")
+                record["paired_with"] = {"pairing": "shared", "cell_id": baseline["cell_id"],
+                                         "worker": baseline.get("worker"), "device": baseline_device}
+                if baseline_device != own_device:  # never pair across device models: run the baseline here
+                    record["paired_with"] = {"pairing": "shared", "inline": True, "device": own_device,
+                                             "reason": f"the baseline cell ran on {baseline_device}"}
+                    for prompt in warmup:
+                        run_baseline_prompt(autoregressive, prompt, tokenizer, cell, limit, device, models)
+                    baseline = {"prompts": [run_baseline_prompt(autoregressive, p, tokenizer, cell, limit, device,
+                                                                models) for p in prompts]}
+                by_id = {p["prompt_id"]: p for p in baseline["prompts"]}
+                for prompt in warmup:
+                    run_strategy_prompt(strategy, prompt, by_id[prompt.prompt_id], tokenizer, cell, limit, device,
+                                        models)
+                record["prompts"] = [run_strategy_prompt(strategy, p, by_id[p.prompt_id], tokenizer, cell, limit,
+                                                         device, models) for p in prompts]
             check_lossless(cell, record)
+            record["timing"] = {**timing_check(record["prompts"], cell.run.drift_tolerance),
+                                "tolerance": cell.run.drift_tolerance}
         record["status"] = "ok"
     except Exception as error:  # a failing strategy must not stop the sweep
         record["status"] = "failed"
@@ -184,7 +264,7 @@ def prompt_limit(cell: Cell, models: ModelSet) -> int:
 
 def check_lossless(cell: Cell, record: dict[str, Any]) -> None:
     """Fail a greedy float32 cell whose tokens differ from the baseline's."""
-    if cell.run.temperature > 0 or cell.target_spec.dtype != "float32":
+    if cell.run.sampled or cell.target_spec.dtype != "float32":
         return
     for prompt in record["prompts"]:
         for index, turn in enumerate(prompt["turns"]):
@@ -198,7 +278,7 @@ def environment(cache: ModelCache, models: ModelSet, cell: Cell) -> dict[str, An
     import transformers
 
     device = cache.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     return {
         "device": str(device),
         "device_name": name,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections import deque
@@ -31,6 +30,7 @@ from typing import Any, Callable
 from harness.config import Cell, Sweep
 from harness.errors import ConfigError
 from harness.preflight import prepare_models
+from harness.provenance import build_info
 from harness.progress import Progress
 from harness.results import ResultStore
 from harness.worker import Worker
@@ -67,12 +67,9 @@ class WorkerSlot:
 
 
 def git_commit() -> str:
-    """The current git commit of the working directory (``unknown`` outside a checkout)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The commit of the specsweep code in use (``+dirty`` with uncommitted changes; ``unknown`` without git)."""
+    info = build_info()
+    return f"{info['commit']}{'+dirty' if info.get('dirty') else ''}"
 
 
 def init_ray(sweep: Sweep, address: str | None) -> None:
@@ -313,7 +310,7 @@ class Dispatcher:
     def _route(self, cell: Cell, queue: deque[Cell], waiting: dict[str, list[Cell]], outcome: SweepOutcome,
                progress: Progress) -> None:
         """Queue a cell whose artefacts exist: now, once its baseline is done, or as failed if that failed."""
-        if cell.kind == "baseline" or cell.baseline_id in self.baselines:
+        if cell.kind == "baseline" or not cell.baseline_id or cell.baseline_id in self.baselines:
             queue.append(cell)
         elif cell.baseline_id in self.baseline_errors:
             self._store(self._failed_record(cell, f"baseline cell {cell.baseline_id} failed: "
@@ -458,9 +455,11 @@ class Dispatcher:
 
 
 def run_sweep(sweep: Sweep, run_dir: Path, address: str | None = None, log: Callable[[str], None] | None = None,
-              retry_failed: bool = False,
-              on_record: Callable[[Dispatcher, dict[str, Any]], None] | None = None) -> SweepOutcome:
-    """Run every cell of ``sweep`` not yet recorded in ``run_dir``; return the outcome."""
+              retry_failed: bool = False, retry_suspect: bool = False,
+              on_record: Callable[[Dispatcher, dict[str, Any]], None] | None = None,
+              stream: Any = None) -> SweepOutcome:
+    """Run every cell of ``sweep`` not yet recorded in ``run_dir`` (and, when asked, those recorded as failed or
+    as ``timing_suspect``); return the outcome."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if sweep.uses_zoo():
         from training.zoo import build_zoo, format_manifest, is_built
@@ -475,7 +474,11 @@ def run_sweep(sweep: Sweep, run_dir: Path, address: str | None = None, log: Call
     cells = sweep.cells(device_type=plan[2])
     ids = {cell.cell_id for cell in cells}
     recorded = {cid: rec for cid, rec in store.latest().items() if cid in ids}
-    done = {cid for cid, rec in recorded.items() if rec.get("status") == "ok" or not retry_failed}
+    def settled(record: dict[str, Any]) -> bool:
+        if record.get("status") != "ok":
+            return not retry_failed
+        return not (retry_suspect and record.get("timing", {}).get("timing_suspect"))
+    done = {cid for cid, rec in recorded.items() if settled(rec)}
     todo = [cell for cell in cells if cell.cell_id not in done]
     outcome = SweepOutcome(run_dir=run_dir, total=len(cells), skipped=len(cells) - len(todo))
     outcome.failed_ids = [cid for cid in done if recorded[cid].get("status") != "ok"]
@@ -487,7 +490,7 @@ def run_sweep(sweep: Sweep, run_dir: Path, address: str | None = None, log: Call
         return outcome
     dispatcher = Dispatcher(sweep, store, log, plan, on_record)
     log(f"running {len(todo)} cells on {dispatcher.count} {dispatcher.device} worker(s); results -> {store.path}")
-    progress = Progress(total=len(cells), done=outcome.ok, failed=outcome.failed, log=log)
+    progress = Progress(total=len(cells), done=outcome.ok, failed=outcome.failed, log=log, stream=stream)
     try:
         dispatcher.run(todo, outcome, recorded, progress)
     finally:

@@ -68,7 +68,7 @@ def write_sweep(path: Path, **overrides) -> Path:
         "models": {"target": "zoo:target", "drafts": {"small": "zoo:draft-1l"}, "device": "cpu"},
         "prompts": [{"name": "code", "source": "zoo:code", "count": 3}],
         "strategies": [{"name": "speculative", "params": {"draft": "small"}, "grid": {"gamma": [2, 3]}}],
-        "run": {"max_new_tokens": 12, "warmup_prompts": 1, "workers": 1, "num_cpus": 2},
+        "run": {"max_new_tokens": 12, "warmup_prompts": 1, "workers": 1, "num_cpus": 2, "pairing": "shared"},
     }
     sweep.update(overrides)
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))

@@ -28,7 +28,7 @@ def many_cells_sweep(path: Path, **overrides) -> Path:
     settings = dict(
         prompts=[{"name": "code", "source": "zoo:code", "count": 4, "shards": 2}],
         strategies=[{"name": "speculative", "params": {"draft": "small"}, "grid": {"gamma": [1, 2, 3]}}],
-        run={"max_new_tokens": 10, "warmup_prompts": 1, "workers": 2, "num_cpus": 2},
+        run={"max_new_tokens": 10, "warmup_prompts": 1, "workers": 2, "num_cpus": 2, "pairing": "shared"},
     )
     settings.update(overrides)
     return write_sweep(path, **settings)
@@ -69,7 +69,7 @@ def test_raising_strategy_fails_only_its_cell(tmp_path, tiny_zoo, zoo_models, fr
 
     _, tokenizer = zoo_models
     path = many_cells_sweep(tmp_path / "sweep.yaml", plugins=[str(TESTS / "plugins" / "probes.py")],
-                            run={"max_new_tokens": 10, "warmup_prompts": 0, "workers": 2, "num_cpus": 2})
+                            run={"max_new_tokens": 10, "warmup_prompts": 0, "workers": 2, "num_cpus": 2, "pairing": "shared"})
     sweep = load_sweep(path)
     prompts = load_prompts(sweep.prompt_sets[0], tiny_zoo.corpus)
     poisoned = shard(prompts, 1, 2)[-1]
@@ -80,7 +80,7 @@ def test_raising_strategy_fails_only_its_cell(tmp_path, tiny_zoo, zoo_models, fr
     path = many_cells_sweep(tmp_path / "sweep.yaml", plugins=[str(TESTS / "plugins" / "probes.py")],
                             strategies=[{"name": "faulty", "params": {"poison_length": poison_length}},
                                         {"name": "speculative", "params": {"draft": "small", "gamma": 2}}],
-                            run={"max_new_tokens": 10, "warmup_prompts": 0, "workers": 2, "num_cpus": 2})
+                            run={"max_new_tokens": 10, "warmup_prompts": 0, "workers": 2, "num_cpus": 2, "pairing": "shared"})
     fresh_ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     outcome = run_sweep(load_sweep(path), tmp_path / "run", log=lambda m: None)
     records = list(ResultStore(tmp_path / "run").records())
@@ -92,7 +92,8 @@ def test_raising_strategy_fails_only_its_cell(tmp_path, tiny_zoo, zoo_models, fr
 
 
 def test_worker_loads_its_target_once(tmp_path, tiny_zoo, fresh_ray):
-    path = many_cells_sweep(tmp_path / "sweep.yaml", run={"max_new_tokens": 6, "warmup_prompts": 0, "workers": 1})
+    path = many_cells_sweep(tmp_path / "sweep.yaml", run={"max_new_tokens": 6, "warmup_prompts": 0, "workers": 1,
+                                                                  "pairing": "shared"})
     fresh_ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     run_sweep(load_sweep(path), tmp_path / "run", log=lambda m: None)
     records = list(ResultStore(tmp_path / "run").records())
@@ -103,7 +104,7 @@ def test_worker_loads_its_target_once(tmp_path, tiny_zoo, fresh_ray):
 
 def test_killed_driver_resumes_without_rerunning_cells(tmp_path, tiny_zoo, specsweep_home):
     path = many_cells_sweep(tmp_path / "sweep.yaml", run={"max_new_tokens": 24, "warmup_prompts": 1, "workers": 1,
-                                                           "num_cpus": 1})
+                                                           "num_cpus": 1, "pairing": "shared"})
     run_dir = tmp_path / "results" / "tiny" / "r"
     command = [sys.executable, "-m", "harness.cli", "run", str(path), "--results-dir", str(tmp_path / "results"),
                "--run-name", "r"]

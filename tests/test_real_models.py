@@ -315,7 +315,8 @@ def test_a_sweep_distils_a_train_draft_once_and_decodes_losslessly_with_it(tmp_p
     path = write_sweep(tmp_path / "sweep.yaml", name="tiny-draft", train={"distilled": "draft.yaml"},
                        models={"target": "zoo:target", "drafts": {"small": "train:distilled"}, "device": "cpu"},
                        strategies=[{"name": "speculative", "params": {"draft": "small", "gamma": 3}}],
-                       run={"max_new_tokens": 12, "warmup_prompts": 1, "workers": 2, "num_cpus": 2})
+                       run={"max_new_tokens": 12, "warmup_prompts": 1, "workers": 2, "num_cpus": 2,
+                            "pairing": "shared"})
     sweep = load_sweep(path)
     request = sweep.draft_artifacts["small"]
     assert sweep.drafts["small"].id == request.model_id()

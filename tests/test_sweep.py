@@ -25,10 +25,14 @@ def test_two_cell_sweep_through_ray(tmp_path, tiny_zoo, ray_local, capsys):
     path = write_sweep(tmp_path / "sweep.yaml")
     results = tmp_path / "results"
     code = main(["run", str(path), "--results-dir", str(results), "--run-name", "r1"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     run_dir = results / "tiny" / "r1"
     assert code == 0, out
     assert f"report: {run_dir / 'report.md'}" in out
+    assert "speculative" in out.split("report:")[0]  # the best rows, printed as a table
+    assert "[3/3]" in captured.err and "ok 3, failed 0" in captured.err  # the sweep's own lines on the terminal
+    assert (run_dir / "sweep.log").exists() and json.loads((run_dir / "env.json").read_text())["command"]
     records = list(ResultStore(run_dir).records())
     assert {r["status"] for r in records} == {"ok"}
     baselines = [r for r in records if r["kind"] == "baseline"]
