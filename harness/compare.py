@@ -35,10 +35,13 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
     devices = {r.get("env", {}).get("device_name") for r in records.values() if r.get("env")}
     device = " / ".join(sorted(d for d in devices if d)) or "?"
     sampled = any(is_sampled(r) for r in records.values())
+    sources = {r["cell"]["prompt_set"]["name"]: r["cell"]["prompt_set"]["source"] for r in records.values()}
     pooled: dict[tuple, list[dict[str, Any]]] = {}
     for (target, strategy, params, prompt_set), (_, prompts) in grouped_prompts(records).items():
+        spec_bench = not sources[prompt_set].startswith(("zoo:", "hf:"))  # zoo domains are not Spec-Bench's tasks
         pooled.setdefault((target, strategy, params), []).extend(
-            {**prompt, "category": spec_bench_task(prompt.get("category")) or prompt_set} for prompt in prompts)
+            {**prompt, "category": (spec_bench and spec_bench_task(prompt.get("category"))) or prompt_set}
+            for prompt in prompts)
     rows = []
     for (target, strategy, params), prompts in pooled.items():
         overall = summarize(prompts, sampled=sampled)

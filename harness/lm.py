@@ -117,8 +117,9 @@ class CausalLM:
         return stats
 
     @torch.inference_mode()
-    def time_single_step(self, context: int = 8, repeats: int = 3) -> float:
-        """Median seconds of a 1-token decode forward on a short fixed context (the drift guard's probe).
+    def time_single_step(self, context: int = 8, repeats: int = 5) -> float:
+        """Fastest of ``repeats`` 1-token decode forwards on a short fixed context, in seconds (the drift guard's
+        probe: interference only slows a forward down, so the minimum is the steadiest reading of the machine).
 
         Runs on a cache of its own; the sequence, cache and statistics in use are left as they were.
         """
@@ -134,7 +135,7 @@ class CausalLM:
                 before = self.stats.decode_seconds
                 self._forward([ids[index % context]], prefill=False)
                 times.append(self.stats.decode_seconds - before)
-            return sorted(times)[len(times) // 2]
+            return min(times)
         finally:
             self.cache, self.last_logits, self.stats = saved
 

@@ -120,8 +120,9 @@ def summarize(prompts: list[dict[str, Any]], seed: int = 0, sampled: bool = Fals
 def timing_check(prompts: list[dict[str, Any]], tolerance: float, speedup: float | None = None) -> dict[str, Any]:
     """The drift guard: is this pairing's timing trustworthy?
 
-    ``baseline_probe_ms`` / ``strategy_probe_ms`` are the medians of the target's
-    1-token forward, timed on a fixed short context after each run of each side.
+    ``baseline_probe_ms`` / ``strategy_probe_ms`` are the medians, over a side's
+    runs, of the target's fastest 1-token forward on a fixed short context, timed
+    after each run.
     The cell is ``timing_suspect`` when they differ by more than ``tolerance``
     (the machine changed speed between the sides), or when the speedup exceeds
     its ceiling τ × (baseline 1-token step time ÷ strategy verification-step

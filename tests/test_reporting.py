@@ -123,7 +123,7 @@ def test_compare_lists_each_run_and_marks_rows_from_other_devices(tmp_path, cach
     table = leaderboard([first, second])
     assert sorted(table["run"]) == ["runs/a", "runs/a", "runs/b", "runs/b"]
     assert set(table["device"]) == {"GPU model A †", "GPU model B †"}
-    assert {"code", "τ", "overall"} <= set(table.columns)
+    assert {"code", "τ", "overall"} <= set(table.columns) and "Multi-turn conversation" not in table.columns
     same = leaderboard([first])
     assert not same["device"].str.endswith("†").any()
     markdown, csv = write_leaderboard([first, second], tmp_path / "out", by="target")
