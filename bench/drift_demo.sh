@@ -12,7 +12,8 @@ specsweep=${SPECSWEEP:-specsweep}
 
 busy_loops_after() {  # one busy process per core, started $1 s from now, for the rest of the run
     for _ in $(seq "$(nproc)"); do
-        (sleep "$1"; exec python3 -c "while True: pass") > /dev/null 2>&1 &
+        # at the niceness Ray gives its workers (15): an equal competitor, not one that starves the worker
+        (sleep "$1"; exec nice -n 15 python3 -c "while True: pass") > /dev/null 2>&1 &
     done
 }
 
