@@ -15,7 +15,7 @@ import yaml
 
 from harness.errors import ConfigError
 from harness.console import sweep_console
-from harness.provenance import write_environment
+from harness.provenance import build_info, build_label, write_environment
 
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specsweep", description="Benchmark speculative decoding strategies.")
-    parser.add_argument("--version", action="version", version=f"specsweep {package_version()}")
+    parser.add_argument("--version", action=VersionAction, help="print the version and git commit, then exit")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a sweep file and write its report")
@@ -193,13 +193,15 @@ def summary_table(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def package_version() -> str:
-    """The installed specsweep version and the git commit stamped at install time (or found now)."""
-    from harness.provenance import build_info
+class VersionAction(argparse.Action):
+    """``--version``: the installed version and the commit, looked up only when asked for (git runs a process)."""
 
-    info = build_info()
-    dirty = "+dirty" if info.get("dirty") else ""
-    return f"{info['version']} ({info['commit']}{dirty})"
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        info = build_info()
+        parser.exit(message=f"specsweep {info['version']} ({build_label(info)})\n")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ import pandas as pd
 
 from harness.errors import ConfigError
 from harness.metrics import summarize
-from harness.report import SPEC_BENCH_COLUMNS, grouped_prompts, is_sampled, markdown_table
+from harness.report import SPEC_BENCH_COLUMNS, grouped_prompts, is_sampled, is_spec_bench_source, markdown_table
 from harness.results import ResultStore
 
 BY = ("category", "target", "strategy")
@@ -38,7 +38,7 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
     sources = {r["cell"]["prompt_set"]["name"]: r["cell"]["prompt_set"]["source"] for r in records.values()}
     pooled: dict[tuple, list[dict[str, Any]]] = {}
     for (target, strategy, params, prompt_set), (_, prompts) in grouped_prompts(records).items():
-        spec_bench = not sources[prompt_set].startswith(("zoo:", "hf:"))  # zoo domains are not Spec-Bench's tasks
+        spec_bench = is_spec_bench_source(sources[prompt_set])
         pooled.setdefault((target, strategy, params), []).extend(
             {**prompt, "category": (spec_bench and spec_bench_task(prompt.get("category"))) or prompt_set}
             for prompt in prompts)

@@ -113,12 +113,20 @@ def summarize(prompts: list[dict[str, Any]], seed: int = 0, sampled: bool = Fals
         "bound": bound,
         "efficiency": speedup / bound if bound else math.nan,
         "match_rate": None if sampled else float(column("matches").sum() / column("turns").sum()),
-        **timing_check(prompts, drift_tolerance, speedup=speedup),
+        **timing_from_totals(rows, drift_tolerance, speedup),
     }
 
 
-def timing_check(prompts: list[dict[str, Any]], tolerance: float, speedup: float | None = None) -> dict[str, Any]:
-    """The drift guard: is this pairing's timing trustworthy?
+def timing_check(prompts: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
+    """The drift guard over ``prompts``; see ``timing_from_totals``."""
+    totals = [prompt_totals(prompt) for prompt in prompts]
+    speedup = throughput_ratio(*(np.array([row.get(name, 0.0) for row in totals]) for name in (
+        "baseline_new_tokens", "baseline_wall_s", "strategy_new_tokens", "strategy_wall_s")))
+    return timing_from_totals(totals, tolerance, speedup)
+
+
+def timing_from_totals(totals: list[dict[str, Any]], tolerance: float, speedup: float) -> dict[str, Any]:
+    """The drift guard: is this pairing's timing trustworthy? (``totals`` from ``prompt_totals``.)
 
     ``baseline_probe_ms`` / ``strategy_probe_ms`` are the medians, over a side's
     runs, of the target's fastest 1-token forward on a fixed short context, timed
@@ -129,14 +137,10 @@ def timing_check(prompts: list[dict[str, Any]], tolerance: float, speedup: float
     time): no strategy can beat that, so exceeding it means the sides were timed
     under different conditions.
     """
-    totals = [prompt_totals(prompt) for prompt in prompts]
     base_probes = [probe for row in totals for probe in row.get("baseline_probes", [])]
     strat_probes = [probe for row in totals for probe in row.get("strategy_probes", [])]
     def total(name: str) -> float:
         return sum(row.get(name, 0.0) for row in totals)
-    if speedup is None:
-        speedup = throughput_ratio(*(np.array([row.get(name, 0.0) for row in totals]) for name in (
-            "baseline_new_tokens", "baseline_wall_s", "strategy_new_tokens", "strategy_wall_s")))
     step_s = total("baseline_target_decode_seconds") / max(1.0, total("baseline_target_decode_calls"))
     verify_s = total("strategy_target_decode_seconds") / max(1.0, total("strategy_target_decode_calls"))
     tau = total("strategy_new_tokens") / max(1.0, total("strategy_steps"))

@@ -44,6 +44,12 @@ def build_info() -> dict[str, Any]:
     return {"version": version, "commit": "unknown", "dirty": None}
 
 
+def build_label(info: dict[str, Any] | None = None) -> str:
+    """The commit of ``info`` (default: the code in use) as recorded with results: ``<commit>[+dirty]``."""
+    info = info or build_info()
+    return f"{info['commit']}{'+dirty' if info.get('dirty') else ''}"
+
+
 def stamp() -> Path:
     """Write ``BUILD_INFO.json`` (commit and dirty flag) into the package, for copies without git metadata."""
     info = build_info()

@@ -417,7 +417,7 @@ def spec_bench_table(records: dict[str, dict[str, Any]], multi_target: bool = Fa
     rows = []
     for (target, strategy, params, prompt_set), (_, prompts) in grouped_prompts(records).items():
         categories = {prompt["category"] for prompt in prompts}
-        if sources[prompt_set].startswith(("zoo:", "hf:")) or not categories & known:
+        if not is_spec_bench_source(sources[prompt_set]) or not categories & known:
             continue
         row = {"target": target, "strategy": strategy, "params": params, "prompt_set": prompt_set}
         for column, members in SPEC_BENCH_COLUMNS.items():
@@ -437,6 +437,11 @@ def spec_bench_table(records: dict[str, dict[str, Any]], multi_target: bool = Fa
     columns.update({name: name for name in frame.columns if name not in columns and name != "target"})
     return markdown_table(frame.fillna("-"), columns)
 
+
+
+def is_spec_bench_source(source: str) -> bool:
+    """Whether a prompt set's categories can be Spec-Bench's (zoo domains and HF datasets are not)."""
+    return not source.startswith(("zoo:", "hf:"))
 
 
 def _speedup_cell(summary: dict[str, Any]) -> str:

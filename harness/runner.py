@@ -84,13 +84,7 @@ def run_strategy_prompt(strategy, prompt: Prompt, baseline_prompt: dict[str, Any
         ids = conversation_ids(tokenizer, cell.prompt_set, conversation_at(prompt, turn_index, answers), limit)
         trace = median_run([timed(strategy, ids, cell, turn_seed(cell, prompt, turn_index), device, models,
                                   prompt.category) for _ in range(cell.run.repeats)])
-        record["turns"].append({
-            "prompt_ids": ids,
-            "prompt_tokens": len(ids),
-            "baseline": base_turn["baseline"],
-            "strategy": trace_record(trace),
-            **match_record(base_turn["baseline"]["tokens"], trace.tokens),
-        })
+        record["turns"].append(paired_turn(ids, base_turn["baseline"], trace))
     return record
 
 
@@ -111,15 +105,15 @@ def run_interleaved_prompt(baseline, strategy, prompt: Prompt, tokenizer, cell: 
                 runs[side].append(timed(runner, ids, cell, seed, device, models, category))
         base, trace = median_run(runs["baseline"]), median_run(runs["strategy"])
         answers.append(tokenizer.decode(base.tokens, skip_special_tokens=True))
-        record["turns"].append({
-            "prompt_ids": ids,
-            "prompt_tokens": len(ids),
-            "baseline": trace_record(base),
-            "strategy": trace_record(trace),
-            "first": sides[0] if cell.run.repeats == 1 else "alternating",
-            **match_record(base.tokens, trace.tokens),
-        })
+        record["turns"].append({**paired_turn(ids, trace_record(base), trace),
+                                "first": sides[0] if cell.run.repeats == 1 else "alternating"})
     return record
+
+
+def paired_turn(ids: list[int], baseline: dict[str, Any], trace: Trace) -> dict[str, Any]:
+    """One turn's record: its prompt, the baseline's trace record beside the strategy's, and whether they match."""
+    return {"prompt_ids": ids, "prompt_tokens": len(ids), "baseline": baseline, "strategy": trace_record(trace),
+            **match_record(baseline["tokens"], trace.tokens)}
 
 
 def median_run(traces: list[Trace]) -> Trace:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 from harness.config import Cell, Sweep
 from harness.errors import ConfigError
 from harness.preflight import prepare_models
-from harness.provenance import build_info
+from harness.provenance import build_label
 from harness.progress import Progress
 from harness.results import ResultStore
 from harness.worker import Worker
@@ -64,12 +64,6 @@ class WorkerSlot:
     cell: Cell | None = None
     node: str = ""
     started: float = field(default_factory=time.perf_counter)
-
-
-def git_commit() -> str:
-    """The commit of the specsweep code in use (``+dirty`` with uncommitted changes; ``unknown`` without git)."""
-    info = build_info()
-    return f"{info['commit']}{'+dirty' if info.get('dirty') else ''}"
 
 
 def init_ray(sweep: Sweep, address: str | None) -> None:
@@ -180,7 +174,7 @@ class Dispatcher:
         self.count, self.options, self.device = plan
         self.remote_cls = ray.remote(Worker)
         self.slots: dict[str, WorkerSlot] = {}
-        self.commit = git_commit()
+        self.commit = build_label()
         self._serial = 0
         self.pending: dict[Any, tuple[str, str, Cell | None, float]] = {}  # ref -> (event, worker, cell, submitted)
         self.baselines: dict[str, Any] = {}  # baseline cell id -> object ref of its ok record
