@@ -45,28 +45,21 @@ def decode(model, cache, logits: torch.Tensor, count: int, adapted: bool) -> lis
 @torch.inference_mode()
 def speculative_turn(alora, draft_alora, target_cache, draft_cache, invocation: list[int], conversation_ids: list[int],
                      adapter_tokens: int, gamma: int) -> tuple[list[int], float]:
-    """The adapter turn by speculative decoding, both models continuing their base-turn caches; tokens, seconds."""
+    """The adapter turn by speculative decoding (specsweep's decode loop), both models continuing their base-turn
+    caches: the target extends its cache by the invocation, the draft feeds it with its first proposal."""
     from harness.lm import CausalLM
+    from strategies.engine import decode
     from strategies.sampling import Sampling
-    from strategies.speculative import draft_tokens, verify_step
+    from strategies.speculative import DraftModelProposer
     from training.alora import Activated
 
     target, draft = CausalLM(Activated(alora), "target+alora"), CausalLM(Activated(draft_alora), "draft+alora")
     target.cache, draft.cache = target_cache, draft_cache
-    sampling = Sampling()
     started = time.perf_counter()
-    target.extend(invocation)
-    sequence = conversation_ids + invocation
-    prompt_length = len(sequence)
-    # The target's logits after the invocation are its first distribution; the draft extends from the same point.
-    sequence.append(int(target.last_logits.argmax()))
-    while len(sequence) - prompt_length < adapter_tokens:
-        count = min(gamma, adapter_tokens - (len(sequence) - prompt_length) - 1)
-        drafted, q_rows = draft_tokens(draft, sequence, count, sampling) if count > 0 else ([], [])
-        accepted, new = verify_step(target, sequence, drafted, torch.stack(q_rows) if q_rows else None, sampling)
-        draft.crop(min(draft.length, len(sequence) + accepted))
-        sequence.extend(new)
-    return sequence[prompt_length:prompt_length + adapter_tokens], time.perf_counter() - started
+    start = target.extend(invocation)
+    tokens, _ = decode(target, DraftModelProposer(draft, gamma, continue_cache=True), conversation_ids + invocation,
+                       adapter_tokens, Sampling(), start=start)
+    return tokens[:adapter_tokens], time.perf_counter() - started
 
 
 @torch.inference_mode()
@@ -105,7 +98,9 @@ def conversation(alora, lora, draft_alora, ids: list[int], invocation: list[int]
                                                adapter_tokens, gamma)
     return {"conversation_tokens": len(full), "alora_prefill_s": alora_prefill, "alora_total_s": alora_total,
             "lora_prefill_s": lora_prefill, "lora_total_s": lora_total, "alora_speculative_total_s": spec_total,
-            "reuse_exact": alora_tokens == recomputed, "speculative_exact": spec_tokens == alora_tokens}
+            "reuse_exact": alora_tokens == recomputed,
+            # the decode loop stops at an EOS, the plain loops above do not
+            "speculative_exact": spec_tokens == alora_tokens[:len(spec_tokens)]}
 
 
 def main() -> None:

@@ -321,7 +321,8 @@ def cmd_adaptive(args: argparse.Namespace) -> int:
     zoo = ZooConfig()
     config = load_adaptive_config(Path(args.config), zoo.model_names)
     run_dir = Path(args.results_dir) / config.name / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    run_adaptive(config, zoo, run_dir)
+    with sweep_console(run_dir / "adaptive.log", verbosity=0) as (logger, _):
+        run_adaptive(config, zoo, run_dir, log=logger.info)
     print(f"report: {run_dir / 'report.md'}")
     return EXIT_OK
 

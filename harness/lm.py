@@ -12,6 +12,7 @@ measured the same way.
 from __future__ import annotations
 
 import inspect
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -118,8 +119,9 @@ class CausalLM:
 
     @torch.inference_mode()
     def time_single_step(self, context: int = 8, repeats: int = 5) -> float:
-        """Fastest of ``repeats`` 1-token decode forwards on a short fixed context, in seconds (the drift guard's
-        probe: interference only slows a forward down, so the minimum is the steadiest reading of the machine).
+        """Median of ``repeats`` 1-token decode forwards on a short fixed context, in seconds (the drift guard's
+        probe). The median, not the minimum: load that comes and goes shows in it, where the fastest forward
+        could land in a quiet moment (the minimum missed 3 of 12 distorted cells in the shared drift demo).
 
         Runs on a cache of its own; the sequence, cache and statistics in use are left as they were.
         """
@@ -135,7 +137,7 @@ class CausalLM:
                 before = self.stats.decode_seconds
                 self._forward([ids[index % context]], prefill=False)
                 times.append(self.stats.decode_seconds - before)
-            return min(times)
+            return statistics.median(times)
         finally:
             self.cache, self.last_logits, self.stats = saved
 

@@ -30,9 +30,10 @@ def prompt_totals(prompt: dict[str, Any]) -> dict[str, Any]:
                 totals.setdefault(f"{side}_probes", []).append(float(trace["probe_s"]))
             for role, stats in trace["forward"].items():
                 kind = "target" if role == "target" else "draft"
-                for key in ("decode_calls", "decode_seconds"):
+                for key in ("decode_calls", "decode_seconds", "prefill_seconds"):
                     name = f"{side}_{kind}_{key}"
-                    totals[name] = totals.get(name, 0.0) + float(stats[key])
+                    totals[name] = totals.get(name, 0.0) + float(stats.get(key, 0.0))
+        totals.setdefault("step_counts", []).extend(turn["strategy"].get("step_counts", []))
         totals["turns"] = totals.get("turns", 0.0) + 1
         totals["matches"] = totals.get("matches", 0.0) + float(turn["tokens_match"])
     return totals
@@ -57,6 +58,46 @@ def ratio_interval(base_tokens: np.ndarray, base_wall: np.ndarray, strat_tokens:
               / (base_tokens[picks].sum(axis=1) / base_wall[picks].sum(axis=1)))
     low, high = np.percentile(ratios, [2.5, 97.5])
     return float(low), float(high)
+
+
+def position_acceptance(step_counts: list[list[int]], positions: int = 8) -> list[float | None]:
+    """Conditional acceptance by draft position: for i = 1..``positions``, the share of steps whose i-th drafted
+    token was accepted among the steps that drafted an i-th token and accepted the (i-1)-th (vLLM's
+    per-position counters, made conditional).
+
+    ``step_counts`` holds ``[drafted, accepted]`` per chain step;
+    rate_i = #(accepted >= i) / #(drafted >= i and accepted >= i - 1), None where no step reached position i.
+    """
+    rates: list[float | None] = []
+    for position in range(1, positions + 1):
+        reached = sum(1 for drafted, accepted in step_counts if drafted >= position and accepted >= position - 1)
+        kept = sum(1 for drafted, accepted in step_counts if accepted >= position)
+        rates.append(kept / reached if reached else None)
+    return rates
+
+
+def accepted_histogram(step_counts: list[list[int]]) -> dict[int, int]:
+    """How many drafting steps accepted 0, 1, 2, ... tokens (steps that drafted nothing are left out)."""
+    counts: dict[int, int] = {}
+    for drafted, accepted in step_counts:
+        if drafted:
+            counts[accepted] = counts.get(accepted, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def time_split(totals: dict[str, float]) -> dict[str, float]:
+    """The strategy side's wall time split into shares (summing to 1): ``draft`` = every non-target forward
+    (drafts, heads, their prefills), ``verify`` = the target's decode forwards, ``prefill`` = the target's prompt
+    prefill, ``other`` = the rest (host work between forwards: sampling, acceptance, cache bookkeeping)."""
+    wall = totals.get("strategy_wall_s", 0.0)
+    if wall <= 0:
+        return {}
+    draft = totals.get("strategy_draft_decode_seconds", 0.0) + totals.get("strategy_draft_prefill_seconds", 0.0)
+    verify = totals.get("strategy_target_decode_seconds", 0.0)
+    prefill = totals.get("strategy_target_prefill_seconds", 0.0)
+    shares = {"draft": draft / wall, "verify": verify / wall, "prefill": prefill / wall}
+    shares["other"] = max(0.0, 1.0 - sum(shares.values()))
+    return shares
 
 
 def speedup_bound(alpha: float | None, drafted_per_step: float, target_step_s: float, draft_s_per_step: float) -> float:
@@ -94,6 +135,7 @@ def summarize(prompts: list[dict[str, Any]], seed: int = 0, sampled: bool = Fals
     if column("strategy_tree").any():
         bound = math.nan  # Leviathan's bound is for chains; a tree's α counts every verified node
     new_tokens = column("strategy_new_tokens").sum()
+    step_counts = [] if column("strategy_tree").any() else [pair for row in rows for pair in row.get("step_counts", [])]
     return {
         "prompts": len(rows),
         "turns": int(column("turns").sum()),
@@ -113,6 +155,11 @@ def summarize(prompts: list[dict[str, Any]], seed: int = 0, sampled: bool = Fals
         "bound": bound,
         "efficiency": speedup / bound if bound else math.nan,
         "match_rate": None if sampled else float(column("matches").sum() / column("turns").sum()),
+        "position_acceptance": position_acceptance(step_counts),
+        "accepted_histogram": accepted_histogram(step_counts),
+        "time_split": time_split({name: float(column(name).sum()) for name in (
+            "strategy_wall_s", "strategy_draft_decode_seconds", "strategy_draft_prefill_seconds",
+            "strategy_target_decode_seconds", "strategy_target_prefill_seconds")}),
         **timing_from_totals(rows, drift_tolerance, speedup),
     }
 
@@ -129,7 +176,7 @@ def timing_from_totals(totals: list[dict[str, Any]], tolerance: float, speedup: 
     """The drift guard: is this pairing's timing trustworthy? (``totals`` from ``prompt_totals``.)
 
     ``baseline_probe_ms`` / ``strategy_probe_ms`` are the medians, over a side's
-    runs, of the target's fastest 1-token forward on a fixed short context, timed
+    runs, of the target's median 1-token forward (of 5) on a fixed short context, timed
     after each run.
     The cell is ``timing_suspect`` when they differ by more than ``tolerance``
     (the machine changed speed between the sides), or when the speedup exceeds

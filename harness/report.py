@@ -44,6 +44,10 @@ GLOSSARY = [
     "- **timing**: *suspect* when the target's 1-token step (probed after every run of each side) differs by more "
     "than `run.drift_tolerance` between the sides, or when speedup exceeds τ × (baseline 1-token step time / "
     "strategy verification-step time), which no strategy can beat.",
+    "- **pos i** (conditional acceptance): steps that accepted ≥ i drafted tokens / steps that drafted ≥ i and "
+    "accepted ≥ i - 1.",
+    "- **time split**: draft = Σ non-target forward seconds, verify = Σ target decode seconds, prefill = the "
+    "target's prompt prefill, other = wall - the three; each over the strategy side's wall seconds.",
 ]
 MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 SPEC_BENCH_COLUMNS = {
@@ -81,10 +85,19 @@ def cell_rows(records: dict[str, dict[str, Any]]) -> pd.DataFrame:
             "paired_with": record.get("paired_with", {}).get("cell_id", ""),
         }
         if record.get("status") == "ok" and row["kind"] == "strategy":
-            row.update(summarize(record["prompts"], sampled=is_sampled(record),
-                                 drift_tolerance=drift_tolerance(record)))
+            metrics = summarize(record["prompts"], sampled=is_sampled(record), drift_tolerance=drift_tolerance(record))
+            metrics.pop("accepted_histogram", None)
+            positions = metrics.pop("position_acceptance", None) or []
+            row.update(metrics, **time_columns(metrics.pop("time_split", None)),
+                       **{f"accept_p{index + 1}": rate for index, rate in enumerate(positions[:4])})
+            row.pop("time_split", None)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def time_columns(split: dict[str, float] | None) -> dict[str, float]:
+    """A time split (``harness.metrics.time_split``) as flat ``time_<part>`` columns."""
+    return {f"time_{part}": share for part, share in (split or {}).items()}
 
 
 def is_sampled(record: dict[str, Any]) -> bool:
@@ -123,9 +136,10 @@ def group_rows(records: dict[str, dict[str, Any]]) -> pd.DataFrame:
     sampled = any(is_sampled(record) for record in records.values())
     tolerance = max((drift_tolerance(record) for record in records.values()), default=0.10)
     for (target, strategy, params, prompt_set), (raw, prompts) in grouped_prompts(records).items():
+        summary = summarize(prompts, sampled=sampled, drift_tolerance=tolerance)
         rows.append({"target": target, "strategy": strategy, "params": params, "prompt_set": prompt_set,
-                     "params_raw": raw, "levels": level_summary(prompts),
-                     **summarize(prompts, sampled=sampled, drift_tolerance=tolerance)})
+                     "params_raw": raw, "levels": level_summary(prompts), **summary,
+                     **time_columns(summary.get("time_split"))})
     return pd.DataFrame(rows)
 
 
@@ -219,9 +233,10 @@ def write_report(run_dir: str | Path) -> Path:
         sections += ["![speedup](speedup.png)", ""]
         if plot_acceptance_vs_gamma(groups, run_dir / "acceptance_vs_gamma.png"):
             sections += ["![α and τ against γ](acceptance_vs_gamma.png)", ""]
-        cascade = cascade_section(groups, run_dir)
-        if cascade:
-            sections += cascade
+        sections += acceptance_section(groups)
+        sections += time_split_section(groups, multi_target)
+        sections += cascade_section(groups, run_dir)
+        sections += lora_arms_section(groups)
         spec_bench = spec_bench_table(records, multi_target)
         if spec_bench is not None:
             sections += ["## Spec-Bench", "",
@@ -282,7 +297,8 @@ def write_summary(groups: pd.DataFrame, columns: dict[str, str], run_dir: Path) 
     keep = [name for name in ("target", "strategy", "params", "prompt_set", "prompts", "turns", "new_tokens", "speedup",
                               "speedup_low", "speedup_high", "tau", "alpha", "cost_speedup", "bound", "efficiency",
                               "strategy_ms_per_token", "baseline_ms_per_token", "match_rate", "baseline_probe_ms",
-                              "strategy_probe_ms", "step_drift", "speedup_ceiling", "timing_suspect", "timing_note")
+                              "strategy_probe_ms", "step_drift", "speedup_ceiling", "timing_suspect", "timing_note",
+                              "time_draft", "time_verify", "time_prefill", "time_other")
             if name in groups.columns]
     table = groups[keep]
     table.to_csv(run_dir / "summary.csv", index=False)
@@ -357,6 +373,87 @@ def cascade_section(groups: pd.DataFrame, run_dir: Path) -> list[str]:
     figures = plot_kmatrix_heatmaps(cascades, run_dir)
     lines += [f"![{path.stem}]({path.name})" for path in figures] + [""]
     return lines
+
+
+def acceptance_section(groups: pd.DataFrame) -> list[str]:
+    """Per-position conditional acceptance and the accepted-length histogram of every chain-drafting row."""
+    rows = []
+    for row in groups.itertuples():
+        rates = [rate for rate in (row.position_acceptance or [])]
+        while rates and rates[-1] is None:
+            rates.pop()
+        if not rates:
+            continue
+        entry = {"strategy": row.strategy, "params": row.params, "prompt_set": row.prompt_set,
+                 "histogram": " ".join(f"{length}:{count}" for length, count in row.accepted_histogram.items())}
+        entry.update({f"p{index + 1}": _fmt(rate) for index, rate in enumerate(rates)})
+        rows.append(entry)
+    if not rows:
+        return []
+    frame = pd.DataFrame(rows).fillna("-")
+    positions = [column for column in frame.columns if column.startswith("p") and column[1:].isdigit()]
+    columns = {"strategy": "strategy", "params": "params", "prompt_set": "prompt set",
+               **{name: f"pos {name[1:]}" for name in positions}, "histogram": "accepted length: steps"}
+    return ["## Acceptance by draft position", "",
+            "pos i: the rate at which the i-th drafted token is accepted, given that the (i-1)-th was (chain drafts; "
+            "tree drafts have no single position). Accepted length: how many drafting steps accepted that many "
+            "tokens.", "", markdown_table(frame, columns), ""]
+
+
+def time_split_section(groups: pd.DataFrame, multi_target: bool) -> list[str]:
+    """Where each row's strategy-side wall time went: drafting, target verification, prefill, other."""
+    if "time_verify" not in groups.columns:
+        return []
+    frame = groups.dropna(subset=["time_verify"]).copy()
+    if frame.empty:
+        return []
+    for part in ("draft", "verify", "prefill", "other"):
+        frame[f"{part}_share"] = frame[f"time_{part}"].map(lambda share: f"{100 * share:.0f} %")
+    columns = {**({"target": "target"} if multi_target else {}), "strategy": "strategy", "params": "params",
+               "prompt_set": "prompt set", "draft_share": "draft", "verify_share": "verify (target)",
+               "prefill_share": "prefill (target)", "other_share": "other (host)"}
+    return ["## Where the time goes", "",
+            "Shares of the strategy side's wall time: every non-target forward (draft), the target's decode forwards "
+            "(verify), its prompt prefill, and the rest (host work between forwards).", "",
+            markdown_table(frame, columns), ""]
+
+
+def lora_arms_section(groups: pd.DataFrame) -> list[str]:
+    """SpecuLoRA: each arm's α and wall speedup per prompt set, and routed against none in both."""
+    lora = groups[groups["strategy"] == "lora_routed"]
+    if lora.empty:
+        return []
+    lora = lora.assign(arm=lora["params_raw"].map(lambda raw: raw.get("arm", "routed")),
+                       setting=lora["params_raw"].map(lambda raw: params_label(
+                           {key: value for key, value in raw.items() if key != "arm"})))
+    rows = []
+    for (target, setting, prompt_set), group in lora.groupby(["target", "setting", "prompt_set"], sort=True):
+        arms = {row.arm: row for row in group.itertuples()}
+        row = {"target": target, "setting": setting, "prompt_set": prompt_set}
+        for arm in ("none", "routed", "oracle", "wrong"):
+            if arm in arms:
+                row[f"{arm}_alpha"] = _fmt(arms[arm].alpha)
+                row[f"{arm}_speedup"] = _fmt(arms[arm].speedup)
+        if "none" in arms and "routed" in arms:
+            row["routed_vs_none"] = (f"α {arms['routed'].alpha - arms['none'].alpha:+.3f}, "
+                                     f"wall {arms['routed'].speedup / arms['none'].speedup:.2f}x")
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    columns = {"prompt_set": "prompt set"}
+    if frame["target"].nunique() > 1:
+        columns = {"target": "target", **columns}
+    if frame["setting"].nunique() > 1:
+        columns["setting"] = "params"
+    for arm in ("none", "routed", "oracle", "wrong"):
+        if f"{arm}_alpha" in frame:
+            columns[f"{arm}_alpha"] = f"α {arm}"
+            columns[f"{arm}_speedup"] = f"speedup {arm}"
+    if "routed_vs_none" in frame:
+        columns["routed_vs_none"] = "routed against none"
+    return ["## SpecuLoRA arms", "",
+            "α and wall speedup of each adapter arm; routed against none as the α difference and the ratio of "
+            "their speedups (each paired against its own baseline).", "",
+            markdown_table(frame.fillna("-"), columns), ""]
 
 
 def plot_kmatrix_heatmaps(cascades: pd.DataFrame, run_dir: Path) -> list[Path]:

@@ -154,6 +154,7 @@ def trace_record(trace: Trace) -> dict[str, Any]:
         "wall_s": trace.wall_s,
         "target_calls": trace.target_calls,
         "steps": len(trace.steps),
+        "step_counts": [[step.drafted, step.accepted] for step in trace.steps],
         "drafted": trace.drafted,
         "accepted": trace.accepted,
         "tau": trace.tau,

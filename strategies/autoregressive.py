@@ -1,12 +1,14 @@
-"""The baseline: one target forward pass per token, through the same wrapper and cache as every strategy."""
+"""The baseline: one target forward pass per token, through the same wrapper, cache and loop as every strategy."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from strategies.base import Step, Strategy, StrategyParams, Trace
+from strategies.base import StrategyParams
+from strategies.engine import Proposer, ProposerStrategy
 from strategies.registry import register
 from strategies.sampling import Sampling
+from strategies.verification import Proposal
 
 
 @dataclass(frozen=True)
@@ -14,22 +16,18 @@ class AutoregressiveParams(StrategyParams):
     """The baseline takes no parameters."""
 
 
+class NothingProposer(Proposer):
+    """Drafts nothing: every step is one plain target forward."""
+
+    def propose(self, sequence: list[int], budget: int, sampling: Sampling) -> Proposal:
+        return Proposal([])
+
+
 @register("autoregressive")
-class Autoregressive(Strategy):
+class Autoregressive(ProposerStrategy):
     """Plain decoding with the target: prefill, then one cached forward per new token."""
 
     Params = AutoregressiveParams
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
-        target = self.models.target
-        logits = target.prefill(prompt_ids).logits[-1]
-        tokens: list[int] = []
-        steps: list[Step] = []
-        while True:
-            token = sampling.pick(logits)
-            tokens.append(token)
-            steps.append(Step(drafted=0, accepted=0))
-            if len(tokens) >= max_new_tokens or token in target.eos_token_id:
-                break
-            logits = target.extend([token]).logits[-1]
-        return self.finish(tokens, steps, {"target": target}, max_new_tokens)
+    def proposer(self) -> Proposer:
+        return NothingProposer()

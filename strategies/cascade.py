@@ -42,11 +42,13 @@ from typing import Any
 import torch
 
 from harness.errors import ConfigError
-from harness.lm import CausalLM
-from strategies.base import Step, Strategy, StrategyParams, Trace
+from harness.lm import CausalLM, StepOutput
+from strategies.base import StrategyParams
+from strategies.engine import Proposer, ProposerStrategy
 from strategies.ngram import BigramTable, mag_propose
 from strategies.registry import register
 from strategies.sampling import Sampling
+from strategies.verification import Proposal, Verification
 
 MAG = "mag"
 COUNTERS = ("model_parameters", "fixed_ratios")
@@ -160,46 +162,44 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return index
 
 
-@register("cascade")
-class Cascade(Strategy):
-    """CS Drafting: k-matrix cascades of model drafts (and MaG), reviewed greedily up to the target."""
+class CascadeProposer(Proposer):
+    """The whole cascade below the target: a draft of at most ``min(sum(k[0]), budget)`` tokens per step.
 
-    Params = CascadeParams
+    Intermediate model drafts are lenient verifiers of the sub-cascades below
+    them (``_review``); the target's exact review is the shared chain verifier.
+    """
 
-    def __init__(self, params: CascadeParams, models) -> None:
-        super().__init__(params, models)
-        self.table: BigramTable | None = None
-        if params.use_mag:
-            from training.bigram import bigram_table
+    def __init__(self, params: "CascadeParams", drafts: dict[str, CausalLM], table: BigramTable | None) -> None:
+        self.params, self.draft_models, self.table = params, drafts, table
+        self.k = torch.tensor(params.k_matrix, dtype=torch.long)
+        self.stats: dict[str, LevelStats] = {}
+        self.proposed = 0
+        self.drafts: list[CachedModel] = []
+        self.levels: list[Any] = []
 
-            if models.tokenizer is None:
-                raise ValueError("cascade with use_mag needs the target's tokenizer to build the MaG bigram table")
-            self.table = bigram_table(models.tokenizer, models.corpus, models.target.vocab_size)
-
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
-        if not sampling.greedy:
-            raise ValueError("cascade supports greedy decoding only")
-        target = CachedModel(self.models.target)
-        drafts = [CachedModel(self.models.draft(name)) for name in self.params.drafts]
-        levels: list[Any] = [*drafts, *([MAG] if self.params.use_mag else [])]
-        k = torch.tensor(self.params.k_matrix, dtype=torch.long)
-        for model in (target, *drafts):
+    def begin(self, prompt_ids: list[int], prefill: StepOutput, sequence: list[int]) -> None:
+        self.drafts = [CachedModel(self.draft_models[name]) for name in self.params.drafts]
+        self.levels = [*self.drafts, *([MAG] if self.params.use_mag else [])]
+        for model in self.drafts:
             model.start(prompt_ids)
         self.stats = {name: LevelStats() for name in ("target", *self.params.drafts)}
-        sequence = list(prompt_ids)
-        steps: list[Step] = []
-        while True:
-            budget = max_new_tokens - (len(sequence) - len(prompt_ids)) - 1
-            proposal, probs = self._cascade(levels, k, sequence, budget) if budget > 0 else ([], [])
-            accepted, following, _ = self._review(target, "target", sequence, proposal, probs, lenience=1.0)
-            steps.append(Step(drafted=len(proposal), accepted=accepted))
-            new = proposal[:accepted] + [following]
-            sequence.extend(new)
-            if self.finished(len(sequence) - len(prompt_ids), new, max_new_tokens):
-                break
-        used = {"target": self.models.target, **{f"draft:{n}": self.models.draft(n) for n in self.params.drafts}}
-        levels_out = {name: stats.as_dict() for name, stats in self.stats.items()}
-        return self.finish(sequence[len(prompt_ids):], steps, used, max_new_tokens, levels=levels_out)
+
+    def propose(self, sequence: list[int], budget: int, sampling: Sampling) -> Proposal:
+        tokens, _ = self._cascade(self.levels, self.k, sequence, budget) if budget > 0 else ([], [])
+        self.proposed = len(tokens)
+        return Proposal(tokens)
+
+    def observe(self, sequence: list[int], verification: Verification) -> None:
+        stats = self.stats["target"]  # the target's exact review, counted like the drafts' in _review
+        stats.reviews += 1
+        stats.proposed += self.proposed
+        stats.accepted += verification.accepted
+
+    def models(self) -> dict[str, CausalLM]:
+        return {f"draft:{name}": self.draft_models[name] for name in self.params.drafts}
+
+    def extras(self) -> dict[str, Any]:
+        return {"levels": {name: stats.as_dict() for name, stats in self.stats.items()}}
 
     def _cascade(self, levels: list[Any], k: torch.Tensor, context: list[int], limit: int
                  ) -> tuple[list[int], list[torch.Tensor | None]]:
@@ -274,6 +274,32 @@ class Cascade(Strategy):
         if distributions is None:
             distributions = torch.softmax(logits[: accepted + 1], -1)
         return accepted, best[accepted], list(distributions[: accepted + 1])
+
+
+
+@register("cascade")
+class Cascade(ProposerStrategy):
+    """CS Drafting: k-matrix cascades of model drafts (and MaG), reviewed greedily up to the target."""
+
+    Params = CascadeParams
+
+    def __init__(self, params: CascadeParams, models) -> None:
+        super().__init__(params, models)
+        self.table: BigramTable | None = None
+        if params.use_mag:
+            from training.bigram import bigram_table
+
+            if models.tokenizer is None:
+                raise ValueError("cascade with use_mag needs the target's tokenizer to build the MaG bigram table")
+            self.table = bigram_table(models.tokenizer, models.corpus, models.target.vocab_size)
+
+    def proposer(self) -> Proposer:
+        return CascadeProposer(self.params, {name: self.models.draft(name) for name in self.params.drafts}, self.table)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling):
+        if not sampling.greedy:
+            raise ValueError("cascade supports greedy decoding only")
+        return super().generate(prompt_ids, max_new_tokens, sampling)
 
     def cost_units(self, forward: dict[str, dict[str, float]]) -> float:
         """``model_parameters``: Σ calls × parameters; ``fixed_ratios``: Σ calls × the given ratio. MaG costs 0."""

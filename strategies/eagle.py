@@ -19,14 +19,10 @@ each proposing ``top_k`` children; after ``depth`` levels all candidates are
 re-ranked by cumulative log-probability and the best ``total_tokens - 1`` (plus
 the root) are verified by the target in one pass.
 
-Sampling over a tree: the EAGLE-2 reference accepts a child x with
-probability p(x)/q(x) against the draft distribution q, which is exact only when
-children are *sampled* from q; EAGLE-2 picks them deterministically (top-k).
-We therefore use the rule that is exact for deterministic, distinct
-candidates: visit the children in order, accept child x with probability
-p(x) under the current residual p, otherwise zero p(x) and renormalise; if all
-are rejected, draw from the residual. The output is distributed exactly as the
-target's own sampling.
+Both are proposers over the shared decode loop; the tree is verified by
+``strategies.verification.verify_tree``, whose sampling rule is exact for
+EAGLE-2's deterministic top-k children (the reference's p/q rule is not; see
+``accept_tree``).
 """
 
 from __future__ import annotations
@@ -37,13 +33,13 @@ from pathlib import Path
 import torch
 
 from harness.errors import ConfigError
-from harness.lm import CausalLM
-from harness.tree import greedy_path, tree_inputs
-from strategies.base import Step, Strategy, StrategyParams, Trace
+from harness.lm import CausalLM, StepOutput
+from strategies.base import StrategyParams
 from strategies.eagle_head import load_head_lm
+from strategies.engine import Proposer, ProposerStrategy
 from strategies.registry import register
 from strategies.sampling import Sampling
-from strategies.speculative import verify
+from strategies.verification import Proposal, Verification
 
 
 @dataclass(frozen=True)
@@ -100,93 +96,61 @@ class HeadState:
     feature: torch.Tensor
 
 
-class EagleBase(Strategy):
-    """What the chain and the tree share: the two-cache prefill and the post-verification head update."""
+class HeadProposer(Proposer):
+    """What the chain and the tree share: the head's cache, kept one (feature, token) entry per target position.
 
-    _loaded_head: CausalLM | None = None
+    After every verification the head drops its draft-time entries and appends
+    the target's real features of the accepted tokens (``observe``).
+    """
 
-    def head(self) -> CausalLM:
-        """The drafting head: the sweep's trained artefact, or the head directory loaded once for this strategy."""
-        if self.params.head:
-            return self.models.artifact(self.params.head)
-        if self._loaded_head is None:
-            self._loaded_head = load_head_lm(Path(self.params.head_dir).expanduser(), self.models.target)
-        return self._loaded_head
+    needs_hidden_states = True
+    first_token_from_prefill = True
 
-    def start(self, prompt_ids: list[int], sampling: Sampling) -> tuple[int, HeadState | None]:
-        """Prefill the target (its logits give the first token) and the head; return that token and the head state."""
-        target, head = self.models.target, self.head()
-        out = target.prefill(prompt_ids, output_hidden_states=True)
-        first = sampling.pick(out.logits[-1])
-        return first, self.update_head(head, 0, list(prompt_ids[1:]) + [first], out.hidden_states, prefill=True)
+    def __init__(self, head: CausalLM) -> None:
+        self.head = head
+        self.state: HeadState | None = None
 
-    @staticmethod
-    def update_head(head: CausalLM, committed: int, tokens: list[int], features: torch.Tensor,
-                    prefill: bool = False) -> HeadState:
+    def begin(self, prompt_ids: list[int], prefill: StepOutput, sequence: list[int]) -> None:
+        self.state = self.update(0, list(prompt_ids[1:]) + sequence[len(prompt_ids):], prefill.hidden_states,
+                                 prefill=True)
+
+    def observe(self, sequence: list[int], verification: Verification) -> None:
+        self.state = self.update(len(sequence) - 1, verification.tokens, verification.hidden_states)
+
+    def update(self, committed: int, tokens: list[int], features: torch.Tensor, prefill: bool = False) -> HeadState:
         """Drop the head's draft entries beyond ``committed`` and append (feature, next token) pairs."""
         inputs = {"features": features}
         if prefill:
-            out = head.prefill(tokens, output_hidden_states=True, extra_inputs=inputs)
+            out = self.head.prefill(tokens, output_hidden_states=True, extra_inputs=inputs)
         else:
-            head.crop(committed)
-            out = head.extend(tokens, output_hidden_states=True, extra_inputs=inputs)
+            self.head.crop(committed)
+            out = self.head.extend(tokens, output_hidden_states=True, extra_inputs=inputs)
         return HeadState(logits=out.logits[-1], feature=out.hidden_states[-1])
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
-        target, head = self.models.target, self.head()
-        first, state = self.start(prompt_ids, sampling)
-        sequence = list(prompt_ids) + [first]
-        steps = [Step(drafted=0, accepted=0)]
-        prompt_length = len(prompt_ids)
-        while not self.finished(len(sequence) - prompt_length, sequence[-1:], max_new_tokens):
-            budget = max_new_tokens - (len(sequence) - prompt_length) - 1
-            new, features, drafted = self.step(sequence, state, budget, sampling)
-            steps.append(Step(drafted=drafted, accepted=len(new) - 1))
-            state = self.update_head(head, len(sequence) - 1, new, features)
-            sequence.extend(new)
-            if self.finished(len(sequence) - prompt_length, new, max_new_tokens):
-                break
-        return self.finish(sequence[prompt_length:], steps, {"target": target, "head": head}, max_new_tokens,
-                           **self.trace_extras())
-
-    def trace_extras(self) -> dict[str, bool]:
-        """Extra trace fields: ``tree`` marks tree drafting (the report's chain bound does not apply)."""
-        return {}
-
-    def step(self, sequence: list[int], state: HeadState, budget: int,
-             sampling: Sampling) -> tuple[list[int], torch.Tensor, int]:
-        """Draft and verify once; return the new tokens, the target's features before each, and the drafted count."""
-        raise NotImplementedError
+    def models(self) -> dict[str, CausalLM]:
+        return {"head": self.head}
 
 
-@register("eagle")
-class Eagle(EagleBase):
-    """EAGLE with a chain draft: ``gamma`` head steps, one target pass, speculative-sampling acceptance."""
+class ChainHeadProposer(HeadProposer):
+    """EAGLE: ``gamma`` head steps, each fed the head's own predicted feature."""
 
-    Params = EagleParams
+    def __init__(self, head: CausalLM, gamma: int) -> None:
+        super().__init__(head)
+        self.gamma = gamma
 
-    def step(self, sequence: list[int], state: HeadState, budget: int,
-             sampling: Sampling) -> tuple[list[int], torch.Tensor, int]:
-        target, head = self.models.target, self.head()
-        gamma = min(self.params.gamma, budget)
+    def propose(self, sequence: list[int], budget: int, sampling: Sampling) -> Proposal:
+        count = min(self.gamma, budget)
         drafted, q_rows = [], []
-        logits, feature = state.logits, state.feature
-        for index in range(gamma):
+        logits, feature = self.state.logits, self.state.feature
+        for index in range(count):
             q = sampling.probs(logits)
             token = sampling.choose(q)
             drafted.append(token)
             q_rows.append(q)
-            if index + 1 < gamma:
-                out = head.extend([token], output_hidden_states=True, extra_inputs={"features": feature[None]})
+            if index + 1 < count:
+                out = self.head.extend([token], output_hidden_states=True, extra_inputs={"features": feature[None]})
                 logits, feature = out.logits[-1], out.hidden_states[-1]
-        out = target.extend(sequence[-1:] + drafted, output_hidden_states=True)
-        p_rows = sampling.probs(out.logits)
-        if drafted:
-            accepted, following = verify(p_rows, torch.stack(q_rows), drafted, sampling)
-        else:
-            accepted, following = 0, sampling.choose(p_rows[-1])
-        target.crop(len(sequence) + accepted)
-        return drafted[:accepted] + [following], out.hidden_states[: accepted + 1], len(drafted)
+        return Proposal(drafted, q=torch.stack(q_rows) if q_rows else None)
 
 
 @dataclass
@@ -220,48 +184,21 @@ class DraftTree:
         return tree, kept
 
 
-def accept_tree(tree: DraftTree, p_rows: torch.Tensor, sampling: Sampling) -> tuple[list[int], int]:
-    """Walk the verified tree from the root; return the accepted node path and the token that follows it.
+class TreeHeadProposer(HeadProposer):
+    """EAGLE-2: a tree grown by cumulative draft log-probability, re-ranked to ``total_tokens`` nodes."""
 
-    Greedy: follow the child equal to the target's argmax. Sampling: the exact
-    rule for deterministic candidates described in the module docstring.
-    """
-    if sampling.greedy:
-        return greedy_path(tree.tokens, tree.parents, [int(row.argmax()) for row in p_rows])
-    children: dict[int, list[int]] = {}
-    for index in range(1, len(tree.tokens)):
-        children.setdefault(tree.parents[index], []).append(index)
-    path = [0]
-    while True:
-        residual = p_rows[path[-1]].clone()
-        following = None
-        for child in sorted(children.get(path[-1], []), key=lambda i: -tree.scores[i]):
-            token = tree.tokens[child]
-            total = float(residual.sum())
-            if total <= 0:
-                break
-            if sampling.uniform(residual.device) * total < float(residual[token]):
-                following = child
-                break
-            residual[token] = 0.0
-        if following is None:
-            total = float(residual.sum())
-            return path, sampling.draw(residual / total if total > 0 else p_rows[path[-1]])
-        path.append(following)
+    def __init__(self, head: CausalLM, params: "Eagle2Params") -> None:
+        super().__init__(head)
+        self.params = params
 
+    def propose(self, sequence: list[int], budget: int, sampling: Sampling) -> Proposal:
+        tree = self.grow(sequence[-1], len(sequence) - 1)
+        tree, _ = tree.select(min(self.params.total_tokens - 1, budget))
+        return Proposal(tree.tokens, parents=tree.parents, scores=tree.scores)
 
-@register("eagle2")
-class Eagle2(EagleBase):
-    """EAGLE-2: a context-dependent draft tree grown by draft confidence, verified in one tree-masked pass."""
-
-    Params = Eagle2Params
-
-    def trace_extras(self) -> dict[str, bool]:
-        return {"tree": True}
-
-    def grow(self, state: HeadState, root: int, committed: int) -> DraftTree:
+    def grow(self, root: int, committed: int) -> DraftTree:
         """Expand the draft tree level by level with the head, feeding each level's frontier in one pass."""
-        head, top_k = self.head(), self.params.top_k
+        head, top_k, state = self.head, self.params.top_k, self.state
         tree = DraftTree([root], [-1], [0.0], [0])
         log_probs = torch.log_softmax(state.logits.float(), dim=-1)
         values, tokens = log_probs.topk(top_k)
@@ -294,14 +231,38 @@ class Eagle2(EagleBase):
                                  for index in best}
         return tree
 
-    def step(self, sequence: list[int], state: HeadState, budget: int,
-             sampling: Sampling) -> tuple[list[int], torch.Tensor, int]:
-        target = self.models.target
-        committed = len(sequence) - 1
-        tree, _ = self.grow(state, sequence[-1], committed).select(min(self.params.total_tokens - 1, max(budget, 0)))
-        mask, positions = tree_inputs(tree.parents, committed, target.device)
-        out = target.extend(tree.tokens, attention_mask=mask, position_ids=positions, output_hidden_states=True)
-        path, following = accept_tree(tree, sampling.probs(out.logits), sampling)
-        target.keep(list(range(committed)) + [committed + node for node in path])
-        new = [tree.tokens[node] for node in path[1:]] + [following]
-        return new, out.hidden_states[path], len(tree.tokens) - 1
+    def extras(self) -> dict[str, bool]:
+        return {"tree": True}  # the report's chain bound does not apply
+
+
+class HeadStrategy(ProposerStrategy):
+    """A strategy drafting with an EAGLE head: the sweep's trained artefact, or a head directory loaded once."""
+
+    _loaded_head: CausalLM | None = None
+
+    def head(self) -> CausalLM:
+        if self.params.head:
+            return self.models.artifact(self.params.head)
+        if self._loaded_head is None:
+            self._loaded_head = load_head_lm(Path(self.params.head_dir).expanduser(), self.models.target)
+        return self._loaded_head
+
+
+@register("eagle")
+class Eagle(HeadStrategy):
+    """EAGLE with a chain draft: ``gamma`` head steps, one target pass, speculative-sampling acceptance."""
+
+    Params = EagleParams
+
+    def proposer(self) -> Proposer:
+        return ChainHeadProposer(self.head(), self.params.gamma)
+
+
+@register("eagle2")
+class Eagle2(HeadStrategy):
+    """EAGLE-2: a context-dependent draft tree grown by draft confidence, verified in one tree-masked pass."""
+
+    Params = Eagle2Params
+
+    def proposer(self) -> Proposer:
+        return TreeHeadProposer(self.head(), self.params)

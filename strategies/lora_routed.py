@@ -6,7 +6,9 @@ worker; a prompt only switches the active adapter (``set_adapter``). Routing
 time counts in the strategy's wall time. The ``arm`` parameter gives the
 comparison rows: ``routed`` (the router's choice), ``oracle`` (the prompt's
 true domain, its category), ``wrong`` (a domain other than the true one),
-``none`` (the plain draft, adapters off). Adapters touch only the draft, so
+``none`` (the plain draft, adapters off). Adapters may cover only some domains
+(e.g. those a general draft never saw); prompts of the others are drafted by the
+plain draft under ``routed`` and ``oracle``, and by an adapter under ``wrong``. Adapters touch only the draft, so
 the output is the target's own (lossless).
 """
 
@@ -59,10 +61,13 @@ class LoraRouted(Strategy):
             routed = self.models.artifact(self.params.router).route(self.models.tokenizer.decode(prompt_ids))
             return routed if routed in domains else None
         true = self.prompt_category
-        if true not in domains:
-            raise ValueError(f"prompt category {true!r} is not an adapter domain ({', '.join(domains)}): "
-                             f"the {arm} arm needs prompts labelled with adapter domains")
-        return true if arm == "oracle" else domains[(domains.index(true) + 1) % len(domains)]
+        if true is None:
+            raise ValueError(f"the {arm} arm needs prompts labelled with their domain (a prompt set's category)")
+        if arm == "oracle":
+            # A domain with no adapter of its own is drafted by the plain draft, as the router would do.
+            return true if true in domains else None
+        # wrong: the next adapter domain after the true one, or the first when the true domain has no adapter.
+        return domains[(domains.index(true) + 1) % len(domains)] if true in domains else domains[0]
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
         adapters = self.models.artifact(self.params.adapters)

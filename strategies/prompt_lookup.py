@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from harness.errors import ConfigError
-from strategies.base import Step, Strategy, StrategyParams, Trace
+from strategies.base import StrategyParams
+from strategies.engine import Proposer, ProposerStrategy
 from strategies.ngram import find_continuation
 from strategies.registry import register
 from strategies.sampling import Sampling
-from strategies.speculative import verify_step
+from strategies.verification import Proposal
 
 
 @dataclass(frozen=True)
@@ -36,26 +35,24 @@ class PromptLookupParams(StrategyParams):
                               f"{self.max_ngram}")
 
 
+class PromptLookupProposer(Proposer):
+    """Up to ``num_tokens`` tokens copied from what followed the current n-gram earlier in the text."""
+
+    def __init__(self, params: PromptLookupParams) -> None:
+        self.params = params
+
+    def propose(self, sequence: list[int], budget: int, sampling: Sampling) -> Proposal:
+        if budget <= 0:
+            return Proposal([])
+        return Proposal(find_continuation(sequence, min(self.params.num_tokens, budget), self.params.max_ngram,
+                                          self.params.min_ngram))
+
+
 @register("prompt_lookup")
-class PromptLookup(Strategy):
+class PromptLookup(ProposerStrategy):
     """Draft by n-gram lookup in the prompt and the text generated so far; verify with the target."""
 
     Params = PromptLookupParams
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
-        target = self.models.target
-        target.prefill(prompt_ids)
-        sequence = list(prompt_ids)
-        steps: list[Step] = []
-        while True:
-            budget = max_new_tokens - (len(sequence) - len(prompt_ids)) - 1
-            drafted = find_continuation(sequence, min(self.params.num_tokens, budget), self.params.max_ngram,
-                                        self.params.min_ngram) if budget > 0 else []
-            q_rows = torch.nn.functional.one_hot(torch.tensor(drafted, device=target.device),
-                                                 target.vocab_size).float() if drafted else None
-            accepted, new = verify_step(target, sequence, drafted, q_rows, sampling)
-            steps.append(Step(drafted=len(drafted), accepted=accepted))
-            sequence.extend(new)
-            if self.finished(len(sequence) - len(prompt_ids), new, max_new_tokens):
-                break
-        return self.finish(sequence[len(prompt_ids):], steps, {"target": target}, max_new_tokens)
+    def proposer(self) -> Proposer:
+        return PromptLookupProposer(self.params)

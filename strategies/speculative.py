@@ -1,13 +1,11 @@
-"""Classic speculative decoding (Leviathan et al. 2023; Chen et al. 2023).
+"""Classic speculative decoding (Leviathan et al. 2023; Chen et al. 2023) as a proposer: a small draft model.
 
-A draft proposes ``gamma`` tokens one at a time; the target scores all of them
-in one forward pass. Greedy: a drafted token is kept while it equals the
-target's argmax, and the first mismatch is replaced by that argmax. Sampling:
-token x drawn from the draft's q is kept with probability min(1, p(x)/q(x));
-the first rejected one is replaced by a draw from norm(max(0, p - q)); when all
-are kept, one more token is drawn from the target's next distribution. Either
-way the output is distributed exactly as the target's own decoding. Both KV
-caches are cropped back to the accepted prefix, never recomputed.
+The draft proposes ``gamma`` tokens one at a time, with the distribution each
+was chosen from; the shared loop verifies them in one target pass with
+``strategies.verification.accept_chain`` (greedy: argmax match; sampling:
+min(1, p/q) acceptance, residual resampling, a bonus token after full
+acceptance), so the output is distributed exactly as the target's own decoding.
+Both KV caches are cropped back to the accepted prefix, never recomputed.
 """
 
 from __future__ import annotations
@@ -18,9 +16,11 @@ import torch
 
 from harness.errors import ConfigError
 from harness.lm import CausalLM
-from strategies.base import Step, Strategy, StrategyParams, Trace
+from strategies.base import StrategyParams
+from strategies.engine import Proposer, ProposerStrategy
 from strategies.registry import register
 from strategies.sampling import Sampling
+from strategies.verification import Proposal, Verification
 
 
 @dataclass(frozen=True)
@@ -36,36 +36,6 @@ class SpeculativeParams(StrategyParams):
 
     def uses_drafts(self) -> list[str]:
         return [self.draft]
-
-
-def verify(
-    target_probs: torch.Tensor,
-    draft_probs: torch.Tensor,
-    drafted: list[int],
-    sampling: Sampling,
-) -> tuple[int, int]:
-    """Speculative-sampling acceptance of ``drafted`` tokens.
-
-    ``target_probs`` has ``len(drafted) + 1`` rows (the target's distribution
-    before each drafted token, plus the one after the last); ``draft_probs``
-    has one row per drafted token. Returns ``(accepted, next_token)``: how many
-    drafted tokens are kept, and the token that follows them (the correction
-    after a rejection, or the bonus token after full acceptance).
-    """
-    for index, token in enumerate(drafted):
-        p, q = target_probs[index], draft_probs[index]
-        if sampling.greedy:
-            best = int(p.argmax())
-            if token != best:
-                return index, best
-            continue
-        if sampling.uniform(p.device) * float(q[token]) < float(p[token]):
-            continue
-        residual = torch.clamp(p - q, min=0.0)
-        total = float(residual.sum())
-        # p == q up to rounding: any draw from p is exact then.
-        return index, sampling.draw(residual / total if total > 0 else p)
-    return len(drafted), sampling.choose(target_probs[len(drafted)])
 
 
 def draft_tokens(draft: CausalLM, sequence: list[int], count: int, sampling: Sampling) -> tuple[list[int], list[torch.Tensor]]:
@@ -88,59 +58,39 @@ def draft_tokens(draft: CausalLM, sequence: list[int], count: int, sampling: Sam
     return tokens, probs
 
 
-def target_distributions(target: CausalLM, sequence: list[int], drafted: list[int], sampling: Sampling) -> torch.Tensor:
-    """The target's distributions before each drafted token and after the last, from one forward pass."""
-    pending = sequence[target.length:]
-    if not pending and not drafted:
-        return sampling.probs(target.last_logits[None])
-    before = target.last_logits if not pending else None
-    logits = target.extend(pending + drafted).logits
-    if before is None:
-        rows = logits[len(pending) - 1:]
-    else:
-        rows = torch.cat([before[None], logits])
-    return sampling.probs(rows)
+class DraftModelProposer(Proposer):
+    """``gamma`` tokens from a draft model, which keeps exactly the accepted prefix in its cache.
 
-
-def verify_step(target: CausalLM, sequence: list[int], drafted: list[int], q_rows: torch.Tensor | None,
-                sampling: Sampling) -> tuple[int, list[int]]:
-    """Score ``drafted`` with the target in one pass, apply the acceptance rule and crop the target's cache.
-
-    Returns how many drafted tokens were accepted and the tokens to append
-    (the accepted ones plus the correction or bonus token, which the target
-    processes at the next step). With nothing drafted it is a plain target step.
+    ``continue_cache``: the draft's cache already holds a prefix of each prompt
+    (a previous turn); the rest is fed with the first proposal instead of a prefill.
     """
-    p_rows = target_distributions(target, sequence, drafted, sampling)
-    if drafted:
-        accepted, following = verify(p_rows, q_rows, drafted, sampling)
-    else:
-        accepted, following = 0, sampling.choose(p_rows[-1])
-    target.crop(len(sequence) + accepted)
-    return accepted, drafted[:accepted] + [following]
+
+    def __init__(self, draft: CausalLM, gamma: int, continue_cache: bool = False) -> None:
+        self.draft, self.gamma, self.continue_cache = draft, gamma, continue_cache
+
+    def begin(self, prompt_ids: list[int], prefill, sequence: list[int]) -> None:
+        if not self.continue_cache:
+            self.draft.prefill(prompt_ids)
+
+    def propose(self, sequence: list[int], budget: int, sampling: Sampling) -> Proposal:
+        count = min(self.gamma, budget)
+        if count <= 0:
+            return Proposal([])
+        tokens, probs = draft_tokens(self.draft, sequence, count, sampling)
+        return Proposal(tokens, q=torch.stack(probs))
+
+    def observe(self, sequence: list[int], verification: Verification) -> None:
+        self.draft.crop(min(self.draft.length, len(sequence) + verification.accepted))
+
+    def models(self) -> dict[str, CausalLM]:
+        return {"draft": self.draft}
 
 
 @register("speculative")
-class Speculative(Strategy):
+class Speculative(ProposerStrategy):
     """Draft ``gamma`` tokens with a small model, verify them with the target in one pass."""
 
     Params = SpeculativeParams
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
-        target, draft = self.models.target, self.models.draft(self.params.draft)
-        target.prefill(prompt_ids)
-        draft.prefill(prompt_ids)
-        sequence = list(prompt_ids)
-        prompt_length = len(prompt_ids)
-        steps: list[Step] = []
-        while True:
-            produced = len(sequence) - prompt_length
-            gamma = min(self.params.gamma, max_new_tokens - produced - 1)
-            drafted, q_rows = draft_tokens(draft, sequence, gamma, sampling) if gamma > 0 else ([], [])
-            accepted, new = verify_step(target, sequence, drafted, torch.stack(q_rows) if q_rows else None, sampling)
-            steps.append(Step(drafted=len(drafted), accepted=accepted))
-            # The draft, like the target, keeps exactly the accepted prefix.
-            draft.crop(min(draft.length, len(sequence) + accepted))
-            sequence.extend(new)
-            if self.finished(len(sequence) - prompt_length, new, max_new_tokens):
-                break
-        return self.finish(sequence[prompt_length:], steps, {"target": target, "draft": draft}, max_new_tokens)
+    def proposer(self) -> Proposer:
+        return DraftModelProposer(self.models.draft(self.params.draft), self.params.gamma)

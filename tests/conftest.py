@@ -83,3 +83,26 @@ def ray_shut_down_after_module():
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def assert_stopped_in_the_last_step(trace, limit: int, eos: frozenset[int]) -> None:
+    """The loop ended in the step that reached ``limit`` tokens or an EOS: every step before the last adds its
+    accepted tokens plus one and stays short of the end, and the last step's span covers it. (``finish`` cuts
+    tokens at EOS and the limit, so checking the tokens alone would not catch a loop that ran on.)"""
+    spans = [step.accepted + 1 for step in trace.steps]
+    before_last = sum(spans[:-1])
+    assert before_last < trace.new_tokens <= before_last + spans[-1], (spans, trace.new_tokens)
+    assert trace.new_tokens == limit or trace.tokens[-1] in eos
+
+
+def eos_case(models, prompts: list[list[int]], limit: int = 40) -> tuple[list[int], list[int], int]:
+    """A prompt, its greedy baseline tokens and a position >= 3 whose token appears there for the first time: that
+    token stands in for an EOS the model emits there."""
+    from strategies import Sampling, build
+
+    for prompt in prompts:
+        expected = build("autoregressive", {}, models).generate(prompt, limit, Sampling()).tokens
+        stop = next((index for index in range(3, len(expected)) if expected[index] not in expected[:index]), None)
+        if stop is not None:
+            return prompt, expected, stop
+    raise AssertionError("no prompt emits a fresh token after position 3")

@@ -122,6 +122,26 @@ def test_greedy_eagle_equals_autoregressive(trained_models, zoo_prompts, name, p
     assert accepted > 0  # the multi-token path was exercised
 
 
+@pytest.mark.parametrize("name, params", [("eagle", {"head": "head", "gamma": 4}),
+                                          ("eagle2", {"head": "head", "total_tokens": 10, "depth": 4, "top_k": 3})])
+def test_eagle_stops_at_the_limit_and_at_the_first_eos(trained_models, zoo_prompts, name, params):
+    from strategies import Sampling, build
+    from tests.conftest import assert_stopped_in_the_last_step, eos_case
+
+    target = trained_models.target
+    for limit in (1, 2, 7):
+        trace = build(name, params, trained_models).generate(zoo_prompts[2], limit, Sampling())
+        assert sum(step.accepted + 1 for step in trace.steps) == trace.new_tokens == limit
+    prompt, expected, stop = eos_case(trained_models, zoo_prompts)
+    saved, target.eos_token_id = target.eos_token_id, frozenset({expected[stop]})
+    try:
+        trace = build(name, params, trained_models).generate(prompt, 40, Sampling())
+    finally:
+        target.eos_token_id = saved
+    assert trace.tokens == expected[:stop + 1]
+    assert_stopped_in_the_last_step(trace, 40, frozenset({expected[stop]}))
+
+
 def test_a_one_child_tree_drafts_exactly_the_chain(trained_models, zoo_prompts):
     from strategies import Sampling, build
 
@@ -151,8 +171,9 @@ def test_tree_selection_keeps_ancestors_and_orders_parents_first():
 
 def test_tree_sampling_reproduces_the_target_distribution():
     """Over many draws, the first token after the root follows p exactly, whatever the drafted children."""
-    from strategies.eagle import DraftTree, accept_tree
+    from strategies.eagle import DraftTree
     from strategies.sampling import Sampling
+    from strategies.verification import accept_tree
 
     vocab = 6
     p_root = torch.tensor([0.30, 0.05, 0.25, 0.10, 0.20, 0.10])
@@ -166,7 +187,7 @@ def test_tree_sampling_reproduces_the_target_distribution():
     draws = 20000
     counts = torch.zeros(vocab)
     for _ in range(draws):
-        path, following = accept_tree(tree, p_rows, sampling)
+        path, following = accept_tree(tree.tokens, tree.parents, tree.scores, p_rows, sampling)
         counts[tree.tokens[path[1]] if len(path) > 1 else following] += 1
     observed = counts / draws
     assert torch.allclose(observed, p_root, atol=0.015), observed

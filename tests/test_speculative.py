@@ -9,7 +9,12 @@ import torch
 
 from harness.lm import CausalLM
 from strategies import ModelSet, Sampling, build
-from strategies.speculative import verify
+from strategies.verification import accept_chain as verify
+from tests.conftest import assert_stopped_in_the_last_step, eos_case
+
+DECODERS = [("autoregressive", {}), ("speculative", {"draft": "draft-2l", "gamma": 4}),
+            ("prompt_lookup", {"num_tokens": 4, "max_ngram": 2}),
+            ("cascade", {"drafts": ["draft-2l", "draft-1l"], "k_matrix": [[2, 2], [0, 2]]})]
 
 
 @pytest.mark.parametrize("draft", ["draft-1l", "draft-2l"])
@@ -37,11 +42,29 @@ def test_trace_counts_are_consistent(zoo_models, zoo_prompts):
     assert baseline.tau == 1.0 and baseline.alpha is None and baseline.target_calls == baseline.new_tokens
 
 
-def test_max_new_tokens_is_respected(zoo_models, zoo_prompts):
+@pytest.mark.parametrize("name,params", DECODERS)
+def test_max_new_tokens_is_respected(zoo_models, zoo_prompts, name, params):
     models, _ = zoo_models
-    for limit in (1, 2, 5):
-        trace = build("speculative", {"draft": "draft-2l", "gamma": 4}, models).generate(zoo_prompts[2], limit, Sampling())
-        assert trace.new_tokens <= limit
+    for limit in (1, 2, 5, 11):
+        trace = build(name, params, models).generate(zoo_prompts[2], limit, Sampling())
+        # no step drafts past the budget: the steps' spans add up to exactly the tokens kept
+        assert sum(step.accepted + 1 for step in trace.steps) == trace.new_tokens == limit
+        assert_stopped_in_the_last_step(trace, limit, models.target.eos_token_id)
+
+
+@pytest.mark.parametrize("name,params", DECODERS)
+def test_decoding_stops_at_the_first_eos(zoo_models, zoo_prompts, name, params):
+    models, _ = zoo_models
+    target = models.target
+    prompt, expected, stop = eos_case(models, zoo_prompts)
+    saved = target.eos_token_id
+    target.eos_token_id = frozenset({expected[stop]})  # the model "emits EOS" at position `stop`
+    try:
+        trace = build(name, params, models).generate(prompt, 40, Sampling())
+    finally:
+        target.eos_token_id = saved
+    assert trace.tokens == expected[:stop + 1]
+    assert_stopped_in_the_last_step(trace, 40, frozenset({expected[stop]}))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -115,3 +138,39 @@ def test_sampling_speculative_keeps_target_distribution():
     distance = total_variation(counts.flatten() / runs, truth)
     assert distance < 0.06, f"sampled joint distribution is {distance:.3f} (TV) away from the target's"
     assert total_variation(draft_joint, truth) > 0.2  # a rule that returned draft tokens would fail
+
+
+def random_head(target: CausalLM, seed: int) -> CausalLM:
+    """An untrained EAGLE head over ``target``: its drafts are arbitrary, which the sampling rule must absorb."""
+    from strategies.eagle_head import EagleHead, head_config
+
+    torch.manual_seed(seed)
+    model = target.model
+    head = EagleHead(head_config(model.config), model.get_input_embeddings(), model.get_output_embeddings())
+    return CausalLM(head.eval(), "head", num_parameters=1)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("prompt_lookup", {"num_tokens": 2, "max_ngram": 2}),
+    ("eagle", {"head": "head", "gamma": 2}),
+    ("eagle2", {"head": "head", "total_tokens": 4, "depth": 2, "top_k": 2}),
+])
+def test_sampling_keeps_target_distribution_end_to_end(name, params):
+    """The joint law of the first three sampled tokens equals the target's for prompt lookup (deterministic
+    drafts), EAGLE (head drafts) and EAGLE-2 (deterministic top-k trees), through the shared loop and caches."""
+    vocab, length = 4, 3
+    target = CausalLM(tiny_llama(1, vocab), "target")
+    models = ModelSet(target=target, artifacts={"head": random_head(target, 5)})
+    prompt = [1, 3, 2, 1, 3]  # the suffix [1, 3] occurs earlier: prompt lookup drafts [2, 1]
+    truth = exact_joint(target, prompt, vocab, length).flatten()
+    strategy = build(name, params, models)
+    generator = torch.Generator().manual_seed(4321)
+    counts = torch.zeros((vocab,) * length)
+    runs, drafted = 3000, 0
+    for _ in range(runs):
+        trace = strategy.generate(prompt, length, Sampling(temperature=1.0, generator=generator))
+        counts[tuple(trace.tokens)] += 1
+        drafted += trace.drafted
+    assert drafted >= runs  # every run verified drafted tokens, not just plain target steps
+    distance = total_variation(counts.flatten() / runs, truth)
+    assert distance < 0.06, f"{name}: sampled joint distribution is {distance:.3f} (TV) away from the target's"

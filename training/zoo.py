@@ -29,7 +29,11 @@ BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
 @dataclass(frozen=True)
 class ZooModelConfig:
-    """Shape of one zoo model; drafts may start from the target's weights."""
+    """Shape of one zoo model; drafts may start from the target's weights.
+
+    ``domains`` limits a draft's distillation text to those corpus domains (empty:
+    all of them), e.g. a general draft that never sees legal or math text.
+    """
 
     name: str
     layers: int
@@ -37,6 +41,7 @@ class ZooModelConfig:
     intermediate: int = 384
     heads: int = 4
     init_from_target: bool = True
+    domains: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class ZooConfig:
     drafts: tuple[ZooModelConfig, ...] = (
         ZooModelConfig("draft-2l", layers=2),
         ZooModelConfig("draft-1l", layers=1),
+        ZooModelConfig("draft-general", layers=1, domains=("code", "prose")),
     )
     pretrain: Schedule = Schedule(steps=450)
     distill: Schedule = Schedule(steps=200)
@@ -71,8 +77,13 @@ class ZooConfig:
         return (self.target.name, *(draft.name for draft in self.drafts))
 
     def key(self) -> str:
-        """Content hash of this config (the build's cache key)."""
-        return content_hash(dataclasses.asdict(self))[:16]
+        """Content hash of this config (the build's cache key); an empty ``domains`` is left out of it, so builds
+        from before that field existed keep their keys."""
+        values = dataclasses.asdict(self)
+        for model in (values["target"], *values["drafts"]):
+            if not model["domains"]:
+                del model["domains"]
+        return content_hash(values)[:16]
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ZooConfig":
@@ -91,10 +102,20 @@ class ZooConfig:
                         raise ConfigError(f"{where}.{name}", f"expected {type(default).__name__}, got {value!r}")
             return kind(**values)
 
+        def zoo_draft(values: Any, where: str) -> ZooModelConfig:
+            values = dict(values) if isinstance(values, dict) else values
+            if isinstance(values, dict) and "domains" in values:
+                domains = values["domains"]
+                if not isinstance(domains, list) or not domains or any(d not in DOMAINS for d in domains):
+                    raise ConfigError(f"{where}.domains", f"expected a non-empty list of zoo domains, got {domains!r}",
+                                      f"choose from {', '.join(DOMAINS)}")
+                values["domains"] = tuple(domains)
+            return make(ZooModelConfig, values, where)
+
         raw = dict(raw)
         nested = {
             "target": lambda v: make(ZooModelConfig, v, "zoo.target"),
-            "drafts": lambda v: tuple(make(ZooModelConfig, d, f"zoo.drafts[{i}]") for i, d in enumerate(v or [])),
+            "drafts": lambda v: tuple(zoo_draft(d, f"zoo.drafts[{i}]") for i, d in enumerate(v or [])),
             "pretrain": lambda v: make(Schedule, v, "zoo.pretrain"),
             "distill": lambda v: make(Schedule, v, "zoo.distill"),
             "corpus": lambda v: make(CorpusConfig, v, "zoo.corpus"),
@@ -284,37 +305,72 @@ def evaluate(models: dict[str, Any], windows: torch.Tensor, target_name: str) ->
 # ---------------------------------------------------------------- build
 
 
+def reusable_base(config: ZooConfig) -> ZooConfig | None:
+    """A built zoo that is ``config`` less some trailing domain-limited drafts, or None.
+
+    Such drafts train from seeds of their own (see ``build_zoo``), so training only
+    them on top of that build gives the same weights as building ``config`` afresh.
+    """
+    for keep in range(len(config.drafts) - 1, -1, -1):
+        if not config.drafts[keep].domains:
+            return None
+        base = dataclasses.replace(config, drafts=config.drafts[:keep])
+        if is_built(base):
+            return base
+    return None
+
+
 def build_zoo(config: ZooConfig, log: Callable[[str], None] = print, force: bool = False) -> dict[str, Any]:
     """Build (or reuse) the zoo for ``config``; return its manifest with per-model metrics."""
     out = zoo_dir(config)
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and not force:
         return json.loads(manifest_path.read_text())
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    log(f"building zoo {config.key()} in {out}")
+    base = None if force else reusable_base(config)
+    log(f"building zoo {config.key()} in {out}" + (f" on top of {base.key()}" if base else ""))
     corpus = build_corpus(config.corpus)
-    train_texts = [doc.text for domain in DOMAINS for doc in corpus[domain][0]]
-    tokenizer = train_tokenizer(train_texts, config.vocab_size)
+    if base is None:
+        train_texts = [doc.text for domain in DOMAINS for doc in corpus[domain][0]]
+        tokenizer = train_tokenizer(train_texts, config.vocab_size)
+    else:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(model_path(base, base.target.name))
     log(f"  tokenizer: {len(tokenizer)} tokens ({time.perf_counter() - started:.0f} s)")
     train_streams = {domain: encode_documents(tokenizer, corpus[domain][0]) for domain in DOMAINS}
     heldout_streams = {domain: encode_documents(tokenizer, corpus[domain][1]) for domain in DOMAINS}
     sampler = WindowSampler(train_streams, config.seq_len, config.seed)
     eval_windows = WindowSampler(heldout_streams, config.seq_len, config.seed + 1).batch(config.eval_windows)
 
-    target = make_model(config.target, tokenizer, config)
-    train(target, sampler, config.pretrain, next_token_loss, log, config.target.name)
+    if base is None:
+        target = make_model(config.target, tokenizer, config)
+        train(target, sampler, config.pretrain, next_token_loss, log, config.target.name)
+        models = {config.target.name: target}
+    else:
+        models = {name: LlamaForCausalLM.from_pretrained(model_path(base, name), dtype=torch.float32)
+                  for name in base.model_names}
+        target = models[config.target.name]
     for parameter in target.parameters():
         parameter.requires_grad_(False)
-    models = {config.target.name: target}
-    for shape in config.drafts:
+    for index, shape in enumerate(config.drafts):
+        if shape.name in models:
+            continue
+        if shape.domains:
+            # A draft limited to some domains has its own seeds and sampler: the other drafts train exactly as they
+            # would without it, and it comes out the same whether built with them or on top of them.
+            torch.manual_seed(config.seed + 100 + index)
+            source = WindowSampler({domain: train_streams[domain] for domain in shape.domains}, config.seq_len,
+                                   config.seed + 100 + index)
+        else:
+            source = sampler
         draft = make_model(shape, tokenizer, config)
         if shape.init_from_target and shape.hidden == config.target.hidden:
             init_from_teacher(draft, target)
-        train(draft, sampler, config.distill, distillation_loss(target), log, shape.name)
+        train(draft, source, config.distill, distillation_loss(target), log, shape.name)
         models[shape.name] = draft
 
     metrics = evaluate(models, eval_windows, config.target.name)
@@ -336,10 +392,10 @@ def build_zoo(config: ZooConfig, log: Callable[[str], None] = print, force: bool
 def format_manifest(manifest: dict[str, Any]) -> str:
     """A short human-readable table of the zoo's models and their metrics."""
     lines = [f"zoo {manifest['key']} (built in {manifest['build_seconds']} s)"]
-    lines.append(f"{'model':<12} {'params':>10} {'held-out ppl':>13} {'greedy agreement':>17}")
+    lines.append(f"{'model':<14} {'params':>10} {'held-out ppl':>13} {'greedy agreement':>17}")
     for name, metrics in manifest["models"].items():
         lines.append(
-            f"{name:<12} {metrics['parameters'] / 1e6:>9.2f}M {metrics['heldout_perplexity']:>13.1f} "
+            f"{name:<14} {metrics['parameters'] / 1e6:>9.2f}M {metrics['heldout_perplexity']:>13.1f} "
             f"{metrics['greedy_agreement'] * 100:>16.1f}%"
         )
     return "\n".join(lines)

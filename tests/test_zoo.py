@@ -1,0 +1,61 @@
+"""The zoo build: a domain-limited draft added to a built zoo trains on top of it, as a full build would."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from safetensors.torch import load_file
+
+from harness.errors import ConfigError
+from tests.conftest import TINY_ZOO
+from training.zoo import ZooConfig, build_zoo, model_path, reusable_base
+
+MICRO = {**TINY_ZOO, "pretrain": {"steps": 8, "batch_size": 4, "warmup_steps": 2},
+         "distill": {"steps": 6, "batch_size": 4, "warmup_steps": 2},
+         "drafts": [{"name": "draft-1l", "layers": 1, "hidden": 64, "intermediate": 128, "heads": 2}]}
+GENERAL = {"name": "draft-general", "layers": 1, "hidden": 64, "intermediate": 128, "heads": 2, "domains": ["code"]}
+
+
+def weights(config: ZooConfig, name: str) -> dict:
+    return load_file(model_path(config, name) / "model.safetensors")
+
+
+def test_a_domain_limited_draft_builds_on_top_of_a_built_zoo_with_full_build_weights(tmp_path, monkeypatch):
+    base = ZooConfig.from_dict(MICRO)
+    extended = ZooConfig.from_dict({**MICRO, "drafts": [*MICRO["drafts"], GENERAL]})
+    assert base.key() != extended.key()
+
+    monkeypatch.setenv("SPECSWEEP_HOME", str(tmp_path / "incremental"))
+    build_zoo(base, log=lambda message: None)
+    assert reusable_base(extended) == base
+    messages: list[str] = []
+    build_zoo(extended, log=messages.append)
+    assert f"on top of {base.key()}" in messages[0]
+    assert not any("target step" in message for message in messages)  # the target was not trained again
+    incremental = {name: weights(extended, name) for name in extended.model_names}
+
+    monkeypatch.setenv("SPECSWEEP_HOME", str(tmp_path / "full"))
+    assert reusable_base(extended) is None
+    build_zoo(extended, log=lambda message: None)
+    for name in extended.model_names:
+        full = weights(extended, name)
+        assert full.keys() == incremental[name].keys()
+        assert all((full[key] == incremental[name][key]).all() for key in full), name
+
+
+def test_an_unlimited_draft_is_never_built_on_top(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECSWEEP_HOME", str(tmp_path))
+    base = ZooConfig.from_dict(MICRO)
+    build_zoo(base, log=lambda message: None)
+    unlimited = {**GENERAL}
+    del unlimited["domains"]
+    assert reusable_base(ZooConfig.from_dict({**MICRO, "drafts": [*MICRO["drafts"], unlimited]})) is None
+
+
+def test_default_drafts_keep_their_build_key_and_domains_are_checked():
+    default = ZooConfig()
+    without_general = dataclasses.replace(default, drafts=tuple(d for d in default.drafts if not d.domains))
+    assert without_general.key() == "5a1326d6f61ed066"  # the zoo built before drafts could be domain-limited
+    with pytest.raises(ConfigError, match=r"zoo\.drafts\[0\]\.domains: expected a non-empty list of zoo domains"):
+        ZooConfig.from_dict({"drafts": [{"name": "d", "layers": 1, "domains": ["poetry"]}]})
