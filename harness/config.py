@@ -15,10 +15,14 @@ from typing import Any
 import yaml
 
 from harness.errors import ConfigError
-from harness.overrides import apply_overrides, limit_prompts
 from harness.models import DEVICES, DTYPES, ModelSpec, parse_model_spec
+from harness.overrides import apply_overrides, limit_prompts
 from harness.paths import content_hash
 from harness.prompts import PromptSetSpec, parse_prompt_set
+from harness.zoo_spec import ZooConfig
+from strategies import parse_params, strategy_class
+from strategies.registry import import_plugin
+from training.artifacts import for_target, load_train_config
 
 TOP_KEYS = ("name", "description", "plugins", "zoo", "models", "train", "prompts", "strategies", "run")
 MODEL_KEYS = ("target", "targets", "drafts", "dtype", "device")
@@ -146,7 +150,7 @@ class Sweep:
 
     name: str
     path: Path
-    zoo: Any  # training.zoo.ZooConfig
+    zoo: Any  # harness.zoo_spec.ZooConfig
     targets: dict[str, ModelSpec]
     drafts: dict[str, ModelSpec]
     device: str
@@ -166,8 +170,6 @@ class Sweep:
         ``device_type`` (``cpu`` or ``cuda``) is where the workers run; it is part
         of every cell id, so results from different device types never pair.
         """
-        from strategies import parse_params
-        from training.artifacts import for_target
 
         cells = []
         for target, target_spec in self.targets.items():
@@ -184,6 +186,10 @@ class Sweep:
                             drafts = {name: self.drafts[name] for name in checked.uses_drafts()}
                             artifacts = {name: for_target(self.train[name], target_spec)
                                          for name in checked.uses_artifacts()}
+                            artifacts.update({name: for_target(load_train_config(raw, f"{strategy.name}.{name}",
+                                                                                 self.path.parent, self.zoo),
+                                                               target_spec)
+                                              for name, raw in checked.implicit_artifacts().items()})
                             artifacts.update({f"draft:{name}": self.draft_artifacts[name]
                                               for name in drafts if name in self.draft_artifacts})
                             cell = Cell(self.name, target, target_spec, drafts,
@@ -229,7 +235,6 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), li
 
 def parse_sweep(raw: Any, base_dir: Path, path: Path | None = None) -> Sweep:
     """Validate a sweep mapping (the parsed YAML)."""
-    from training.zoo import ZooConfig
 
     raw = _mapping(raw, "sweep file", "the file must be a YAML mapping with name, models, prompts, strategies")
     _no_unknown(raw, TOP_KEYS, "")
@@ -297,7 +302,6 @@ def _trained_model(raw: Any, where: str, train: dict[str, Any]) -> tuple[Any, An
 
 def _parse_train(raw: Any, base_dir: Path, zoo) -> dict[str, Any]:
     """The sweep's trainable artefacts: name -> a training-config path or inline mapping (with ``kind``)."""
-    from training.artifacts import load_train_config
 
     raw = _mapping(raw, "train", "write train as name -> training config path, e.g. {head: train/eagle_zoo.yaml}")
     return {str(name): load_train_config(value, f"train.{name}", base_dir, zoo) for name, value in raw.items()}
@@ -305,7 +309,6 @@ def _parse_train(raw: Any, base_dir: Path, zoo) -> dict[str, Any]:
 
 def _load_plugins(raw: Any, base_dir: Path) -> tuple[str, ...]:
     """Import the sweep's plugin modules (dotted names or .py paths) so their strategies register."""
-    from strategies.registry import import_plugin
 
     if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
         raise ConfigError("plugins", f"expected a list of module names or .py paths, got {raw!r}")
@@ -328,7 +331,6 @@ def _load_plugins(raw: Any, base_dir: Path) -> tuple[str, ...]:
 
 def _parse_strategies(raw: Any, drafts: dict[str, ModelSpec], train: dict[str, Any],
                       run: RunSettings) -> tuple[StrategySpec, ...]:
-    from strategies import parse_params, strategy_class
 
     if not isinstance(raw, list) or not raw:
         raise ConfigError("strategies", "expected a non-empty list", "add e.g. - {name: speculative, grid: {gamma: [2, 4]}}")

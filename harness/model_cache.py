@@ -6,6 +6,7 @@ from collections import OrderedDict
 from typing import Any
 
 from harness.models import ModelSpec, load_model, load_tokenizer, pick_device
+from training.artifacts import load_artifact
 
 
 def model_bytes(model) -> int:
@@ -67,7 +68,6 @@ class ModelCache:
 
     def artifact(self, request: Any, target_spec: ModelSpec) -> Any:
         """A trained artefact (``training.artifacts.ArtifactRequest``) loaded for the target of ``target_spec``."""
-        from training.artifacts import load_artifact
 
         key = (request.key(), self.key(target_spec))
         if key not in self.artifacts:

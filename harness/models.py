@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError
+from harness.lm import CausalLM
 from harness.paths import specsweep_home
 from harness.sources import check_source, is_converted_source, local_directory
+from harness.zoo_spec import model_path
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -125,7 +127,6 @@ def pretrained_location(spec: ModelSpec, zoo_config) -> str:
     if spec.zoo_name is not None:
         import platform
 
-        from training.zoo import model_path  # the zoo builder sits above this layer; imported only for zoo ids
 
         path = model_path(zoo_config, spec.zoo_name)
         if not (path / "config.json").exists():
@@ -171,7 +172,6 @@ def load_model(spec: ModelSpec, zoo_config, device, name: str):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from harness.lm import CausalLM
 
     hf_logging.disable_progress_bar()
     location = pretrained_location(spec, zoo_config)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.corpus import DOMAINS, CorpusConfig
+from harness.corpus import DOMAINS, CorpusConfig, heldout_prompts
 from harness.errors import ConfigError
 from harness.paths import content_hash
 
@@ -161,7 +161,6 @@ def _parse_template(raw: Any, where: str, base_dir: Path) -> tuple[str, str | No
 def load_prompts(spec: PromptSetSpec, corpus: CorpusConfig | None = None) -> list[Prompt]:
     """All prompts of ``spec`` (filtered by category, cut to ``count``), in a stable order."""
     if spec.kind == "zoo":
-        from harness.corpus import heldout_prompts
 
         domain = spec.source[len(ZOO_PREFIX):]
         texts = heldout_prompts(domain, spec.count or 8, config=corpus)

@@ -46,8 +46,8 @@ def model_set_for(cell: Cell, cache: ModelCache) -> ModelSet:
                               "a draft must share the target's tokenizer")
     artifacts = {name: cache.artifact(request, cell.target_spec) for name, request in cell.artifacts.items()}
     draft_tokenizers = {name: cache.tokenizer(spec) for name, spec in cell.drafts.items()}
-    return ModelSet(target=target, drafts=drafts, tokenizer=cache.tokenizer(cell.target_spec),
-                    corpus=cache.zoo_config.corpus, artifacts=artifacts, draft_tokenizers=draft_tokenizers)
+    return ModelSet(target=target, drafts=drafts, tokenizer=cache.tokenizer(cell.target_spec), artifacts=artifacts,
+                    draft_tokenizers=draft_tokenizers)
 
 
 def conversation_at(prompt: Prompt, turn_index: int, answers: list[str]) -> list[str]:

@@ -29,11 +29,15 @@ from typing import Any, Callable
 
 from harness.config import Cell, Sweep
 from harness.errors import ConfigError
+from harness.paths import specsweep_home
 from harness.preflight import prepare_models
-from harness.provenance import build_label
 from harness.progress import Progress
+from harness.provenance import build_label
 from harness.results import ResultStore
 from harness.worker import Worker
+from training.artifacts import build_artifact
+from training.launch import uses_gpu
+from training.zoo import build_zoo, format_manifest, is_built
 
 WORKER_START_TIMEOUT_S = 900.0
 
@@ -102,14 +106,12 @@ def worker_plan(sweep: Sweep) -> tuple[int, dict[str, Any], str]:
 def train_artifact(request: Any, home: str) -> dict[str, Any]:
     """Ray task body: build one artefact (it launches its own Ray Train job) and return its manifest."""
     os.environ["SPECSWEEP_HOME"] = home
-    from training.artifacts import build_artifact
 
     return build_artifact(request, log=lambda message: print(message, flush=True))
 
 
 def job_demand(request: Any, device: str) -> tuple[int, int]:
     """(GPUs, CPUs) that the training job of ``request`` reserves on the cluster."""
-    from training.launch import uses_gpu
 
     launch = request.config.launch
     gpus = launch.num_workers if device == "cuda" and uses_gpu(launch) else 0
@@ -188,7 +190,6 @@ class Dispatcher:
 
     def start_worker(self, runtime_env: dict[str, Any]) -> WorkerSlot:
         """Start a worker actor; it takes cells once its ``describe`` call returns."""
-        from harness.paths import specsweep_home
 
         self._serial += 1
         name = f"worker-{self._serial}"
@@ -323,7 +324,6 @@ class Dispatcher:
 
     def _start_training(self, request: Any) -> None:
         """Launch the one training job that builds ``request`` (a Ray task running a Ray Train job)."""
-        from harness.paths import specsweep_home
 
         self.log(f"training {request.label()} (needed by this sweep; cached for later runs)")
         task = self.ray.remote(train_artifact).options(num_cpus=0, max_retries=0)
@@ -456,7 +456,6 @@ def run_sweep(sweep: Sweep, run_dir: Path, address: str | None = None, log: Call
     as ``timing_suspect``); return the outcome."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if sweep.uses_zoo():
-        from training.zoo import build_zoo, format_manifest, is_built
 
         if not is_built(sweep.zoo):
             log("building the embedded zoo (once; cached under $SPECSWEEP_HOME)")

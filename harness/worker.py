@@ -8,6 +8,7 @@ from typing import Any
 from harness.config import Cell
 from harness.model_cache import ModelCache
 from harness.runner import run_cell
+from strategies.registry import import_plugin
 
 
 class Worker:
@@ -17,7 +18,6 @@ class Worker:
                  plugins: tuple[str, ...] = (), cache_bytes: int | None = None) -> None:
         import torch
 
-        from strategies.registry import import_plugin
 
         if threads:
             torch.set_num_threads(threads)
@@ -36,11 +36,10 @@ class Worker:
 
     def describe(self) -> dict[str, Any]:
         """Where this worker runs and what it holds."""
-        import torch
-
         import platform
 
         import ray
+        import torch
 
         return {
             "name": self.name,

@@ -71,8 +71,7 @@ class ModelSet:
 
     target: CausalLM
     drafts: dict[str, CausalLM] = field(default_factory=dict)
-    tokenizer: Any = None  # the target's tokenizer, for strategies that build token statistics (MaG)
-    corpus: Any = None  # harness.corpus.CorpusConfig of the zoo text, for the same
+    tokenizer: Any = None  # the target's tokenizer (routing by text, universal assisted decoding)
     artifacts: dict[str, Any] = field(default_factory=dict)  # trained artefacts by sweep name, loaded
     draft_tokenizers: dict[str, Any] = field(default_factory=dict)  # the drafts' tokenizers by name (hf_assisted)
 
@@ -121,6 +120,11 @@ class StrategyParams:
     def uses_drafts(self) -> list[str]:
         """Names of the sweep drafts these params use (checked against the sweep's ``models.drafts``)."""
         return []
+
+    def implicit_artifacts(self) -> dict[str, dict[str, Any]]:
+        """Artefacts the strategy needs that no ``train`` entry names, as inline training configs by name
+        (e.g. the MaG bigram table); the sweep builds them per target like the others."""
+        return {}
 
     def uses_artifacts(self) -> list[str]:
         """Names of trained artefacts these params use (checked against the sweep's ``train`` section)."""

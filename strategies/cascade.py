@@ -51,6 +51,7 @@ from strategies.sampling import Sampling
 from strategies.verification import Proposal, Verification
 
 MAG = "mag"
+MAG_TABLE = "mag-bigram"  # the implicit artefact's name in a cell's artefacts
 COUNTERS = ("model_parameters", "fixed_ratios")
 
 
@@ -102,6 +103,10 @@ class CascadeParams(StrategyParams):
 
     def uses_drafts(self) -> list[str]:
         return list(self.drafts)
+
+    def implicit_artifacts(self) -> dict[str, dict[str, Any]]:
+        """MaG's bigram table, counted once per target by the driver (``training.bigram``)."""
+        return {MAG_TABLE: {"kind": "bigram"}} if self.use_mag else {}
 
     def check_sampling(self, temperature: float, where: str) -> None:
         """Cascade review is greedy (as in the paper and its reference code)."""
@@ -283,18 +288,9 @@ class Cascade(ProposerStrategy):
 
     Params = CascadeParams
 
-    def __init__(self, params: CascadeParams, models) -> None:
-        super().__init__(params, models)
-        self.table: BigramTable | None = None
-        if params.use_mag:
-            from training.bigram import bigram_table
-
-            if models.tokenizer is None:
-                raise ValueError("cascade with use_mag needs the target's tokenizer to build the MaG bigram table")
-            self.table = bigram_table(models.tokenizer, models.corpus, models.target.vocab_size)
-
     def proposer(self) -> Proposer:
-        return CascadeProposer(self.params, {name: self.models.draft(name) for name in self.params.drafts}, self.table)
+        table = self.models.artifact(MAG_TABLE) if self.params.use_mag else None
+        return CascadeProposer(self.params, {name: self.models.draft(name) for name in self.params.drafts}, table)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling):
         if not sampling.greedy:

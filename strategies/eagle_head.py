@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.lm import cache_argument, scatter_subset
+from harness.lm import CausalLM, cache_argument, scatter_subset
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head.json"
@@ -202,7 +202,6 @@ def load_head_lm(directory: Path, target):
 
     Its cost-model size is its own weights plus the ``lm_head`` rows it computes.
     """
-    from harness.lm import CausalLM
 
     head = load_head(directory, target.model)
     rows = head.subset_rows()

@@ -28,7 +28,8 @@ def specsweep_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_zoo(specsweep_home):
     """The tiny zoo's config, built (once) under the session's ``$SPECSWEEP_HOME``."""
-    from training.zoo import ZooConfig, build_zoo
+    from harness.zoo_spec import ZooConfig
+    from training.zoo import build_zoo
 
     config = ZooConfig.from_dict(TINY_ZOO)
     build_zoo(config, log=lambda message: None)

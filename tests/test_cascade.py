@@ -21,10 +21,17 @@ K_MATRICES = [
 
 @pytest.fixture(scope="module")
 def cascade_models(zoo_models, tiny_zoo):
+    """The zoo models with the MaG bigram table built as the driver builds it: an artefact of kind bigram."""
     from dataclasses import replace
 
+    from harness.paths import specsweep_home
+    from strategies.cascade import MAG_TABLE
+    from training.artifacts import build_artifact, load_artifact, load_train_config
+
     models, tokenizer = zoo_models
-    return replace(models, tokenizer=tokenizer, corpus=tiny_zoo.corpus)
+    request = load_train_config({"kind": "bigram", "target": "zoo:target"}, "mag", specsweep_home(), tiny_zoo)
+    build_artifact(request, log=lambda message: None)
+    return replace(models, tokenizer=tokenizer, artifacts={**models.artifacts, MAG_TABLE: load_artifact(request, models.target)})
 
 
 @pytest.mark.parametrize("params", K_MATRICES, ids=lambda p: f"{len(p['drafts'])}d-mag{p.get('use_mag', False)}"
@@ -145,3 +152,18 @@ def test_cascade_rejects_sampling(tmp_path, capsys):
                        strategies=[{"name": "cascade", "params": {"drafts": ["small"], "k_matrix": [[2]]}}])
     assert main(["run", str(path), "--results-dir", str(tmp_path)]) == 2
     assert "cascade supports greedy decoding only" in capsys.readouterr().err
+
+
+def test_the_mag_table_is_one_artefact_per_target_built_by_the_driver(tmp_path, tiny_zoo):
+    from harness.config import load_sweep
+    from strategies.cascade import MAG_TABLE
+
+    path = write_sweep(tmp_path / "sweep.yaml", strategies=[
+        {"name": "cascade", "params": {"drafts": ["small"], "use_mag": True},
+         "grid": {"k_matrix": [[[2, 2], [0, 3]], [[1, 1], [0, 4]]]}},
+        {"name": "cascade", "params": {"drafts": ["small"], "k_matrix": [[2]]}}])
+    cells = [cell for cell in load_sweep(path).cells() if cell.kind == "strategy"]
+    with_mag = [cell for cell in cells if cell.params.get("use_mag")]
+    assert len(with_mag) == 2 and all(cell.artifacts[MAG_TABLE].kind == "bigram" for cell in with_mag)
+    assert len({cell.artifacts[MAG_TABLE].key() for cell in with_mag}) == 1  # one table for the target
+    assert all(MAG_TABLE not in cell.artifacts for cell in cells if not cell.params.get("use_mag"))

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from harness.errors import ConfigError
 from tests.conftest import TINY_ZOO
-from training.zoo import ZooConfig, build_zoo, model_path, reusable_base
+from harness.zoo_spec import ZooConfig, model_path
+from training.zoo import build_zoo, reusable_base
 
 MICRO = {**TINY_ZOO, "pretrain": {"steps": 8, "batch_size": 4, "warmup_steps": 2},
          "distill": {"steps": 6, "batch_size": 4, "warmup_steps": 2},

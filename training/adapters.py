@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import ConfigError
-from harness.models import ModelSpec
+from harness.lm import CausalLM
+from harness.models import ModelSpec, load_model, load_tokenizer
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
 from training.settings import LoraSettings, TrainSettings, parse_domains, parse_settings
+from training.text import token_windows
 
 OBJECTIVES = ("next_token", "distill")
 DEFAULT_DOMAINS = {"code": ("zoo:code",), "prose": ("zoo:prose",), "legal": ("zoo:legal",), "math": ("zoo:math",)}
@@ -91,8 +93,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     from peft import get_peft_model
 
-    from harness.models import load_model, load_tokenizer
-    from training.text import token_windows
 
     config: AdapterTrainConfig = loop_config["config"]
     zoo = loop_config["zoo"]
@@ -160,8 +160,6 @@ class DomainAdapters:
     def __init__(self, directory: Path, config: AdapterTrainConfig, zoo, device) -> None:
         from peft import PeftModel
 
-        from harness.lm import CausalLM
-        from harness.models import load_model
 
         meta = json.loads((Path(directory) / "adapters.json").read_text())
         self.domains: list[str] = meta["domains"]

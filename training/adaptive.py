@@ -25,11 +25,15 @@ from typing import Any, Callable
 
 import torch
 
+from harness.corpus import DOMAINS, build_corpus, heldout_prompts
 from harness.errors import ConfigError
-from harness.models import ModelSpec
+from harness.lm import CausalLM
+from harness.models import ModelSpec, load_model, load_tokenizer, pick_device
 from harness.paths import content_hash, specsweep_home
+from strategies import ModelSet, Sampling, build
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
 from training.settings import LoraSettings, TrainSettings, parse_settings
+from training.zoo import build_zoo, is_built
 
 LOSSES = ("forward_kl", "reverse_kl", "mix")
 
@@ -65,7 +69,6 @@ def load_adaptive_config(path: Path, zoo_names: tuple[str, ...]) -> AdaptiveConf
     """Read and validate an adaptive-drafts YAML file."""
     import yaml
 
-    from harness.corpus import DOMAINS
 
     if not path.is_file():
         raise ConfigError("config", f"{path} not found", "pass an adaptive YAML file, e.g. configs/adaptive.yaml")
@@ -99,7 +102,6 @@ def corrected_positions(prompt_length: int, steps: list[Any]) -> list[int]:
 
 def stream_prompts(domain: str, count: int, chars: int, seed: int, zoo_corpus) -> list[str]:
     """``count`` prompts cut from the domain's training documents (the stream; disjoint from held-out text)."""
-    from harness.corpus import build_corpus
 
     documents = [doc.text for doc in build_corpus(zoo_corpus)[domain][0]]
     rng = random.Random(f"stream/{domain}/{seed}")
@@ -131,7 +133,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: LoRA-train the draft on failure cases, loss on the corrected positions."""
     from peft import get_peft_model
 
-    from harness.models import load_model
 
     config: AdaptiveConfig = loop_config["config"]
     zoo, cases = loop_config["zoo"], loop_config["cases"]
@@ -169,11 +170,6 @@ def run_adaptive(config: AdaptiveConfig, zoo, run_dir: Path, log: Callable[[str]
     """Run the rounds; write rounds.csv, failures.jsonl, report.md and alpha.png to ``run_dir``; return the rows."""
     from peft import PeftModel
 
-    from harness.corpus import heldout_prompts
-    from harness.lm import CausalLM
-    from harness.models import load_model, load_tokenizer, pick_device
-    from strategies import ModelSet, Sampling, build
-    from training.zoo import build_zoo, is_built
 
     if not is_built(zoo):
         build_zoo(zoo, log=log)

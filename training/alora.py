@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import ConfigError
-from harness.models import ModelSpec
+from harness.models import ModelSpec, load_model, load_tokenizer
 from training.adapters import DomainText
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
 from training.settings import LoraSettings, TrainSettings, parse_settings
+from training.text import token_windows
 
 VARIANTS = ("alora", "lora", "draft_alora")  # aLoRA and LoRA on the target, aLoRA on the draft
 
@@ -66,7 +67,6 @@ def invocation_ids(tokenizer, invocation: str) -> list[int]:
 
 def task_sequences(tokenizer, config: AloraTrainConfig, zoo_corpus) -> tuple[torch.Tensor, int]:
     """``[samples, prefix + invocation + answer]`` token rows, and where the answer starts."""
-    from training.text import token_windows
 
     def windows(sources: tuple[str, ...], length: int, seed: int) -> torch.Tensor:
         return token_windows(tokenizer, DomainText(sources, config.samples, length, seed=seed), zoo_corpus)
@@ -88,7 +88,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: train the aLoRA and the plain LoRA on the same rows, save both."""
     from peft import get_peft_model
 
-    from harness.models import load_model, load_tokenizer
 
     config: AloraTrainConfig = loop_config["config"]
     zoo = loop_config["zoo"]
@@ -143,7 +142,6 @@ def load_variant(directory: Path, config: AloraTrainConfig, zoo, variant: str, d
     """A private copy of the target (or, for ``draft_alora``, the draft) with that adapter of ``directory``."""
     from peft import PeftModel
 
-    from harness.models import load_model
 
     spec = config.draft if variant == "draft_alora" else config.target
     base = load_model(spec, zoo, device, variant).model

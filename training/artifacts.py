@@ -37,13 +37,15 @@ class ArtifactKind:
 
 
 def _eagle_kind() -> ArtifactKind:
+    # lazy: each kind's module loads its training stack (peft, Ray Train, DeepSpeed) only when used
     from strategies.eagle_head import load_head_lm
-    from training.eagle import build_head, parse_eagle_config
+    from training.eagle import build_head, parse_eagle_config  # lazy: as above
 
     return ArtifactKind("eagle", parse_eagle_config, build_head, lambda request, target: load_head_lm(request.directory, target))
 
 
 def _adapters_kind() -> ArtifactKind:
+    # lazy: peft, Ray Train, DeepSpeed
     from training.adapters import DomainAdapters, build_adapters, parse_adapter_config
 
     return ArtifactKind("adapters", parse_adapter_config, build_adapters,
@@ -51,12 +53,13 @@ def _adapters_kind() -> ArtifactKind:
 
 
 def _router_kind() -> ArtifactKind:
-    from training.router import build_router, load_router, parse_router_config
+    from training.router import build_router, load_router, parse_router_config  # lazy: Ray Train
 
     return ArtifactKind("router", parse_router_config, build_router, lambda request, target: load_router(request.directory))
 
 
 def _alora_kind() -> ArtifactKind:
+    # lazy: peft, Ray Train, DeepSpeed
     from training.alora import VARIANTS, build_alora, load_variant, parse_alora_config
 
     def load(request: "ArtifactRequest", target: Any) -> dict[str, Any]:
@@ -66,15 +69,21 @@ def _alora_kind() -> ArtifactKind:
     return ArtifactKind("alora", parse_alora_config, build_alora, load)
 
 
+def _bigram_kind() -> ArtifactKind:
+    from training.bigram import build_bigram, load_bigram, parse_bigram_config  # lazy: transformers
+
+    return ArtifactKind("bigram", parse_bigram_config, build_bigram, lambda request, target: load_bigram(request.directory))
+
+
 def _draft_kind() -> ArtifactKind:
-    from training.draft import MODEL_DIR, build_draft, parse_draft_config
+    from training.draft import MODEL_DIR, build_draft, parse_draft_config  # lazy: Ray Train, DeepSpeed
 
     return ArtifactKind("draft", parse_draft_config, build_draft, lambda request, target: request.directory / MODEL_DIR)
 
 
 KINDS: dict[str, Callable[[], ArtifactKind]] = {
     "eagle": _eagle_kind, "adapters": _adapters_kind, "router": _router_kind, "alora": _alora_kind,
-    "draft": _draft_kind}
+    "draft": _draft_kind, "bigram": _bigram_kind}
 
 
 def artifact_kind(name: str, where: str = "kind") -> ArtifactKind:
@@ -90,7 +99,7 @@ class ArtifactRequest:
 
     kind: str
     config: Any  # the kind's config (a ``TrainSettings`` dataclass); ``config.target``, if any, is its target
-    zoo: Any  # training.zoo.ZooConfig (zoo targets and zoo text depend on it)
+    zoo: Any  # harness.zoo_spec.ZooConfig (zoo targets and zoo text depend on it)
 
     def target_key(self) -> str:
         """The zoo build's key when the config names zoo models or zoo text (their content depends on it)."""
@@ -166,7 +175,7 @@ def build_artifact(request: ArtifactRequest, log: Callable[[str], None] = print,
     if request.built() and not force:
         return request.manifest()
     if request.uses_zoo_models():
-        from training.zoo import build_zoo, is_built
+        from training.zoo import build_zoo, is_built  # lazy: builds only when a zoo model is missing
 
         if not is_built(request.zoo):
             build_zoo(request.zoo, log=log)

@@ -1,20 +1,29 @@
 """The MaG bigram table: most frequent successor of every token, counted on the zoo corpus with a target's tokenizer.
 
-Cached as an artefact under ``$SPECSWEEP_HOME/artifacts/bigram-<hash>.json``,
-keyed by the tokenizer's vocabulary and the corpus settings.
+An artefact of kind ``bigram`` like the trained ones: a sweep whose cascade
+uses MaG gets one per target (``CascadeParams.implicit_artifacts``), built once
+by the driver before the cells that need it and cached under
+``$SPECSWEEP_HOME/artifacts/bigram/<key>/``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
+from transformers import AutoConfig
 
 from harness.corpus import DOMAINS, CorpusConfig, build_corpus
-from harness.paths import content_hash, specsweep_home
+from harness.errors import ConfigError
+from harness.models import ModelSpec, load_tokenizer, pretrained_location
 from strategies.ngram import BigramTable
+from training.launch import LaunchSettings
+from training.settings import TrainSettings, parse_settings
+
+TABLE_FILE = "table.json"
 
 
 _FLUSH_PAIRS = 1 << 22  # pending pair keys merged into the running counts at a time
@@ -67,11 +76,28 @@ def count_bigrams(token_streams: list[list[int]], vocab_size: int) -> BigramTabl
     return BigramTable(tuple(best.tolist()))
 
 
-@functools.lru_cache(maxsize=4)
-def _cached(key: str, tokenizer_fn, corpus: CorpusConfig, vocab_size: int, max_chars: int) -> BigramTable:
-    path = specsweep_home() / "artifacts" / f"bigram-{key}.json"
-    if path.exists():
-        return BigramTable(tuple(json.loads(path.read_text())))
+@dataclass(frozen=True)
+class BigramConfig(TrainSettings):
+    """MaG's table for ``target``'s tokenizer, counted on at most ``max_chars`` characters of the zoo corpus.
+
+    No job runs: ``launch`` only tells the driver what the build occupies (one CPU).
+    """
+
+    target: ModelSpec = ModelSpec("zoo:target")
+    max_chars: int = 1_000_000
+    launch: LaunchSettings = LaunchSettings(num_workers=1, cpus_per_worker=1, use_gpu="false")
+
+
+def parse_bigram_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]) -> BigramConfig:
+    """Validated bigram-table settings from a training-config mapping (``kind: bigram``)."""
+    config = parse_settings(BigramConfig, raw, where, base_dir, zoo_names, allowed_note="kind")
+    if config.max_chars < 1000:
+        raise ConfigError(f"{where}.max_chars", f"must be >= 1000, got {config.max_chars}")
+    return config
+
+
+def corpus_texts(corpus: CorpusConfig, max_chars: int) -> list[str]:
+    """Training documents of every zoo domain, an equal share of ``max_chars`` characters each."""
     texts = []
     for domain in DOMAINS:
         budget = max_chars // len(DOMAINS)
@@ -80,17 +106,23 @@ def _cached(key: str, tokenizer_fn, corpus: CorpusConfig, vocab_size: int, max_c
                 break
             texts.append(doc.text[:budget])
             budget -= len(texts[-1])
-    streams = tokenizer_fn(texts)["input_ids"]
+    return texts
+
+
+def build_bigram(config: BigramConfig, zoo, out_dir: Path, target_key: str, name: str,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Count the table of ``config`` into ``out_dir/table.json``; return its size."""
+    tokenizer = load_tokenizer(config.target, zoo)
+    vocab_size = int(AutoConfig.from_pretrained(pretrained_location(config.target, zoo),
+                                                revision=config.target.revision).vocab_size)
+    streams = tokenizer(corpus_texts(zoo.corpus, config.max_chars))["input_ids"]
     table = count_bigrams(streams, vocab_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(list(table.next_token)))
-    tmp.replace(path)
-    return table
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / TABLE_FILE).write_text(json.dumps(list(table.next_token)))
+    log(f"  MaG bigram table: {sum(len(stream) for stream in streams):,} tokens, vocabulary {vocab_size}")
+    return {"tokens": sum(len(stream) for stream in streams), "vocab_size": vocab_size}
 
 
-def bigram_table(tokenizer, corpus: CorpusConfig, vocab_size: int, max_chars: int = 1_000_000) -> BigramTable:
-    """The bigram table for ``tokenizer`` on the zoo corpus, built once and cached on disk."""
-    vocab = tokenizer.get_vocab()
-    key = content_hash([sorted(vocab.items()), dataclasses.asdict(corpus), vocab_size, max_chars])[:16]
-    return _cached(key, tokenizer, corpus, vocab_size, max_chars)
+def load_bigram(directory: Path) -> BigramTable:
+    """The table a ``bigram`` artefact holds."""
+    return BigramTable(tuple(json.loads((directory / TABLE_FILE).read_text())))

@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import ConfigError
-from harness.models import VOCAB_SUBSET_FILE, ModelSpec, keep_first_layers
+from harness.models import VOCAB_SUBSET_FILE, ModelSpec, keep_first_layers, load_model, load_tokenizer
 from training.eagle_data import FeatureDataConfig
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
 from training.settings import TrainSettings, check_ranges, mapping, parse_settings, warmup_cosine
+from training.text import token_windows
 
 MODEL_DIR = "model"
 
@@ -121,8 +122,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: tokenise the text, distil the draft with DeepSpeed, report its directory."""
     import ray.train
 
-    from harness.models import load_model, load_tokenizer
-    from training.text import token_windows
 
     config: DraftTrainConfig = loop_config["config"]
     zoo = loop_config["zoo"]

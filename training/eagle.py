@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import ConfigError
-from harness.models import ModelSpec
+from harness.models import ModelSpec, load_model, load_tokenizer
 from strategies.eagle_head import EagleHead, head_config, save_head
 from training.draft import frequent_tokens
 from training.eagle_data import FeatureDataConfig, build_features, features_dir
@@ -129,7 +129,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from harness.models import load_model, load_tokenizer
 
     datasets.disable_progress_bars()
     config: EagleTrainConfig = loop_config["config"]

@@ -26,6 +26,7 @@ import torch
 from harness.errors import ConfigError
 from harness.models import ModelSpec
 from harness.paths import content_hash, specsweep_home
+from training.settings import parse_settings
 from training.text import check_sources, token_windows
 
 DONE_MARKER = "features.done"
@@ -48,7 +49,6 @@ class FeatureDataConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str) -> "FeatureDataConfig":
         """Validated data settings from the ``data`` mapping of a training config."""
-        from training.settings import parse_settings
 
         config = parse_settings(cls, raw, where, Path("."), ())
         check_sources(config.sources, f"{where}.sources", answers_allowed=True)

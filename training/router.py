@@ -22,9 +22,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from harness.corpus import DOMAINS, build_corpus, heldout_prompts
 from harness.errors import ConfigError
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
 from training.settings import TrainSettings, parse_domains, parse_settings
+from training.text import source_texts
 
 WORD = re.compile(r"\w+")
 DEFAULT_DOMAINS = (("code", ("zoo:code",)), ("prose", ("zoo:prose",)), ("legal", ("zoo:legal",)), ("math", ("zoo:math",)))
@@ -110,8 +112,6 @@ class BagOfWordsRouter(nn.Module):
 
 def domain_prompts(config: RouterTrainConfig, zoo_corpus) -> tuple[list[str], list[int], list[str], list[int]]:
     """Training prompts cut from training documents and held-out prompts from held-out documents, with labels."""
-    from harness.corpus import DOMAINS, build_corpus, heldout_prompts
-    from training.text import source_texts
 
     rng = random.Random(config.seed)
     train_texts, train_labels, held_texts, held_labels = [], [], [], []

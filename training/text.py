@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from harness.corpus import DOMAINS, build_corpus
 from harness.errors import ConfigError
 from training.answers import ANSWERS_PREFIX, AnswerSettings, cached_answers, is_answers_source
 
@@ -28,7 +29,6 @@ def check_sources(sources: tuple[str, ...], where: str, answers_allowed: bool) -
 def source_texts(source: str, field: str, zoo_corpus) -> list[str]:
     """The documents of one text source."""
     if source.startswith("zoo:"):
-        from harness.corpus import DOMAINS, build_corpus
 
         domain = source[4:]
         if domain not in DOMAINS:
