@@ -116,7 +116,7 @@ def main() -> None:
     from harness.models import load_tokenizer
     from training.alora import invocation_ids, load_variant
     from training.artifacts import build_artifact, load_train_config
-    from training.zoo import ZooConfig
+    from harness.zoo_spec import ZooConfig
 
     torch.set_num_threads(2)
     zoo = ZooConfig()
