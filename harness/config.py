@@ -101,17 +101,21 @@ class Cell:
     runtime_env: dict[str, Any] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()
     artifacts: dict[str, Any] = field(default_factory=dict)  # sweep name -> training.artifacts.ArtifactRequest
+    zoo_key: str = ""  # the zoo build's key when a model or prompt set of the cell comes from the zoo
     cell_id: str = ""
 
     def identity(self) -> dict[str, Any]:
-        """The content the cell id is hashed from (what determines its result)."""
+        """The content the cell id is hashed from (what determines its result): the params resolved (defaults
+        filled in, so ``{draft: d}`` and ``{draft: d, gamma: 4}`` are one cell), the zoo build, the prompt file's
+        content and the plugins' code as well as the settings."""
         identity = {
             "kind": self.kind,
             "target": [self.target, self.target_spec.as_dict()],
             "prompt_set": self.prompt_set.key(),
             "shard": self.shard,
             "strategy": self.strategy,
-            "params": self.params,
+            "params": parse_params(self.strategy, self.params, self.strategy).as_dict() if self.kind == "strategy"
+            else {},
             "generation": {
                 "max_new_tokens": self.run.max_new_tokens,
                 "warmup_prompts": self.run.warmup_prompts,
@@ -123,6 +127,10 @@ class Cell:
             },
             "device": self.device,
         }
+        if self.zoo_key:
+            identity["zoo"] = self.zoo_key
+        if self.plugins:
+            identity["plugins"] = [plugin_identity(plugin) for plugin in self.plugins]
         if self.kind == "strategy":
             identity["drafts"] = {name: spec.as_dict() for name, spec in sorted(self.drafts.items())}
             identity["baseline_id"] = self.baseline_id
@@ -138,6 +146,11 @@ class Cell:
         where = f"{self.prompt_set.name}[{self.shard}/{self.prompt_set.shards}]"
         name = "baseline" if self.kind == "baseline" else f"{self.strategy}({params})"
         return f"{name} {where} on {self.target}"
+
+
+def plugin_identity(plugin: str) -> str:
+    """A plugin as it enters cell ids: a .py file by its content, a module by its name."""
+    return content_hash(Path(plugin).read_bytes().hex())[:16] if plugin.endswith(".py") else plugin
 
 
 def _short(value: Any) -> str:
@@ -172,11 +185,13 @@ class Sweep:
         """
 
         cells = []
+        zoo_key = self.zoo.key() if self.uses_zoo() else ""
         for target, target_spec in self.targets.items():
             for prompt_set in self.prompt_sets:
                 for shard_index in range(prompt_set.shards):
                     baseline = _with_id(Cell(self.name, target, target_spec, {}, prompt_set, shard_index, BASELINE,
-                                             {}, self.run, device_type, kind="baseline", plugins=self.plugins))
+                                             {}, self.run, device_type, kind="baseline", plugins=self.plugins,
+                                             zoo_key=zoo_key))
                     shared = self.run.pairing == "shared"
                     if shared:
                         cells.append(baseline)
@@ -196,12 +211,17 @@ class Sweep:
                                         prompt_set, shard_index, strategy.name, params, self.run, device_type,
                                         baseline_id=baseline.cell_id if shared else "",
                                         runtime_env=strategy.runtime_env,
-                                        plugins=self.plugins, artifacts=artifacts)
+                                        plugins=self.plugins, artifacts=artifacts, zoo_key=zoo_key)
                             cells.append(_with_id(cell))
         return cells
 
-    def uses_zoo(self) -> bool:
+    def uses_zoo_models(self) -> bool:
+        """Whether a model comes from the zoo (then the zoo must be built before the cells run)."""
         return any(spec.zoo_name for spec in (*self.targets.values(), *self.drafts.values()))
+
+    def uses_zoo(self) -> bool:
+        """Whether a model or a prompt set comes from the zoo (then its build settings are part of every cell id)."""
+        return self.uses_zoo_models() or any(prompt_set.kind == "zoo" for prompt_set in self.prompt_sets)
 
 
 def _with_id(cell: Cell) -> Cell:

@@ -61,6 +61,7 @@ class PromptSetSpec:
     template: str = "auto"  # auto | none | the path of a Jinja chat template
     system_prompt: str | None = None
     template_text: str | None = None  # the Jinja file's content, read once on the driver
+    content: str | None = None  # a JSONL file's content hash, taken on the driver (part of cell ids)
 
     @property
     def kind(self) -> str:
@@ -79,7 +80,8 @@ class PromptSetSpec:
         text = values.pop("template_text")
         if text is not None:
             values["template"] = content_hash(text)[:16]
-        for name, default in (("template", "auto"), ("system_prompt", None), ("per_category", None)):
+        for name, default in (("template", "auto"), ("system_prompt", None), ("per_category", None),
+                              ("content", None)):
             if values[name] == default:
                 values.pop(name)  # ids of sweeps written before these settings existed stay the same
         return values
@@ -140,7 +142,8 @@ def parse_prompt_set(raw: Any, where: str, base_dir: Path) -> PromptSetSpec:
         if not path.is_file():
             raise ConfigError(f"{where}.source", f"prompt file {spec.source!r} not found",
                               "give an existing Spec-Bench-format .jsonl path, zoo:<domain> or hf:<dataset>")
-        spec = PromptSetSpec(**{**asdict(spec), "path": str(path.resolve())})
+        spec = PromptSetSpec(**{**asdict(spec), "path": str(path.resolve()),
+                                "content": content_hash(path.read_bytes().hex())[:16]})
     return spec
 
 
@@ -161,7 +164,6 @@ def _parse_template(raw: Any, where: str, base_dir: Path) -> tuple[str, str | No
 def load_prompts(spec: PromptSetSpec, corpus: CorpusConfig | None = None) -> list[Prompt]:
     """All prompts of ``spec`` (filtered by category, cut to ``count``), in a stable order."""
     if spec.kind == "zoo":
-
         domain = spec.source[len(ZOO_PREFIX):]
         texts = heldout_prompts(domain, spec.count or 8, config=corpus)
         prompts = [Prompt(f"{domain}-{index}", domain, (text,)) for index, text in enumerate(texts)]

@@ -455,8 +455,7 @@ def run_sweep(sweep: Sweep, run_dir: Path, address: str | None = None, log: Call
     """Run every cell of ``sweep`` not yet recorded in ``run_dir`` (and, when asked, those recorded as failed or
     as ``timing_suspect``); return the outcome."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    if sweep.uses_zoo():
-
+    if sweep.uses_zoo_models():
         if not is_built(sweep.zoo):
             log("building the embedded zoo (once; cached under $SPECSWEEP_HOME)")
             log(format_manifest(build_zoo(sweep.zoo, log=log)))

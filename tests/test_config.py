@@ -98,3 +98,35 @@ def test_spec_bench_prompts_load_and_shard(tmp_path):
     assert [p.prompt_id for p in prompts] == ["1", "3", "5"]
     assert prompts[0].turns == ("Write a haiku.", "Now another.")
     assert [p.prompt_id for p in shard(prompts, 1, 2)] == ["3"]
+
+
+def strategy_ids(path) -> list[str]:
+    return [cell.cell_id for cell in load_sweep(path).cells() if cell.kind == "strategy"]
+
+
+def test_defaulted_and_explicit_params_give_the_same_cell(tmp_path):
+    implicit = write_sweep(tmp_path / "a.yaml", strategies=[{"name": "speculative", "params": {"draft": "small"}}])
+    explicit = write_sweep(tmp_path / "b.yaml", strategies=[{"name": "speculative",
+                                                             "params": {"draft": "small", "gamma": 4}}])
+    other = write_sweep(tmp_path / "c.yaml", strategies=[{"name": "speculative", "params": {"draft": "small", "gamma": 3}}])
+    assert strategy_ids(implicit) == strategy_ids(explicit) != strategy_ids(other)
+
+
+def test_cell_ids_follow_the_prompt_file_the_zoo_and_the_plugins(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"question_id": 1, "category": "qa", "turns": ["What is a cache?"]}\n')
+    sets = [{"name": "mine", "source": str(prompts)}]
+    first = strategy_ids(write_sweep(tmp_path / "a.yaml", prompts=sets))
+    prompts.write_text('{"question_id": 1, "category": "qa", "turns": ["What is a KV cache?"]}\n')
+    assert strategy_ids(write_sweep(tmp_path / "a.yaml", prompts=sets)) != first  # same path, new content
+
+    base = strategy_ids(write_sweep(tmp_path / "z.yaml"))
+    other_zoo = {**TINY_ZOO, "seed": 1}
+    assert strategy_ids(write_sweep(tmp_path / "z.yaml", zoo=other_zoo)) != base
+
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text("VALUE = 1\n")
+    with_plugin = strategy_ids(write_sweep(tmp_path / "p.yaml", plugins=[str(plugin)]))
+    assert with_plugin != base
+    plugin.write_text("VALUE = 2\n")
+    assert strategy_ids(write_sweep(tmp_path / "p.yaml", plugins=[str(plugin)])) != with_plugin
