@@ -24,6 +24,7 @@ import torch
 
 from harness.config import Cell
 from harness.lm import synchronize
+from harness.records import paired_turn, trace_record
 from harness.metrics import timing_check
 from harness.model_cache import ModelCache
 from harness.paths import content_hash
@@ -110,12 +111,6 @@ def run_interleaved_prompt(baseline, strategy, prompt: Prompt, tokenizer, cell: 
     return record
 
 
-def paired_turn(ids: list[int], baseline: dict[str, Any], trace: Trace) -> dict[str, Any]:
-    """One turn's record: its prompt, the baseline's trace record beside the strategy's, and whether they match."""
-    return {"prompt_ids": ids, "prompt_tokens": len(ids), "baseline": baseline, "strategy": trace_record(trace),
-            **match_record(baseline["tokens"], trace.tokens)}
-
-
 def median_run(traces: list[Trace]) -> Trace:
     """The run of median wall time among repeats of one turn (the lower median for an even count)."""
     ordered = sorted(traces, key=lambda trace: trace.wall_s)
@@ -145,34 +140,6 @@ def timed(strategy, ids: list[int], cell: Cell, seed: int, device: torch.device,
     trace.wall_s = time.perf_counter() - started
     trace.extras = {**trace.extras, "probe_s": models.target.time_single_step()}
     return trace
-
-
-def trace_record(trace: Trace) -> dict[str, Any]:
-    """The JSON-ready fields of a trace."""
-    return {
-        "new_tokens": trace.new_tokens,
-        "wall_s": trace.wall_s,
-        "target_calls": trace.target_calls,
-        "steps": len(trace.steps),
-        "step_counts": [[step.drafted, step.accepted] for step in trace.steps],
-        "drafted": trace.drafted,
-        "accepted": trace.accepted,
-        "tau": trace.tau,
-        "alpha": trace.alpha,
-        "cost_units": trace.cost_units,
-        "forward": trace.forward,
-        "tokens": trace.tokens,
-        "probe_s": trace.extras.get("probe_s"),
-        "extras": {key: value for key, value in trace.extras.items() if key != "probe_s"},
-    }
-
-
-def match_record(baseline: list[int], strategy: list[int]) -> dict[str, Any]:
-    """Whether two token lists are equal and, if not, the first position where they differ."""
-    divergence = next((i for i, (a, b) in enumerate(zip(baseline, strategy)) if a != b), None)
-    if divergence is None and len(baseline) != len(strategy):
-        divergence = min(len(baseline), len(strategy))
-    return {"tokens_match": divergence is None, "first_divergence": divergence}
 
 
 def run_cell(cell: Cell, cache: ModelCache, worker: str = "local",

@@ -28,7 +28,9 @@ import torch
 from harness.corpus import DOMAINS, build_corpus, heldout_prompts
 from harness.errors import ConfigError
 from harness.lm import CausalLM
+from harness.metrics import summarize
 from harness.models import ModelSpec, load_model, load_tokenizer, pick_device
+from harness.records import paired_turn, trace_record
 from harness.paths import content_hash, specsweep_home
 from strategies import ModelSet, Sampling, build
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
@@ -168,8 +170,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 def run_adaptive(config: AdaptiveConfig, zoo, run_dir: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run the rounds; write rounds.csv, failures.jsonl, report.md and alpha.png to ``run_dir``; return the rows."""
-    from peft import PeftModel
-
+    from peft import PeftModel  # lazy: peft, only for the retrained drafts
 
     if not is_built(zoo):
         build_zoo(zoo, log=log)
@@ -182,27 +183,23 @@ def run_adaptive(config: AdaptiveConfig, zoo, run_dir: Path, log: Callable[[str]
     draft, adapter, pending, replay, rows = base_draft, None, [], [], []
     failures_file = (run_dir / "failures.jsonl").open("a")
 
-    def speculative(prompt: list[int]):
-        models = ModelSet(target=target, drafts={"draft": draft})
-        return build("speculative", {"draft": "draft", "gamma": config.gamma}, models).generate(
-            prompt, config.max_new_tokens, Sampling())
+    def speculative() -> Any:
+        """Speculative decoding with the current draft (the base draft plus the latest LoRA)."""
+        return build("speculative", {"draft": "draft", "gamma": config.gamma},
+                     ModelSet(target=target, drafts={"draft": draft}))
 
     for round_index in range(config.rounds + 1):
         baseline = build("autoregressive", {}, ModelSet(target=target))
-        drafted = accepted = tokens = steps = 0
-        base_s = spec_s = 0.0
-        for prompt in heldout:
-            started = time.perf_counter()
-            baseline.generate(prompt, config.max_new_tokens, Sampling())
-            base_s += time.perf_counter() - started
-            started = time.perf_counter()
-            trace = speculative(prompt)
-            spec_s += time.perf_counter() - started
-            drafted, accepted = drafted + trace.drafted, accepted + trace.accepted
-            tokens, steps = tokens + trace.new_tokens, steps + len(trace.steps)
-        row = {"round": round_index, "adapter": adapter or "none", "heldout_alpha": accepted / max(1, drafted),
-               "heldout_tau": tokens / max(1, steps), "heldout_speedup": base_s / spec_s, "failures": 0, "retrained": False}
-        log(f"round {round_index}: held-out alpha {row['heldout_alpha']:.3f}, tau {row['heldout_tau']:.2f}, "
+        measured = []
+        for index, prompt in enumerate(heldout):
+            base = timed_run(baseline, prompt, config.max_new_tokens)
+            trace = timed_run(speculative(), prompt, config.max_new_tokens)
+            measured.append({"prompt_id": index, "category": config.domain,
+                             "turns": [paired_turn(prompt, trace_record(base), trace)]})
+        held = summarize(measured)  # the same metrics as every sweep cell (harness.metrics)
+        row = {"round": round_index, "adapter": adapter or "none", "heldout_alpha": held["alpha"],
+               "heldout_tau": held["tau"], "heldout_speedup": held["speedup"], "failures": 0, "retrained": False}
+        log(f"round {round_index}: held-out alpha {_fmt(row['heldout_alpha'], 3)}, tau {row['heldout_tau']:.2f}, "
             f"speedup {row['heldout_speedup']:.2f} (adapter {row['adapter']})")
         if round_index == config.rounds:
             rows.append(row)
@@ -210,7 +207,7 @@ def run_adaptive(config: AdaptiveConfig, zoo, run_dir: Path, log: Callable[[str]
         for text in stream_prompts(config.domain, config.prompts_per_round, config.prompt_chars,
                                    config.seed + round_index, zoo.corpus):
             prompt = tokenizer(text)["input_ids"]
-            trace = speculative(prompt)
+            trace = speculative().generate(prompt, config.max_new_tokens, Sampling())
             if trace.alpha is not None and trace.alpha < config.threshold:
                 case = {"round": round_index, "alpha": trace.alpha, "tokens": prompt + trace.tokens,
                         "corrected": [position for position in corrected_positions(len(prompt), trace.steps)
@@ -239,6 +236,19 @@ def run_adaptive(config: AdaptiveConfig, zoo, run_dir: Path, log: Callable[[str]
     return rows
 
 
+def _fmt(value: float | None, digits: int) -> str:
+    """``value`` with ``digits`` decimals, or ``-`` when it is undefined (α when nothing was drafted)."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def timed_run(strategy: Any, prompt: list[int], max_new_tokens: int) -> Any:
+    """``strategy.generate`` greedily, with its wall time set on the trace."""
+    started = time.perf_counter()
+    trace = strategy.generate(prompt, max_new_tokens, Sampling())
+    trace.wall_s = time.perf_counter() - started
+    return trace
+
+
 def write_adaptive_report(rows: list[dict[str, Any]], config: AdaptiveConfig, run_dir: Path) -> None:
     """rounds.csv, report.md and alpha.png for the rounds."""
     import matplotlib
@@ -256,7 +266,7 @@ def write_adaptive_report(rows: list[dict[str, Any]], config: AdaptiveConfig, ru
              "| round | adapter | held-out alpha | held-out tau | held-out speedup | failures logged | retrained |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['round']} | {row['adapter'][:8]} | {row['heldout_alpha']:.3f} | {row['heldout_tau']:.2f} | "
+        lines.append(f"| {row['round']} | {row['adapter'][:8]} | {_fmt(row['heldout_alpha'], 3)} | {row['heldout_tau']:.2f} | "
                      f"{row['heldout_speedup']:.2f} | {row['failures']} | {'yes' if row['retrained'] else 'no'} |")
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     figure, axis = plt.subplots(figsize=(5, 3.2))

@@ -29,7 +29,6 @@ def check_sources(sources: tuple[str, ...], where: str, answers_allowed: bool) -
 def source_texts(source: str, field: str, zoo_corpus) -> list[str]:
     """The documents of one text source."""
     if source.startswith("zoo:"):
-
         domain = source[4:]
         if domain not in DOMAINS:
             raise ConfigError("data.sources", f"unknown zoo domain {domain!r}", f"choose one of {', '.join(DOMAINS)}")
