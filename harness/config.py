@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, unknown_key
 from harness.models import DEVICES, DTYPES, ModelSpec, parse_model_spec
 from harness.overrides import apply_overrides, limit_prompts
 from harness.paths import content_hash
@@ -436,5 +436,4 @@ def _mapping(value: Any, where: str, fix: str) -> dict[str, Any]:
 def _no_unknown(mapping: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
     unknown = sorted(set(map(str, mapping)) - set(allowed))
     if unknown:
-        field_name = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(field_name, "unknown key", f"allowed: {', '.join(allowed)}")
+        raise unknown_key(where, unknown[0], allowed)

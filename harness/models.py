@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, unknown_key
 from harness.lm import CausalLM
 from harness.paths import specsweep_home
 from harness.sources import check_source, is_converted_source, local_directory
@@ -62,7 +62,7 @@ def parse_model_spec(raw: Any, where: str, default_dtype: str, zoo_names: tuple[
                           "write e.g. zoo:target, pkg:smollm2-135m or {id: meta-llama/Llama-3.2-1B, dtype: bfloat16}")
     unknown = sorted(set(raw) - set(SPEC_KEYS))
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}", "unknown key", f"allowed: {', '.join(SPEC_KEYS)}")
+        raise unknown_key(where, unknown[0], SPEC_KEYS)
     model_id = raw.get("id")
     if not isinstance(model_id, str) or not model_id:
         raise ConfigError(f"{where}.id", "missing model id",

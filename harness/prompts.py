@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.corpus import DOMAINS, CorpusConfig, heldout_prompts
-from harness.errors import ConfigError
+from harness.errors import ConfigError, unknown_key
 from harness.paths import content_hash
 
 ZOO_PREFIX = "zoo:"
@@ -96,7 +96,7 @@ def parse_prompt_set(raw: Any, where: str, base_dir: Path) -> PromptSetSpec:
         raise ConfigError(where, f"expected a mapping, got {raw!r}", "write e.g. {name: code, source: zoo:code, count: 8}")
     unknown = sorted(set(raw) - _KEYS)
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}", "unknown key", f"allowed: {', '.join(sorted(_KEYS))}")
+        raise unknown_key(where, unknown[0], sorted(_KEYS))
     for key in ("name", "source"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise ConfigError(f"{where}.{key}", "missing or not a string", "every prompt set needs a name and a source")

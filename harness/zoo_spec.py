@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.corpus import DOMAINS, CorpusConfig
-from harness.errors import ConfigError
+from harness.errors import ConfigError, unknown_key
 from harness.paths import content_hash, specsweep_home
 
 
@@ -84,7 +84,7 @@ class ZooConfig:
             fields = {f.name: f for f in dataclasses.fields(kind)}
             unknown = sorted(set(values) - set(fields))
             if unknown:
-                raise ConfigError(f"{where}.{unknown[0]}", "unknown key", f"allowed: {', '.join(sorted(fields))}")
+                raise unknown_key(where, unknown[0], sorted(fields))
             for name, value in values.items():
                 default = fields[name].default
                 if isinstance(default, (int, float, str)) and not isinstance(default, bool):

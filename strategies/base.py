@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, unknown_key
 from harness.lm import CausalLM
 from strategies.sampling import Sampling
 
@@ -101,8 +101,9 @@ class StrategyParams:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(fields))
         if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}", "unknown parameter",
-                              f"allowed: {', '.join(fields) or 'none'}")
+            if not fields:
+                raise ConfigError(f"{where}.{unknown[0]}", "unknown parameter", f"{cls.__name__} takes none")
+            raise unknown_key(where, unknown[0], fields, what="parameter")
         values = {}
         for name, value in raw.items():
             values[name] = _coerce(value, hints[name], f"{where}.{name}")

@@ -130,3 +130,16 @@ def test_cell_ids_follow_the_prompt_file_the_zoo_and_the_plugins(tmp_path):
     assert with_plugin != base
     plugin.write_text("VALUE = 2\n")
     assert strategy_ids(write_sweep(tmp_path / "p.yaml", plugins=[str(plugin)])) != with_plugin
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"modles": {}}, "modles: unknown key; did you mean 'models'?"),
+    ({"strategies": [{"name": "speculative", "params": {"draft": "small", "gama": 3}}]},
+     "strategies[0].gama: unknown parameter; did you mean 'gamma'?"),
+    ({"run": {"max_new_token": 8}}, "run.max_new_token: unknown key; did you mean 'max_new_tokens'?"),
+    ({"prompts": [{"name": "code", "source": "zoo:code", "cont": 2}]}, "prompts[0].cont: unknown key; did you mean 'count'?"),
+])
+def test_unknown_keys_suggest_the_closest_one(tmp_path, capsys, overrides, message):
+    path = write_sweep(tmp_path / "sweep.yaml", **overrides)
+    assert main(["run", str(path)]) == 2
+    assert message in capsys.readouterr().err

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, unknown_key
 from harness.paths import specsweep_home
 
 
@@ -41,7 +41,7 @@ class LaunchSettings:
         allowed = cls.__dataclass_fields__
         unknown = sorted(set(raw) - set(allowed))
         if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}", "unknown key", f"allowed: {', '.join(allowed)}")
+            raise unknown_key(where, unknown[0], allowed)
         values = dict(raw)
         if isinstance(values.get("use_gpu"), bool):
             values["use_gpu"] = "true" if values["use_gpu"] else "false"

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, unknown_key
 from harness.models import ModelSpec, parse_model_spec
 from training.launch import LaunchSettings
 from training.text import check_sources
@@ -61,8 +61,7 @@ def parse_settings(cls: type, raw: Any, where: str, base_dir: Path, zoo_names: t
                 for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(defaults) - set(ignore))
     if unknown:
-        allowed = ", ".join(([allowed_note] if allowed_note else []) + sorted(defaults))
-        raise ConfigError(_path(where, unknown[0]), "unknown key", f"allowed: {allowed}")
+        raise unknown_key(where, unknown[0], ([allowed_note] if allowed_note else []) + sorted(defaults))
     parsers = fields or {}
     values: dict[str, Any] = {}
     for name, value in raw.items():
