@@ -53,6 +53,7 @@ class ForwardStats:
 
     prefill_calls: int = 0
     prefill_seconds: float = 0.0
+    prefill_tokens: int = 0
     decode_calls: int = 0
     decode_seconds: float = 0.0
     decode_tokens: int = 0
@@ -66,6 +67,7 @@ class ForwardStats:
             "calls": self.calls,
             "prefill_calls": self.prefill_calls,
             "prefill_seconds": self.prefill_seconds,
+            "prefill_tokens": self.prefill_tokens,
             "decode_calls": self.decode_calls,
             "decode_seconds": self.decode_seconds,
             "decode_tokens": self.decode_tokens,
@@ -227,6 +229,7 @@ class CausalLM:
         if prefill:
             self.stats.prefill_calls += 1
             self.stats.prefill_seconds += elapsed
+            self.stats.prefill_tokens += n_new
         else:
             self.stats.decode_calls += 1
             self.stats.decode_seconds += elapsed

@@ -30,7 +30,7 @@ def prompt_totals(prompt: dict[str, Any]) -> dict[str, Any]:
                 totals.setdefault(f"{side}_probes", []).append(float(trace["probe_s"]))
             for role, stats in trace["forward"].items():
                 kind = "target" if role == "target" else "draft"
-                for key in ("decode_calls", "decode_seconds", "prefill_seconds"):
+                for key in ("decode_calls", "decode_seconds", "prefill_seconds", "prefill_tokens"):
                     name = f"{side}_{kind}_{key}"
                     totals[name] = totals.get(name, 0.0) + float(stats.get(key, 0.0))
         totals.setdefault("step_counts", []).extend(turn["strategy"].get("step_counts", []))
@@ -179,7 +179,11 @@ def timing_from_totals(totals: list[dict[str, Any]], tolerance: float, speedup: 
     runs, of the target's median 1-token forward (of 5) on a fixed short context, timed
     after each run.
     The cell is ``timing_suspect`` when they differ by more than ``tolerance``
-    (the machine changed speed between the sides), or when the speedup exceeds
+    (the machine changed speed between the sides), when the target's prompt
+    prefill, the same tokens on both sides and timed inside the runs, took
+    longer or shorter per token on one side by more than twice ``tolerance``
+    (a short measurement, so a wider band; it catches load the probes missed),
+    or when the speedup exceeds
     its ceiling τ × (baseline 1-token step time ÷ strategy verification-step
     time): no strategy can beat that, so exceeding it means the sides were timed
     under different conditions.
@@ -202,7 +206,18 @@ def timing_from_totals(totals: list[dict[str, Any]], tolerance: float, speedup: 
                            f"{base_ms:.2f} ms on the baseline side ({drift:+.0%}; tolerance {tolerance:.0%})")
     else:
         base_ms = strat_ms = math.nan
+    prefill_drift = math.nan
+    base_prefill, strat_prefill = total("baseline_target_prefill_tokens"), total("strategy_target_prefill_tokens")
+    if base_prefill > 0 and strat_prefill > 0 and total("baseline_target_prefill_seconds") > 0:
+        base_rate = total("baseline_target_prefill_seconds") / base_prefill
+        strat_rate = total("strategy_target_prefill_seconds") / strat_prefill
+        prefill_drift = strat_rate / base_rate - 1
+        if abs(prefill_drift) > 2 * tolerance:
+            reasons.append(f"the target's prompt prefill took {1e6 * strat_rate:.0f} µs/token on the strategy side "
+                           f"and {1e6 * base_rate:.0f} µs/token on the baseline side ({prefill_drift:+.0%}; "
+                           f"tolerance {2 * tolerance:.0%})")
     if not math.isnan(ceiling) and speedup > ceiling:
         reasons.append(f"speedup {speedup:.2f} exceeds its ceiling τ × step / verify = {ceiling:.2f}")
     return {"baseline_probe_ms": base_ms, "strategy_probe_ms": strat_ms, "step_drift": drift,
+            "prefill_drift": prefill_drift,
             "speedup_ceiling": ceiling, "timing_suspect": bool(reasons), "timing_note": "; ".join(reasons)}

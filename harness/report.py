@@ -42,7 +42,8 @@ GLOSSARY = [
     "- **efficiency**: speedup / bound.",
     "- **token match**: share of turns whose tokens equal the baseline's; n/a under sampling.",
     "- **timing**: *suspect* when the target's 1-token step (probed after every run of each side) differs by more "
-    "than `run.drift_tolerance` between the sides, or when speedup exceeds τ × (baseline 1-token step time / "
+    "than `run.drift_tolerance` between the sides, when its prompt prefill (the same tokens on both sides) differs "
+    "per token by more than twice that, or when speedup exceeds τ × (baseline 1-token step time / "
     "strategy verification-step time), which no strategy can beat.",
     "- **pos i** (conditional acceptance): steps that accepted ≥ i drafted tokens / steps that drafted ≥ i and "
     "accepted ≥ i - 1.",
@@ -297,8 +298,8 @@ def write_summary(groups: pd.DataFrame, columns: dict[str, str], run_dir: Path) 
     keep = [name for name in ("target", "strategy", "params", "prompt_set", "prompts", "turns", "new_tokens", "speedup",
                               "speedup_low", "speedup_high", "tau", "alpha", "cost_speedup", "bound", "efficiency",
                               "strategy_ms_per_token", "baseline_ms_per_token", "match_rate", "baseline_probe_ms",
-                              "strategy_probe_ms", "step_drift", "speedup_ceiling", "timing_suspect", "timing_note",
-                              "time_draft", "time_verify", "time_prefill", "time_other")
+                              "strategy_probe_ms", "step_drift", "prefill_drift", "speedup_ceiling", "timing_suspect",
+                              "timing_note", "time_draft", "time_verify", "time_prefill", "time_other")
             if name in groups.columns]
     table = groups[keep]
     table.to_csv(run_dir / "summary.csv", index=False)

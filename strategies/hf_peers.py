@@ -106,6 +106,7 @@ class ForwardCounter:
             "calls": len(self.calls),
             "prefill_calls": len(prefill),
             "prefill_seconds": sum(call.seconds for call in prefill),
+            "prefill_tokens": sum(call.length for call in prefill),
             "decode_calls": len(decode),
             "decode_seconds": sum(call.seconds for call in decode),
             "decode_tokens": sum(call.length for call in decode),

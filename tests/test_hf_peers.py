@@ -11,8 +11,8 @@ from strategies import ModelSet, Sampling, build, parse_params, strategy_class
 from strategies.hf_peers import ForwardCall, generation_config_for, steps_from_calls, tokenizers_differ
 
 MAX_NEW = 24
-STATS_KEYS = {"calls", "prefill_calls", "prefill_seconds", "decode_calls", "decode_seconds", "decode_tokens",
-              "parameters"}
+STATS_KEYS = {"calls", "prefill_calls", "prefill_seconds", "prefill_tokens", "decode_calls", "decode_seconds",
+              "decode_tokens", "parameters"}
 
 PEERS = [
     ("hf_greedy", {}),

@@ -11,15 +11,16 @@ from harness.metrics import accepted_histogram, position_acceptance, speedup_bou
 
 
 def trace(tokens: int, wall: float, steps: list[list[int]] | None = None, target_seconds: float = 0.0,
-          target_calls: int = 0, draft_seconds: float = 0.0, prefill_seconds: float = 0.0) -> dict:
+          target_calls: int = 0, draft_seconds: float = 0.0, prefill_seconds: float = 0.0, prefill_tokens: int = 0,
+          probe: float = 0.001) -> dict:
     steps = steps if steps is not None else [[0, 0]] * tokens
     forward = {"target": {"decode_calls": target_calls, "decode_seconds": target_seconds,
-                          "prefill_seconds": prefill_seconds}}
+                          "prefill_seconds": prefill_seconds, "prefill_tokens": prefill_tokens}}
     if draft_seconds:
         forward["draft"] = {"decode_calls": 1, "decode_seconds": draft_seconds, "prefill_seconds": 0.0}
     return {"wall_s": wall, "new_tokens": tokens, "steps": len(steps), "step_counts": steps,
             "drafted": sum(d for d, _ in steps), "accepted": sum(a for _, a in steps), "cost_units": 1.0,
-            "target_calls": target_calls, "forward": forward, "probe_s": 0.001, "extras": {}}
+            "target_calls": target_calls, "forward": forward, "probe_s": probe, "extras": {}}
 
 
 def prompt(baseline: dict, strategy: dict) -> dict:
@@ -71,3 +72,18 @@ def test_a_single_prompt_has_a_degenerate_interval_and_no_draft_gives_bound_one(
     assert summary["alpha"] is None and summary["bound"] == 1.0
     assert all(rate is None for rate in summary["position_acceptance"])
     assert not math.isnan(summary["time_split"]["verify"])
+
+
+def test_the_drift_guard_flags_a_prefill_that_slowed_on_one_side_only():
+    """Equal probes (load came and went between them) but the same prompt prefilled 1.5x slower per token on the
+    strategy side: flagged; within twice the tolerance: not flagged."""
+    def cell(strategy_prefill: float) -> dict:
+        base = trace(8, 1.0, target_seconds=0.8, target_calls=8, prefill_seconds=0.10, prefill_tokens=50)
+        strat = trace(8, 1.0, target_seconds=0.8, target_calls=8, prefill_seconds=strategy_prefill, prefill_tokens=50)
+        return summarize([prompt(base, strat), prompt(base, strat)], drift_tolerance=0.10)
+
+    slowed = cell(0.15)
+    assert slowed["timing_suspect"] and "prompt prefill" in slowed["timing_note"]
+    assert slowed["prefill_drift"] == pytest.approx(0.5)
+    steady = cell(0.115)
+    assert not steady["timing_suspect"] and steady["prefill_drift"] == pytest.approx(0.15)
