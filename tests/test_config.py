@@ -40,18 +40,23 @@ BAD_CASES = {
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_sweep_gives_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case):
     overrides, expected = BAD_CASES[case]
-    import harness.models
+    import transformers
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded before validation finished")
+    import harness.scheduler
 
-    monkeypatch.setattr(harness.models, "load_model", no_loading)
+    def too_early(*args, **kwargs):
+        raise AssertionError("the sweep started (Ray, workers, models) before validation finished")
+
+    # Models load in Ray workers, so the guard sits where a sweep starts, and on any model load in this process.
+    monkeypatch.setattr(harness.scheduler, "run_sweep", too_early)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", too_early)
     path = write_sweep(tmp_path / "sweep.yaml", **overrides)
     code = main(["run", str(path), "--results-dir", str(tmp_path / "results")])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1, err
     assert expected in err, err
+    assert not list((tmp_path / "results").rglob("cells.jsonl"))
 
 
 def test_missing_sweep_file_and_invalid_yaml(tmp_path, capsys):
