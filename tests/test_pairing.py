@@ -83,9 +83,10 @@ def cells(tmp_path: Path, pairing: str, tolerance: float = 0.10, repeats: int = 
 
 
 def test_the_drift_guard_flags_a_slowed_strategy_side_and_not_an_unslowed_cell(tmp_path, cache, monkeypatch):
-    # 1-token forwards of the tiny zoo take about a millisecond, so the tolerance leaves room for timer noise;
-    # the injected slowdown (3x on one side) is far outside it.
-    (cell,) = cells(tmp_path, "interleaved", tolerance=0.3)
+    # 1-token forwards of the tiny zoo take about a millisecond, and a probe's median of 5 moved by +53 % once on a
+    # busy 2-core machine, so the tolerance leaves room for that; the injected slowdown (3x on one side, about
+    # +200 %) is far outside it.
+    (cell,) = cells(tmp_path, "interleaved", tolerance=0.6)
     quiet = run_cell(cell, cache)
     assert quiet["status"] == "ok" and not quiet["timing"]["timing_suspect"], quiet["timing"]
     load = Load(factor=3.0)
