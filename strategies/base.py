@@ -200,10 +200,6 @@ class Strategy(ABC):
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
         """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` (stopping at EOS)."""
 
-    def finished(self, produced: int, new: list[int], max_new_tokens: int) -> bool:
-        """Whether generation stops: ``produced`` tokens reach the limit, or the ``new`` ones hold an EOS."""
-        return produced >= max_new_tokens or any(token in self.models.target.eos_token_id for token in new)
-
     def cost_units(self, forward: dict[str, dict[str, float]]) -> float:
         """Parameter-count cost (CS Drafting's ``model_parameters`` counter): Σ calls × parameters."""
         return float(sum(stats["calls"] * stats["parameters"] for stats in forward.values()))

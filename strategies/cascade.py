@@ -281,7 +281,6 @@ class CascadeProposer(Proposer):
         return accepted, best[accepted], list(distributions[: accepted + 1])
 
 
-
 @register("cascade")
 class Cascade(ProposerStrategy):
     """CS Drafting: k-matrix cascades of model drafts (and MaG), reviewed greedily up to the target."""

@@ -8,8 +8,8 @@ comparison rows: ``routed`` (the router's choice), ``oracle`` (the prompt's
 true domain, its category), ``wrong`` (a domain other than the true one),
 ``none`` (the plain draft, adapters off). Adapters may cover only some domains
 (e.g. those a general draft never saw); prompts of the others are drafted by the
-plain draft under ``routed`` and ``oracle``, and by an adapter under ``wrong``. Adapters touch only the draft, so
-the output is the target's own (lossless).
+plain draft under ``routed`` and ``oracle``, and by an adapter under ``wrong``.
+Adapters touch only the draft, so the output is the target's own (lossless).
 """
 
 from __future__ import annotations

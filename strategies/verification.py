@@ -65,23 +65,23 @@ class Verification:
     path: list[int] | None = None
 
 
-def accept_chain(target_probs: torch.Tensor, draft_probs: torch.Tensor, drafted: list[int],
+def accept_chain(target_probs: torch.Tensor, draft_probs: torch.Tensor | None, drafted: list[int],
                  sampling: Sampling) -> tuple[int, int]:
     """Speculative-sampling acceptance of ``drafted``; returns (accepted count, the token that follows them).
 
     ``target_probs`` has ``len(drafted) + 1`` rows (the target's distribution
     before each drafted token, plus the one after the last); ``draft_probs`` one
-    row per drafted token. A token x is kept with probability min(1, p(x)/q(x));
-    after a rejection the next token is drawn from norm(max(0, p - q)); after
-    full acceptance from the last row (the bonus token). Greedy: argmax match.
+    row per drafted token (unused, and may be None, when greedy). A token x is
+    kept with probability min(1, p(x)/q(x)); after a rejection the next token is
+    drawn from norm(max(0, p - q)); after full acceptance from the last row (the
+    bonus token). Greedy: argmax match.
     """
+    if sampling.greedy:  # the argmax of every row in one device-to-host transfer
+        best = target_probs.argmax(-1).tolist()
+        accepted = next((index for index, token in enumerate(drafted) if token != best[index]), len(drafted))
+        return accepted, best[accepted]
     for index, token in enumerate(drafted):
         p, q = target_probs[index], draft_probs[index]
-        if sampling.greedy:
-            best = int(p.argmax())
-            if token != best:
-                return index, best
-            continue
         if sampling.uniform(p.device) * float(q[token]) < float(p[token]):
             continue
         residual = torch.clamp(p - q, min=0.0)
@@ -103,8 +103,8 @@ def accept_tree(tokens: list[int], parents: list[int], scores: list[float], p_ro
     p(x) under the current residual p, otherwise zero p(x) and renormalise; if
     all are rejected, draw from the residual.
     """
-    if sampling.greedy:
-        return greedy_path(tokens, parents, [int(row.argmax()) for row in p_rows])
+    if sampling.greedy:  # the argmax of every node in one device-to-host transfer
+        return greedy_path(tokens, parents, p_rows.argmax(-1).tolist())
     children: dict[int, list[int]] = {}
     for index in range(1, len(tokens)):
         children.setdefault(parents[index], []).append(index)
@@ -150,16 +150,11 @@ def verify_chain(target: CausalLM, sequence: list[int], proposal: Proposal, samp
             if hidden_states:
                 raise ValueError("verify_chain: hidden states need the sequence's last token pending in the cache")
             logits = torch.cat([before[None], out.logits])
-        if sampling.greedy:  # the argmax of every row in one transfer; the same decisions as accept_chain's
-            best = logits.argmax(-1).tolist()
-            accepted = next((index for index, token in enumerate(drafted) if token != best[index]), len(drafted))
-            target.crop(len(sequence) + accepted)
-            return Verification(accepted=accepted, tokens=drafted[:accepted] + [best[accepted]],
-                                hidden_states=None if hidden is None else hidden[: accepted + 1])
         p_rows = sampling.probs(logits)
     if drafted:
-        q_rows = proposal.q if proposal.q is not None else torch.nn.functional.one_hot(
-            torch.tensor(drafted, device=target.device), target.vocab_size).float()
+        q_rows = proposal.q
+        if q_rows is None and not sampling.greedy:  # a deterministic draft's distribution is one-hot
+            q_rows = torch.nn.functional.one_hot(torch.tensor(drafted, device=target.device), target.vocab_size).float()
         accepted, following = accept_chain(p_rows, q_rows, drafted, sampling)
     else:
         accepted, following = 0, sampling.choose(p_rows[-1])
@@ -176,12 +171,8 @@ def verify_tree(target: CausalLM, sequence: list[int], proposal: Proposal, sampl
         raise ValueError("verify_tree: the target's cache must hold the sequence minus its last token, the tree's root")
     mask, positions = tree_inputs(proposal.parents, committed, target.device)
     out = target.extend(proposal.tokens, attention_mask=mask, position_ids=positions, output_hidden_states=hidden_states)
-    if sampling.greedy:  # the argmax of every node in one transfer
-        path, following = greedy_path(proposal.tokens, proposal.parents, out.logits.argmax(-1).tolist())
-    else:
-        path, following = accept_tree(proposal.tokens, proposal.parents,
-                                      proposal.scores or [0.0] * len(proposal.tokens), sampling.probs(out.logits),
-                                      sampling)
+    path, following = accept_tree(proposal.tokens, proposal.parents, proposal.scores or [0.0] * len(proposal.tokens),
+                                  sampling.probs(out.logits), sampling)
     target.keep(list(range(committed)) + [committed + node for node in path])
     return Verification(accepted=len(path) - 1, tokens=[proposal.tokens[node] for node in path[1:]] + [following],
                         hidden_states=out.hidden_states[path] if hidden_states else None, path=path)

@@ -107,3 +107,19 @@ def eos_case(models, prompts: list[list[int]], limit: int = 40) -> tuple[list[in
         if stop is not None:
             return prompt, expected, stop
     raise AssertionError("no prompt emits a fresh token after position 3")
+
+
+def check_stops_at_the_first_eos(models, prompts: list[list[int]], name: str, params: dict) -> None:
+    """Strategy ``name`` stops right after the first token standing in for an EOS (see ``eos_case``), with the
+    baseline's tokens up to it, in the step that reached it."""
+    from strategies import Sampling, build
+
+    prompt, expected, stop = eos_case(models, prompts)
+    target = models.target
+    saved, target.eos_token_id = target.eos_token_id, frozenset({expected[stop]})  # "emits EOS" at `stop`
+    try:
+        trace = build(name, params, models).generate(prompt, 40, Sampling())
+    finally:
+        target.eos_token_id = saved
+    assert trace.tokens == expected[:stop + 1]
+    assert_stopped_in_the_last_step(trace, 40, frozenset({expected[stop]}))

@@ -126,20 +126,12 @@ def test_greedy_eagle_equals_autoregressive(trained_models, zoo_prompts, name, p
                                           ("eagle2", {"head": "head", "total_tokens": 10, "depth": 4, "top_k": 3})])
 def test_eagle_stops_at_the_limit_and_at_the_first_eos(trained_models, zoo_prompts, name, params):
     from strategies import Sampling, build
-    from tests.conftest import assert_stopped_in_the_last_step, eos_case
+    from tests.conftest import check_stops_at_the_first_eos
 
-    target = trained_models.target
     for limit in (1, 2, 7):
         trace = build(name, params, trained_models).generate(zoo_prompts[2], limit, Sampling())
         assert sum(step.accepted + 1 for step in trace.steps) == trace.new_tokens == limit
-    prompt, expected, stop = eos_case(trained_models, zoo_prompts)
-    saved, target.eos_token_id = target.eos_token_id, frozenset({expected[stop]})
-    try:
-        trace = build(name, params, trained_models).generate(prompt, 40, Sampling())
-    finally:
-        target.eos_token_id = saved
-    assert trace.tokens == expected[:stop + 1]
-    assert_stopped_in_the_last_step(trace, 40, frozenset({expected[stop]}))
+    check_stops_at_the_first_eos(trained_models, zoo_prompts, name, params)
 
 
 def test_a_one_child_tree_drafts_exactly_the_chain(trained_models, zoo_prompts):

@@ -10,7 +10,7 @@ import torch
 from harness.lm import CausalLM
 from strategies import ModelSet, Sampling, build
 from strategies.verification import accept_chain as verify
-from tests.conftest import assert_stopped_in_the_last_step, eos_case
+from tests.conftest import assert_stopped_in_the_last_step, check_stops_at_the_first_eos
 
 DECODERS = [("autoregressive", {}), ("speculative", {"draft": "draft-2l", "gamma": 4}),
             ("prompt_lookup", {"num_tokens": 4, "max_ngram": 2}),
@@ -55,16 +55,7 @@ def test_max_new_tokens_is_respected(zoo_models, zoo_prompts, name, params):
 @pytest.mark.parametrize("name,params", DECODERS)
 def test_decoding_stops_at_the_first_eos(zoo_models, zoo_prompts, name, params):
     models, _ = zoo_models
-    target = models.target
-    prompt, expected, stop = eos_case(models, zoo_prompts)
-    saved = target.eos_token_id
-    target.eos_token_id = frozenset({expected[stop]})  # the model "emits EOS" at position `stop`
-    try:
-        trace = build(name, params, models).generate(prompt, 40, Sampling())
-    finally:
-        target.eos_token_id = saved
-    assert trace.tokens == expected[:stop + 1]
-    assert_stopped_in_the_last_step(trace, 40, frozenset({expected[stop]}))
+    check_stops_at_the_first_eos(models, zoo_prompts, name, params)
 
 
 # ----------------------------------------------------------------------------- sampling
