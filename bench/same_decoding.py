@@ -23,15 +23,14 @@ def decoding(run_dir: Path) -> dict[tuple, dict[tuple, tuple]]:
     """Per strategy cell, per (prompt id, turn): what was decoded."""
     cells: dict[tuple, dict[tuple, tuple]] = {}
     for record in ResultStore(run_dir).latest().values():
-        if record.get("status") != "ok" or record.get("kind", "strategy") != "strategy":
+        if not record.ok or record.kind != "strategy":
             continue
-        cell = record["cell"]
-        params = json.dumps(parse_params(cell["strategy"], cell["params"], "params").as_dict(), sort_keys=True)
-        key = (cell["strategy"], params, cell["prompt_set"]["name"], cell["shard"])
-        cells[key] = {(prompt.get("prompt_id"), index): (tuple(turn["strategy"]["tokens"]), turn["strategy"]["steps"],
-                                                         turn["strategy"]["drafted"], turn["strategy"]["accepted"],
-                                                         tuple(turn["baseline"]["tokens"]))
-                      for prompt in record["prompts"] for index, turn in enumerate(prompt["turns"])}
+        params = json.dumps(parse_params(record.strategy, record.params, "params").as_dict(), sort_keys=True)
+        key = (record.strategy, params, record.prompt_set, record.cell["shard"])
+        cells[key] = {(prompt.prompt_id, index): (tuple(turn.strategy.tokens), turn.strategy.steps,
+                                                  turn.strategy.drafted, turn.strategy.accepted,
+                                                  tuple(turn.baseline.tokens))
+                      for prompt in record.prompts for index, turn in enumerate(prompt.turns)}
     return cells
 
 

@@ -1,12 +1,17 @@
 """The ``specsweep`` command: run sweeps, write reports, list what is available, build the zoo, train artefacts,
 fetch real models.
 
-Exit codes: 0 success, 1 some cells failed, 2 bad input (one line naming the field and the fix).
+Exit codes: 0 success, 1 some cells failed (or ``fsck`` found problems), 2 bad input (one line per problem, naming
+the field and the fix), 3 the environment failed (an unreachable cluster, an unwritable results directory,
+workers that cannot start, a run directory another driver holds), 130 interrupted (Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,12 +20,14 @@ import yaml
 
 from harness.console import sweep_console
 from harness.corpus import DOMAINS
-from harness.errors import ConfigError
+from harness.errors import ConfigError, InfraError
 from harness.provenance import build_info, build_label, stamp, write_environment
+from harness.results import ResultStore
+from harness.run_dir import RunLock, check_plan, fsck, keep_snapshot, plan_key, prepare, write_plan
 from harness.sources import PACKAGED_MODELS, PKG_PREFIX, check_source, is_converted, local_directory, packaged_directory
 from harness.zoo_spec import ZooConfig, is_built, zoo_dir
 
-EXIT_OK, EXIT_FAILED_CELLS, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED_CELLS, EXIT_BAD_INPUT, EXIT_INFRASTRUCTURE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +35,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops a command the way Ctrl-C does
     try:
         return args.handler(args)
     except ConfigError as error:
-        print(f"specsweep: error: {error}", file=sys.stderr)
+        for line in str(error).splitlines():  # several problems of one file: one line each
+            print(f"specsweep: error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except InfraError as error:
+        print(f"specsweep: error: {error}", file=sys.stderr)
+        return EXIT_INFRASTRUCTURE
+    except KeyboardInterrupt:
+        print("specsweep: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also print Ray, training and worker output (by default it goes to RUN_DIR/sweep.log)")
     run.add_argument("--dry-run", action="store_true",
                      help="print the cells, the worker plan and the artefacts to train, without starting Ray")
+    run.add_argument("--force", action="store_true",
+                     help="resume a run directory even though this sweep's cells differ from those it was run for "
+                     "(both sweep files are kept)")
+    run.add_argument("--no-plugins", action="store_true", help="refuse a sweep file that imports plugin code")
+    run.add_argument("--connect-timeout", type=float, default=60.0, metavar="SECONDS",
+                     help="give up joining the --address cluster after this long (default 60)")
     run.set_defaults(handler=cmd_run)
+
+    check = commands.add_parser("fsck", help="check a run directory: unreadable lines, failed and missing cells, "
+                                "its lock")
+    check.add_argument("run_dir")
+    check.set_defaults(handler=cmd_fsck)
 
     report = commands.add_parser("report", help="(re)write cells.csv, report.md and plots of a run directory")
     report.add_argument("run_dir")
@@ -112,19 +140,46 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     # lazy: sweeps import torch and transformers; --help and --version stay instant
     from harness.config import load_sweep
-    from harness.report import write_report  # lazy: pandas and matplotlib
-    from harness.scheduler import run_sweep  # lazy: Ray
+    from harness.preflight import check_before_start  # lazy: torch
+    from harness.scheduler import check_reachable  # lazy: Ray
 
-    sweep = load_sweep(args.sweep, args.overrides, args.limit)
+    sweep = load_sweep(args.sweep, args.overrides, args.limit, allow_plugins=not args.no_plugins)
+    duplicates = sweep.duplicate_cells()
+    if duplicates:
+        listed = "; ".join(f"{label} x{count}" for label, count in duplicates.items())
+        print(f"specsweep: note: {sum(duplicates.values()) - len(duplicates)} duplicate cell(s) merged ({listed})",
+              file=sys.stderr)
     if args.dry_run:
         return dry_run(sweep)
+    address = args.address or sweep.run.address or os.environ.get("RAY_ADDRESS")
+    check_before_start(sweep, address)
+    if address:
+        check_reachable(address, args.connect_timeout)
     if args.resume:
         run_dir = Path(args.resume)
         if not run_dir.is_dir():
             raise ConfigError("--resume", f"{run_dir} is not a run directory", "pass an existing results/<sweep>/<run> path")
     else:
         run_dir = Path(args.results_dir) / sweep.name / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    created = prepare(run_dir)
+    try:
+        with RunLock(run_dir, log=lambda message: print(f"specsweep: note: {message}", file=sys.stderr)):
+            return run_in(run_dir, sweep, args, address)
+    except (ConfigError, InfraError):
+        if created and not (run_dir / "cells.jsonl").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # leave no empty run directory behind bad input
+        raise
+
+
+def run_in(run_dir: Path, sweep, args: argparse.Namespace, address: str | None) -> int:
+    """``cmd_run`` once ``run_dir`` is locked: check a resume, snapshot the inputs, run, report."""
+    from harness.report import write_report  # lazy: pandas and matplotlib
+    from harness.scheduler import run_sweep  # lazy: Ray
+
+    planned = {plan_key(cell.identity()): cell.label for cell in sweep.cells()}
+    recorded = {plan_key(record.cell) for record in ResultStore(run_dir).records()}
+    if check_plan(run_dir, list(planned), recorded, args.force):
+        print(f"specsweep: note: the earlier sweep file is kept as {keep_snapshot(run_dir)}", file=sys.stderr)
     if args.overrides or args.limit is not None:  # the file as it ran, overrides applied
         applied = " ".join([*(f"--set {item}" for item in args.overrides),
                             *([f"--limit {args.limit}"] if args.limit is not None else [])])
@@ -132,15 +187,62 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         (run_dir / "sweep.yaml").write_text(Path(args.sweep).read_text())
     write_environment(run_dir, args.argv, referenced_files(sweep, Path(args.sweep)))
+    write_plan(run_dir, sweep.name, planned)
     verbosity = 1 if args.verbose else -1 if args.quiet else 0
-    with sweep_console(run_dir / "sweep.log", verbosity) as (logger, terminal):
-        outcome = run_sweep(sweep, run_dir, address=args.address or sweep.run.address, log=logger.info,
-                            retry_failed=args.retry_failed, retry_suspect=args.retry_suspect, stream=terminal)
+    try:
+        with sweep_console(run_dir / "sweep.log", verbosity) as (logger, terminal):
+            outcome = run_sweep(sweep, run_dir, address=address, log=logger.info, retry_failed=args.retry_failed,
+                                retry_suspect=args.retry_suspect, stream=terminal,
+                                connect_timeout_s=args.connect_timeout)
+    except KeyboardInterrupt:
+        return stopped(run_dir, len(planned), args, "interrupted", EXIT_INTERRUPTED)
+    except InfraError as error:
+        print(f"specsweep: error: {error}", file=sys.stderr)
+        return stopped(run_dir, len(planned), args, "stopped", EXIT_INFRASTRUCTURE)
     report = write_report(run_dir)
+    warn_unreadable(run_dir)
     print(summary_table(run_dir))
     print(f"{outcome.ok} of {outcome.total} cells ok, {outcome.failed} failed")
     print(f"report: {report}")
     return EXIT_FAILED_CELLS if outcome.failed else EXIT_OK
+
+
+def _interrupt(signum: int, frame) -> None:
+    """SIGTERM handler: stop the sweep the way Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def stopped(run_dir: Path, planned: int, args: argparse.Namespace, how: str, code: int) -> int:
+    """A sweep that stopped early: write the partial report, say how much is recorded and how to resume."""
+    from harness.report import write_report  # lazy: pandas and matplotlib
+
+    recorded = len(ResultStore(run_dir).latest())
+    if recorded:
+        try:
+            print(f"partial report: {write_report(run_dir)}", file=sys.stderr)
+        except KeyboardInterrupt:
+            pass
+    again = " ".join([*(f"--set {item}" for item in args.overrides),
+                      *([f"--limit {args.limit}"] if args.limit is not None else [])])
+    print(f"{how}: {recorded} of {planned} cells recorded; resume with specsweep run {args.sweep} "
+          f"{again + ' ' if again else ''}--resume {run_dir}", file=sys.stderr)
+    return code
+
+
+def warn_unreadable(run_dir: Path) -> None:
+    """A terminal warning naming the lines of ``cells.jsonl`` that could not be read."""
+    store = ResultStore(run_dir)
+    list(store.records())
+    if store.unreadable:
+        numbers = ", ".join(str(line.number) for line in store.unreadable[:10])
+        print(f"specsweep: warning: {len(store.unreadable)} line(s) of {store.path} could not be read (line "
+              f"{numbers}) and are left out; `specsweep fsck {run_dir}` lists them", file=sys.stderr)
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    report = fsck(Path(args.run_dir))
+    print("\n".join(report.lines()))
+    return EXIT_OK if report.clean else EXIT_FAILED_CELLS
 
 
 def referenced_files(sweep, sweep_path: Path) -> list[Path]:
@@ -158,8 +260,6 @@ def cmd_stamp(args: argparse.Namespace) -> int:
 
 def dry_run(sweep) -> int:
     """Print what ``run`` would do: the cells, the worker plan and the artefacts to train; Ray is not started."""
-    import os
-
     import torch
 
     cuda = sweep.device in ("auto", "cuda") and torch.cuda.is_available()
@@ -213,6 +313,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not (run_dir / "cells.jsonl").exists():
         raise ConfigError("run_dir", f"{run_dir} has no cells.jsonl", "pass a results/<sweep>/<run> directory")
     print(f"report: {write_report(run_dir)}")
+    warn_unreadable(run_dir)
     return EXIT_OK
 
 

@@ -14,6 +14,7 @@ its device and is marked.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ import pandas as pd
 
 from harness.errors import ConfigError
 from harness.metrics import summarize
-from harness.report import SPEC_BENCH_COLUMNS, grouped_prompts, is_sampled, is_spec_bench_source, markdown_table
+from harness.records import PromptRecord
+from harness.report import SPEC_BENCH_COLUMNS, grouped_prompts, is_spec_bench_source, markdown_table
 from harness.results import ResultStore
 
 BY = ("category", "target", "strategy")
@@ -32,15 +34,15 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
     records = ResultStore(run_dir).latest()
     if not records:
         raise ConfigError("compare", f"{run_dir} has no cell results", "pass results/<sweep>/<run> directories")
-    devices = {r.get("env", {}).get("device_name") for r in records.values() if r.get("env")}
+    devices = {r.device_name for r in records.values()}
     device = " / ".join(sorted(d for d in devices if d)) or "?"
-    sampled = any(is_sampled(r) for r in records.values())
-    sources = {r["cell"]["prompt_set"]["name"]: r["cell"]["prompt_set"]["source"] for r in records.values()}
-    pooled: dict[tuple, list[dict[str, Any]]] = {}
+    sampled = any(r.sampled for r in records.values())
+    sources = {r.prompt_set: r.prompt_source for r in records.values()}
+    pooled: dict[tuple, list[PromptRecord]] = {}
     for (target, strategy, params, prompt_set), (_, prompts) in grouped_prompts(records).items():
         spec_bench = is_spec_bench_source(sources[prompt_set])
         pooled.setdefault((target, strategy, params), []).extend(
-            {**prompt, "category": (spec_bench and spec_bench_task(prompt.get("category"))) or prompt_set}
+            dataclasses.replace(prompt, category=(spec_bench and spec_bench_task(prompt.category)) or prompt_set)
             for prompt in prompts)
     rows = []
     for (target, strategy, params), prompts in pooled.items():
@@ -48,8 +50,8 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
         row = {"run": f"{run_dir.parent.name}/{run_dir.name}", "device": device, "target": target,
                "strategy": strategy, "params": params, "τ": overall["tau"], "overall": overall["speedup"],
                "suspect": overall["timing_suspect"]}
-        for category in sorted({prompt["category"] for prompt in prompts}):
-            row[f"category:{category}"] = summarize([p for p in prompts if p["category"] == category])["speedup"]
+        for category in sorted({prompt.category for prompt in prompts}):
+            row[f"category:{category}"] = summarize([p for p in prompts if p.category == category])["speedup"]
         rows.append(row)
     return rows
 

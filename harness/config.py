@@ -6,22 +6,22 @@ the field and the fix, before any model is loaded.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from harness.errors import ConfigError, unknown_key
+from harness.errors import ConfigError, ErrorCollector, unknown_keys
 from harness.models import DEVICES, DTYPES, ModelSpec, parse_model_spec
 from harness.overrides import apply_overrides, limit_prompts
 from harness.paths import content_hash
 from harness.prompts import PromptSetSpec, parse_prompt_set
+from harness.yaml_file import read_yaml
 from harness.zoo_spec import ZooConfig
 from strategies import parse_params, strategy_class
-from strategies.registry import import_plugin
+from strategies.registry import import_plugin, is_registered
 from training.artifacts import for_target, load_train_config
 
 TOP_KEYS = ("name", "description", "plugins", "zoo", "models", "train", "prompts", "strategies", "run")
@@ -33,6 +33,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 PAIRINGS = ("interleaved", "shared")
+RUNTIME_ENV_CODE = {"pip", "uv", "conda", "py_modules", "working_dir", "py_executable", "container", "image_uri"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class StrategySpec:
     params: dict[str, Any]
     grid: dict[str, list[Any]]
     runtime_env: dict[str, Any] = field(default_factory=dict)
+    source: Any = field(default=None, compare=False, repr=False)  # the sweep file's entry (keeps the file's order)
 
     def points(self) -> list[dict[str, Any]]:
         """Every grid point merged over the fixed params, in a stable order."""
@@ -178,11 +180,27 @@ class Sweep:
 
     def cells(self, device_type: str = "cpu") -> list[Cell]:
         """The grid expanded into cells: one baseline per (target, prompt shard) under shared pairing, then the
-        strategy cells.
+        strategy cells; a cell given twice (a strategy listed twice, a grid value repeated, params equal once
+        defaults are filled in) is kept once (``duplicate_cells`` names them).
 
         ``device_type`` (``cpu`` or ``cuda``) is where the workers run; it is part
         of every cell id, so results from different device types never pair.
         """
+        unique: dict[str, Cell] = {}
+        for cell in self._expand(device_type):
+            unique.setdefault(cell.cell_id, cell)
+        return list(unique.values())
+
+    def duplicate_cells(self, device_type: str = "cpu") -> dict[str, int]:
+        """Label -> how many times the sweep file gives that cell, for the cells given more than once."""
+        counts: dict[str, int] = {}
+        labels: dict[str, str] = {}
+        for cell in self._expand(device_type):
+            counts[cell.cell_id] = counts.get(cell.cell_id, 0) + 1
+            labels.setdefault(cell.cell_id, cell.label)
+        return {labels[cell_id]: count for cell_id, count in counts.items() if count > 1}
+
+    def _expand(self, device_type: str) -> list[Cell]:
 
         cells = []
         zoo_key = self.zoo.key() if self.uses_zoo() else ""
@@ -233,84 +251,177 @@ def _with_id(cell: Cell) -> Cell:
 # ---------------------------------------------------------------------------- loading
 
 
-def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), limit: int | None = None) -> Sweep:
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), limit: int | None = None,
+               allow_plugins: bool = True) -> Sweep:
     """Read and validate the sweep file at ``path``, with ``--set`` ``overrides`` and a ``--limit`` of prompts
-    per set applied first."""
+    per set applied first (``allow_plugins=False``: refuse a file that names plugins)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError("sweep file", f"{path} not found", "pass the path of a sweep YAML file, e.g. configs/quickstart.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError("sweep file", f"{path} is not valid YAML{where}", "fix the YAML syntax") from None
+    raw = read_yaml(path, "sweep file", "sweep YAML file, e.g. configs/quickstart.yaml")
     if overrides or limit is not None:
         raw = _mapping(raw, "sweep file", "the file must be a YAML mapping with name, models, prompts, strategies")
         raw = apply_overrides(raw, list(overrides))
         if limit is not None:
             raw = limit_prompts(raw, limit)
-    return parse_sweep(raw, base_dir=path.resolve().parent, path=path)
+    return parse_sweep(raw, base_dir=path.resolve().parent, path=path, allow_plugins=allow_plugins)
 
 
-def parse_sweep(raw: Any, base_dir: Path, path: Path | None = None) -> Sweep:
-    """Validate a sweep mapping (the parsed YAML)."""
+def parse_sweep(raw: Any, base_dir: Path, path: Path | None = None, allow_plugins: bool = True) -> Sweep:
+    """Validate a sweep mapping (the parsed YAML), reporting every problem of the file at once.
+
+    The sections are checked independently and their errors gathered; a check
+    that depends on a section with errors (a strategy's draft against a broken
+    ``models.drafts`` entry) is skipped rather than reported twice. Plugins
+    (code the file names) are imported only once everything else is valid, and
+    the strategy entries only they can define are checked after that;
+    ``allow_plugins=False`` refuses a file that names any, or whose strategies'
+    ``runtime_env`` installs or ships code on the workers.
+    """
 
     raw = _mapping(raw, "sweep file", "the file must be a YAML mapping with name, models, prompts, strategies")
-    _no_unknown(raw, TOP_KEYS, "")
+    problems = ErrorCollector()
+    with problems.check():
+        unknown_keys("", raw, TOP_KEYS)
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError("name", f"expected a sweep name of letters, digits, '_', '-' or '.', got {name!r}",
-                          "add e.g. name: my-sweep")
-    plugins = _load_plugins(raw.get("plugins", []), base_dir)
-    zoo = ZooConfig.from_dict(_mapping(raw.get("zoo", {}), "zoo", "write zoo overrides as a mapping"))
+        problems.add(ConfigError("name", f"expected a sweep name of letters, digits, '_', '-' or '.', got {name!r}",
+                                 "add e.g. name: my-sweep"))
+    plugins: tuple[str, ...] = ()
+    with problems.check():
+        plugins = _resolve_plugins(raw.get("plugins", []), base_dir, allow_plugins)
+    zoo = ZooConfig()
+    with problems.check():
+        zoo = ZooConfig.from_dict(_mapping(raw.get("zoo", {}), "zoo", "write zoo overrides as a mapping"))
+    train, broken_train = _parse_train(raw.get("train", {}), base_dir, zoo, problems)
+    models = _parse_models(raw.get("models"), base_dir, zoo, train, broken_train, problems)
+    prompt_sets = _parse_prompt_sets(raw.get("prompts"), base_dir, problems)
+    run = RunSettings()
+    with problems.check():
+        run = _parse_run(raw.get("run", {}))
+    if not allow_plugins and isinstance(raw.get("strategies"), list):
+        for index, item in enumerate(raw["strategies"]):
+            env = item.get("runtime_env") if isinstance(item, dict) else None
+            installs = sorted(set(env) & RUNTIME_ENV_CODE) if isinstance(env, dict) else []
+            if installs:
+                problems.add(ConfigError(f"strategies[{index}].runtime_env", f"installs or ships code on the workers "
+                                         f"({', '.join(installs)}) and --no-plugins refuses it",
+                                         "drop --no-plugins if you trust the file"))
+    deferred: list[tuple[int, Any]] = []  # entries naming no built-in strategy: checked once plugins are imported
+    strategies = _parse_strategies(raw.get("strategies"), models, train, broken_train, run, problems,
+                                   deferred if plugins else None)
+    problems.raise_if_any()
+    if plugins:  # imported only now that the rest of the file is valid
+        _import_plugins(plugins, problems)
+        problems.raise_if_any()
+        for index, item in deferred:
+            try:
+                strategies = (*strategies, _parse_strategy(item, f"strategies[{index}]", models, train, broken_train,
+                                                           run, problems))
+            except _Skipped:
+                pass
+            except ConfigError as error:
+                problems.add(error)
+        problems.raise_if_any()
+        order = {id(entry): index for index, entry in enumerate(raw["strategies"])}
+        strategies = tuple(sorted(strategies, key=lambda spec: order.get(id(spec.source), 0)))
+    return Sweep(name=name, path=Path(path) if path else base_dir / "<inline>", zoo=zoo, targets=models.targets,
+                 drafts=models.drafts, device=models.device, prompt_sets=prompt_sets, strategies=strategies, run=run,
+                 raw=raw, plugins=plugins, train=train, draft_artifacts=models.draft_artifacts)
 
-    models = _mapping(raw.get("models"), "models", "add models: {target: zoo:target, drafts: {...}}")
-    _no_unknown(models, MODEL_KEYS, "models")
-    dtype = models.get("dtype", "float32")
+
+@dataclass
+class _Models:
+    """The parsed ``models`` section; ``broken_drafts`` names the drafts whose entries had errors."""
+
+    targets: dict[str, ModelSpec] = field(default_factory=dict)
+    drafts: dict[str, ModelSpec] = field(default_factory=dict)
+    draft_artifacts: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    broken_drafts: set[str] = field(default_factory=set)
+    parsed: bool = True  # False when the section itself is missing or not a mapping
+
+
+def _parse_models(raw: Any, base_dir: Path, zoo: ZooConfig, train: dict[str, Any], broken_train: set[str],
+                  problems: ErrorCollector) -> _Models:
+    """The ``models`` section: every target and draft checked on its own."""
+    models = _Models()
+    try:
+        raw = _mapping(raw, "models", "add models: {target: zoo:target, drafts: {...}}")
+    except ConfigError as error:
+        problems.add(error)
+        models.parsed = False
+        return models
+    with problems.check():
+        unknown_keys("models", raw, MODEL_KEYS)
+    dtype = raw.get("dtype", "float32")
     if dtype not in DTYPES:
-        raise ConfigError("models.dtype", f"unknown dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
-    device = models.get("device", "auto")
-    if device not in DEVICES:
-        raise ConfigError("models.device", f"unknown device {device!r}", f"choose one of {', '.join(DEVICES)}")
-    if ("target" in models) == ("targets" in models):
-        raise ConfigError("models.target", "give exactly one of target (one model) or targets (a name -> model mapping)")
-    raw_targets = {"target": models["target"]} if "target" in models else _mapping(models["targets"], "models.targets", "")
-    targets = {str(key): parse_model_spec(value, f"models.targets.{key}", dtype, zoo.model_names, base_dir)
-               for key, value in raw_targets.items()}
-    if not targets:
-        raise ConfigError("models.targets", "no target model", "name at least one")
-    train = _parse_train(raw.get("train", {}), base_dir, zoo)
-    raw_drafts = _mapping(models.get("drafts", {}), "models.drafts", "write drafts as a name -> model mapping")
-    drafts, draft_artifacts = {}, {}
+        problems.add(ConfigError("models.dtype", f"unknown dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}"))
+        dtype = "float32"
+    models.device = raw.get("device", "auto")
+    if models.device not in DEVICES:
+        problems.add(ConfigError("models.device", f"unknown device {models.device!r}",
+                                 f"choose one of {', '.join(DEVICES)}"))
+    if ("target" in raw) == ("targets" in raw):
+        problems.add(ConfigError("models.target",
+                                 "give exactly one of target (one model) or targets (a name -> model mapping)"))
+    else:
+        raw_targets: dict[str, Any] = {}
+        with problems.check():
+            raw_targets = {"target": raw["target"]} if "target" in raw else _mapping(raw["targets"], "models.targets", "")
+            if not raw_targets:
+                raise ConfigError("models.targets", "no target model", "name at least one")
+        for key, value in raw_targets.items():
+            with problems.check():
+                models.targets[str(key)] = parse_model_spec(value, f"models.targets.{key}", dtype, zoo.model_names,
+                                                            base_dir)
+    raw_drafts: dict[str, Any] = {}
+    with problems.check():
+        raw_drafts = _mapping(raw.get("drafts", {}), "models.drafts", "write drafts as a name -> model mapping")
     for key, value in raw_drafts.items():
         where = f"models.drafts.{key}"
-        value, request = _trained_model(value, where, train)
-        drafts[str(key)] = parse_model_spec(value, where, dtype, zoo.model_names, base_dir)
+        try:
+            value, request = _trained_model(value, where, train, broken_train)
+            models.drafts[str(key)] = parse_model_spec(value, where, dtype, zoo.model_names, base_dir)
+        except _Skipped:
+            models.broken_drafts.add(str(key))
+            continue
+        except ConfigError as error:
+            problems.add(error)
+            models.broken_drafts.add(str(key))
+            continue
         if request is not None:
-            draft_artifacts[str(key)] = request
+            models.draft_artifacts[str(key)] = request
+    return models
 
-    raw_prompts = raw.get("prompts")
-    if not isinstance(raw_prompts, list) or not raw_prompts:
-        raise ConfigError("prompts", "expected a non-empty list of prompt sets", "add e.g. - {name: code, source: zoo:code}")
-    prompt_sets = tuple(parse_prompt_set(item, f"prompts[{index}]", base_dir) for index, item in enumerate(raw_prompts))
+
+class _Skipped(Exception):
+    """A check skipped because what it checks against had its own error (already reported)."""
+
+
+def _parse_prompt_sets(raw: Any, base_dir: Path, problems: ErrorCollector) -> tuple[PromptSetSpec, ...]:
+    """The ``prompts`` section: every prompt set checked on its own, and their names unique."""
+    if not isinstance(raw, list) or not raw:
+        problems.add(ConfigError("prompts", "expected a non-empty list of prompt sets",
+                                 "add e.g. - {name: code, source: zoo:code}"))
+        return ()
+    prompt_sets = []
+    for index, item in enumerate(raw):
+        with problems.check():
+            prompt_sets.append(parse_prompt_set(item, f"prompts[{index}]", base_dir))
     names = [spec.name for spec in prompt_sets]
     if len(set(names)) != len(names):
-        raise ConfigError("prompts[].name", "prompt set names repeat", "give each prompt set its own name")
-
-    run = _parse_run(raw.get("run", {}))
-    strategies = _parse_strategies(raw.get("strategies"), drafts, train, run)
-    return Sweep(name=name, path=Path(path) if path else base_dir / "<inline>", zoo=zoo, targets=targets,
-                 drafts=drafts, device=device, prompt_sets=prompt_sets, strategies=strategies, run=run, raw=raw,
-                 plugins=plugins, train=train, draft_artifacts=draft_artifacts)
+        problems.add(ConfigError("prompts[].name", "prompt set names repeat", "give each prompt set its own name"))
+    return tuple(prompt_sets)
 
 
-def _trained_model(raw: Any, where: str, train: dict[str, Any]) -> tuple[Any, Any]:
-    """A ``train:<name>`` model (a draft the sweep trains) as its ``artifact:`` id and its request; others unchanged."""
+def _trained_model(raw: Any, where: str, train: dict[str, Any], broken_train: set[str]) -> tuple[Any, Any]:
+    """A ``train:<name>`` model (a draft the sweep trains) as its ``artifact:`` id and its request; others unchanged
+    (``_Skipped`` when the train entry it names had errors)."""
     model_id = raw.get("id") if isinstance(raw, dict) else raw
     if not isinstance(model_id, str) or not model_id.startswith(TRAIN_PREFIX):
         return raw, None
     name = model_id[len(TRAIN_PREFIX):]
+    if name in broken_train:
+        raise _Skipped(name)
     request = train.get(name)
     if request is None or request.kind != "draft":
         drafts = [key for key, value in train.items() if value.kind == "draft"]
@@ -320,86 +431,165 @@ def _trained_model(raw: Any, where: str, train: dict[str, Any]) -> tuple[Any, An
     return ({**raw, "id": model_id} if isinstance(raw, dict) else model_id), request
 
 
-def _parse_train(raw: Any, base_dir: Path, zoo) -> dict[str, Any]:
-    """The sweep's trainable artefacts: name -> a training-config path or inline mapping (with ``kind``)."""
+def _parse_train(raw: Any, base_dir: Path, zoo: ZooConfig, problems: ErrorCollector) -> tuple[dict[str, Any], set[str]]:
+    """The sweep's trainable artefacts (name -> a training-config path or inline mapping with ``kind``), each checked
+    on its own, and the names of those with errors."""
+    try:
+        raw = _mapping(raw, "train", "write train as name -> training config path, e.g. {head: train/eagle_zoo.yaml}")
+    except ConfigError as error:
+        problems.add(error)
+        return {}, set()
+    train, broken = {}, set()
+    for name, value in raw.items():
+        try:
+            train[str(name)] = load_train_config(value, f"train.{name}", base_dir, zoo)
+        except ConfigError as error:
+            with problems.check():
+                raise error
+            broken.add(str(name))
+    return train, broken
 
-    raw = _mapping(raw, "train", "write train as name -> training config path, e.g. {head: train/eagle_zoo.yaml}")
-    return {str(name): load_train_config(value, f"train.{name}", base_dir, zoo) for name, value in raw.items()}
 
-
-def _load_plugins(raw: Any, base_dir: Path) -> tuple[str, ...]:
-    """Import the sweep's plugin modules (dotted names or .py paths) so their strategies register."""
-
+def _resolve_plugins(raw: Any, base_dir: Path, allow_plugins: bool) -> tuple[str, ...]:
+    """The sweep's plugins, not yet imported: a ``.py`` path relative to the sweep file's directory (or absolute),
+    or an installed module's dotted name."""
     if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
         raise ConfigError("plugins", f"expected a list of module names or .py paths, got {raw!r}")
-    resolved = []
+    if raw and not allow_plugins:
+        raise ConfigError("plugins", f"the sweep imports code ({', '.join(raw)}) and --no-plugins refuses it",
+                          "drop --no-plugins if you trust the file, or remove its plugins")
+    resolved, problems = [], ErrorCollector()
     for index, item in enumerate(raw):
+        where = f"plugins[{index}]"
         if item.endswith(".py"):
             path = Path(item).expanduser()
-            path = path if path.is_absolute() or path.exists() else base_dir / path
+            path = path if path.is_absolute() else base_dir / path
             if not path.is_file():
-                raise ConfigError(f"plugins[{index}]", f"plugin file {item!r} not found", "fix the path")
-            item = str(path.resolve())
-        try:
-            import_plugin(item)
-        except ImportError as error:
-            raise ConfigError(f"plugins[{index}]", f"cannot import {item!r} ({error})",
-                              "give an importable module name or a .py path") from None
-        resolved.append(item)
+                problems.add(ConfigError(where, f"plugin file {str(path)!r} not found",
+                                         "give a path relative to the sweep file's directory"))
+                continue
+            resolved.append(str(path.resolve()))
+        elif not _installed(item):
+            problems.add(ConfigError(where, f"no installed module {item!r}",
+                                     "install it, or give a .py path relative to the sweep file"))
+        else:
+            resolved.append(item)
+    problems.raise_if_any()
     return tuple(resolved)
 
 
-def _parse_strategies(raw: Any, drafts: dict[str, ModelSpec], train: dict[str, Any],
-                      run: RunSettings) -> tuple[StrategySpec, ...]:
+def _installed(module: str) -> bool:
+    """Whether ``module`` (a dotted name) can be imported from the installed packages."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
+
+def _import_plugins(plugins: tuple[str, ...], problems: ErrorCollector) -> None:
+    """Import each plugin so its strategies register; any error it raises is one line naming the plugin."""
+    for index, plugin in enumerate(plugins):
+        try:
+            import_plugin(plugin)
+        except SyntaxError as error:
+            problems.add(ConfigError(f"plugins[{index}]", f"{plugin} line {error.lineno}: syntax error "
+                                                          f"({error.msg})", "fix the plugin"))
+        except Exception as error:  # a plugin is user code: whatever it raises is a bad input
+            problems.add(ConfigError(f"plugins[{index}]", f"importing {plugin} raised {type(error).__name__}: "
+                                                          f"{error}", "fix the plugin"))
+
+
+def _parse_strategies(raw: Any, models: _Models, train: dict[str, Any], broken_train: set[str], run: RunSettings,
+                      problems: ErrorCollector, deferred: list[tuple[int, Any]] | None) -> tuple[StrategySpec, ...]:
+    """The ``strategies`` section: every entry and every grid point checked on its own. With ``deferred`` (the
+    sweep has plugins), an entry naming no registered strategy is put there instead, to be checked once the
+    plugins are imported."""
     if not isinstance(raw, list) or not raw:
-        raise ConfigError("strategies", "expected a non-empty list", "add e.g. - {name: speculative, grid: {gamma: [2, 4]}}")
+        problems.add(ConfigError("strategies", "expected a non-empty list",
+                                 "add e.g. - {name: speculative, grid: {gamma: [2, 4]}}"))
+        return ()
     specs = []
     for index, item in enumerate(raw):
         where = f"strategies[{index}]"
-        item = _mapping(item, where, "write each strategy as {name: ..., params: {...}, grid: {...}}")
-        _no_unknown(item, STRATEGY_KEYS, where)
-        name = item.get("name")
-        if not isinstance(name, str):
-            raise ConfigError(f"{where}.name", "missing strategy name", "run `specsweep list` to see the strategies")
-        strategy_class(name, f"{where}.name")
-        params = _mapping(item.get("params", {}), f"{where}.params", "write fixed parameters as a mapping")
-        grid = _mapping(item.get("grid", {}), f"{where}.grid", "write the grid as parameter -> list of values")
-        runtime_env = _mapping(item.get("runtime_env", {}), f"{where}.runtime_env",
-                               "write a Ray runtime_env mapping, e.g. {pip: [...], env_vars: {...}}")
-        for key, values in grid.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"{where}.grid.{key}", f"expected a non-empty list of values, got {values!r}",
-                                  "put a single fixed value under params instead")
-            if key in params:
-                raise ConfigError(f"{where}.grid.{key}", "also given under params", "keep it in one of the two")
-        spec = StrategySpec(name=name, params=dict(params), grid={key: list(values) for key, values in grid.items()},
-                            runtime_env=dict(runtime_env))
-        for point in spec.points():
-            checked = parse_params(name, point, where)
-            for draft in checked.uses_drafts():
-                if draft not in drafts:
-                    field_name = "draft" if hasattr(checked, "draft") else "drafts"
-                    raise ConfigError(f"{where}.{field_name}", f"draft {draft!r} is not in models.drafts",
-                                      f"choose one of {', '.join(drafts) or '(none defined: add models.drafts)'}")
-            for artifact in checked.uses_artifacts():
-                if artifact not in train:
-                    field_name = next((key for key, value in checked.as_dict().items() if value == artifact), "params")
-                    raise ConfigError(f"{where}.{field_name}", f"artefact {artifact!r} is not in the sweep's train section",
-                                      f"choose one of {', '.join(train) or '(none defined: add train: {name: <config>})'}")
-            check_sampling = getattr(checked, "check_sampling", None)
-            if check_sampling:
-                check_sampling(run.temperature, where)
-        specs.append(spec)
+        if deferred is not None and isinstance(item, dict) and isinstance(item.get("name"), str) \
+                and not is_registered(item["name"]):
+            deferred.append((index, item))
+            continue
+        try:
+            specs.append(_parse_strategy(item, where, models, train, broken_train, run, problems))
+        except _Skipped:
+            continue
+        except ConfigError as error:
+            problems.add(error)
     return tuple(specs)
 
 
+def _parse_strategy(item: Any, where: str, models: _Models, train: dict[str, Any], broken_train: set[str],
+                    run: RunSettings, problems: ErrorCollector) -> StrategySpec:
+    """One strategy entry: its name, params, grid and runtime_env, then each grid point's params and references."""
+    item = _mapping(item, where, "write each strategy as {name: ..., params: {...}, grid: {...}}")
+    with problems.check():
+        unknown_keys(where, item, STRATEGY_KEYS)
+    name = item.get("name")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}.name", "missing strategy name", "run `specsweep list` to see the strategies")
+    strategy_class(name, f"{where}.name")
+    params = _mapping(item.get("params", {}), f"{where}.params", "write fixed parameters as a mapping")
+    grid = _mapping(item.get("grid", {}), f"{where}.grid", "write the grid as parameter -> list of values")
+    runtime_env = _mapping(item.get("runtime_env", {}), f"{where}.runtime_env",
+                           "write a Ray runtime_env mapping, e.g. {pip: [...], env_vars: {...}}")
+    broken = False
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            problems.add(ConfigError(f"{where}.grid.{key}", f"expected a non-empty list of values, got {values!r}",
+                                     "put a single fixed value under params instead"))
+            broken = True
+        elif key in params:
+            problems.add(ConfigError(f"{where}.grid.{key}", "also given under params", "keep it in one of the two"))
+            broken = True
+    if broken:
+        raise _Skipped(where)
+    spec = StrategySpec(name=name, params=dict(params), grid={key: list(values) for key, values in grid.items()},
+                        runtime_env=dict(runtime_env), source=item)
+    for point in spec.points():
+        with problems.check():
+            _check_point(name, point, where, models, train, broken_train, run)
+    return spec
+
+
+def _check_point(name: str, point: dict[str, Any], where: str, models: _Models, train: dict[str, Any],
+                 broken_train: set[str], run: RunSettings) -> None:
+    """One grid point: its params parse, and the drafts and artefacts they name exist (unless those had errors)."""
+    checked = parse_params(name, point, where)
+    problems = ErrorCollector()
+    for draft in checked.uses_drafts():
+        if models.parsed and draft not in models.drafts and draft not in models.broken_drafts:
+            field_name = "draft" if hasattr(checked, "draft") else "drafts"
+            problems.add(ConfigError(f"{where}.{field_name}", f"draft {draft!r} is not in models.drafts",
+                                     f"choose one of {', '.join(models.drafts) or '(none defined: add models.drafts)'}"))
+    for artifact in checked.uses_artifacts():
+        if artifact not in train and artifact not in broken_train:
+            field_name = next((key for key, value in checked.as_dict().items() if value == artifact), "params")
+            problems.add(ConfigError(f"{where}.{field_name}", f"artefact {artifact!r} is not in the sweep's train section",
+                                     f"choose one of {', '.join(train) or '(none defined: add train: {name: <config>})'}"))
+    check_sampling = getattr(checked, "check_sampling", None)
+    if check_sampling:
+        with problems.check():
+            check_sampling(run.temperature, where)
+    problems.raise_if_any()
+
+
 def _parse_run(raw: Any) -> RunSettings:
+    """The ``run`` section; every key with a wrong type or an out-of-range value is reported."""
     raw = _mapping(raw, "run", "write run settings as a mapping")
     allowed = RunSettings.__dataclass_fields__
-    _no_unknown(raw, tuple(allowed), "run")
+    problems = ErrorCollector()
+    with problems.check():
+        unknown_keys("run", raw, tuple(allowed))
     values: dict[str, Any] = {}
     for key, value in raw.items():
+        if key not in allowed:
+            continue
         expected = {"temperature": (int, float), "cache_memory_gb": (int, float), "drift_tolerance": (int, float),
                     "address": (str,), "pairing": (str,)}.get(key, (int,))
         optional = key in ("num_cpus", "address", "max_prompt_tokens", "cache_memory_gb")
@@ -408,20 +598,22 @@ def _parse_run(raw: Any) -> RunSettings:
             continue
         if isinstance(value, bool) or not isinstance(value, expected):
             kind = "a number" if float in expected else "a string" if str in expected else "an integer"
-            raise ConfigError(f"run.{key}", f"expected {kind}, got {value!r}")
+            problems.add(ConfigError(f"run.{key}", f"expected {kind}, got {value!r}"))
+            continue
         values[key] = float(value) if float in expected else value
     run = RunSettings(**values)
     if run.pairing not in PAIRINGS:
-        raise ConfigError("run.pairing", f"unknown pairing {run.pairing!r}", f"use one of {', '.join(PAIRINGS)}")
+        problems.add(ConfigError("run.pairing", f"unknown pairing {run.pairing!r}", f"use one of {', '.join(PAIRINGS)}"))
     if run.drift_tolerance <= 0:
-        raise ConfigError("run.drift_tolerance", f"must be > 0, got {run.drift_tolerance}", "e.g. 0.1 for 10 %")
+        problems.add(ConfigError("run.drift_tolerance", f"must be > 0, got {run.drift_tolerance}", "e.g. 0.1 for 10 %"))
     for key, low in (("max_new_tokens", 1), ("warmup_prompts", 0), ("workers", 1), ("max_retries", 0), ("repeats", 1)):
         if getattr(run, key) < low:
-            raise ConfigError(f"run.{key}", f"must be >= {low}, got {getattr(run, key)}")
+            problems.add(ConfigError(f"run.{key}", f"must be >= {low}, got {getattr(run, key)}"))
     if run.temperature < 0:
-        raise ConfigError("run.temperature", f"must be >= 0, got {run.temperature}", "use 0 for greedy decoding")
+        problems.add(ConfigError("run.temperature", f"must be >= 0, got {run.temperature}", "use 0 for greedy decoding"))
     if run.num_cpus is not None and run.num_cpus < 1:
-        raise ConfigError("run.num_cpus", f"must be >= 1, got {run.num_cpus}")
+        problems.add(ConfigError("run.num_cpus", f"must be >= 1, got {run.num_cpus}"))
+    problems.raise_if_any()
     return run
 
 
@@ -431,9 +623,3 @@ def _mapping(value: Any, where: str, fix: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(where, f"expected a mapping, got {type(value).__name__}", fix)
     return value
-
-
-def _no_unknown(mapping: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    unknown = sorted(set(map(str, mapping)) - set(allowed))
-    if unknown:
-        raise unknown_key(where, unknown[0], allowed)

@@ -28,6 +28,7 @@ def sweep_console(log_path: Path, verbosity: int) -> Iterator[tuple[logging.Logg
         logger = logging.getLogger("specsweep")
         logger.setLevel(logging.DEBUG)
         logger.propagate = False
+        logger.disabled = False  # a library's logging.config.dictConfig may have disabled every existing logger
         console = logging.StreamHandler(terminal)
         console.setLevel(logging.WARNING if verbosity < 0 else logging.INFO)
         to_file = logging.StreamHandler(log_file)

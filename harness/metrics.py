@@ -14,28 +14,31 @@ from typing import Any
 
 import numpy as np
 
+from harness.records import PromptRecord
+
 BOOTSTRAP_SAMPLES = 2000
 
 
-def prompt_totals(prompt: dict[str, Any]) -> dict[str, Any]:
-    """Sum one prompt's turns into baseline and strategy totals (and list each side's probe times)."""
+def prompt_totals(prompt: PromptRecord) -> dict[str, Any]:
+    """Sum one prompt's paired turns into baseline and strategy totals (and list each side's probe times)."""
     totals: dict[str, Any] = {}
-    for turn in prompt["turns"]:
-        for side in ("baseline", "strategy"):
-            trace = turn[side]
+    for turn in prompt.turns:
+        if turn.strategy is None:
+            raise ValueError(f"prompt {prompt.prompt_id}: a baseline-only turn has no strategy side to compare")
+        for side, trace in (("baseline", turn.baseline), ("strategy", turn.strategy)):
             for key in ("wall_s", "new_tokens", "steps", "drafted", "accepted", "cost_units", "target_calls"):
-                totals[f"{side}_{key}"] = totals.get(f"{side}_{key}", 0.0) + float(trace[key])
-            totals[f"{side}_tree"] = float(bool(trace.get("extras", {}).get("tree")))
-            if trace.get("probe_s") is not None:
-                totals.setdefault(f"{side}_probes", []).append(float(trace["probe_s"]))
-            for role, stats in trace["forward"].items():
+                totals[f"{side}_{key}"] = totals.get(f"{side}_{key}", 0.0) + float(getattr(trace, key))
+            totals[f"{side}_tree"] = float(trace.is_tree)
+            if trace.probe_s is not None:
+                totals.setdefault(f"{side}_probes", []).append(float(trace.probe_s))
+            for role, stats in trace.forward.items():
                 kind = "target" if role == "target" else "draft"
                 for key in ("decode_calls", "decode_seconds", "prefill_seconds", "prefill_tokens"):
                     name = f"{side}_{kind}_{key}"
                     totals[name] = totals.get(name, 0.0) + float(stats.get(key, 0.0))
-        totals.setdefault("step_counts", []).extend(turn["strategy"].get("step_counts", []))
+        totals.setdefault("step_counts", []).extend(turn.strategy.step_counts)
         totals["turns"] = totals.get("turns", 0.0) + 1
-        totals["matches"] = totals.get("matches", 0.0) + float(turn["tokens_match"])
+        totals["matches"] = totals.get("matches", 0.0) + float(bool(turn.tokens_match))
     return totals
 
 
@@ -114,10 +117,24 @@ def speedup_bound(alpha: float | None, drafted_per_step: float, target_step_s: f
     return expected / (1 + draft_s_per_step / target_step_s)
 
 
-def summarize(prompts: list[dict[str, Any]], seed: int = 0, sampled: bool = False,
+def summarize(prompts: list[PromptRecord], seed: int = 0, sampled: bool = False,
               drift_tolerance: float = 0.10) -> dict[str, Any]:
-    """The per-group metrics (speedup with interval, tau, alpha, cost speedup, bound, match rate, timing check)
-    over ``prompts``; ``match_rate`` is None for ``sampled`` decoding, where outputs may legitimately differ."""
+    """The per-group metrics over ``prompts`` (sums run over every turn of every prompt, strategy side unless
+    named):
+
+    - speedup = (Σ tokens / Σ wall s) / (Σ baseline tokens / Σ baseline wall s); its 95 % interval resamples
+      prompts (``ratio_interval``);
+    - τ (mean accepted tokens) = Σ new tokens / Σ verification steps;
+    - α (acceptance rate) = Σ accepted draft tokens / Σ drafted tokens, None when nothing was drafted;
+    - cost speedup = Σ baseline cost units / Σ cost units (CS Drafting's parameter-count units);
+    - bound = ``speedup_bound``(α, Σ drafted / Σ steps, baseline s per target decode call, draft decode s per
+      step); NaN for trees;
+    - efficiency = speedup / bound;
+    - match rate = turns whose tokens equal the baseline's / turns, None for ``sampled`` decoding, where outputs
+      may legitimately differ;
+    - position acceptance, accepted-length histogram and time split as their functions define them (chains
+      only for the first two), and the drift guard of ``timing_from_totals``.
+    """
     rows = [prompt_totals(prompt) for prompt in prompts]
     if not rows:
         return {}
@@ -164,7 +181,7 @@ def summarize(prompts: list[dict[str, Any]], seed: int = 0, sampled: bool = Fals
     }
 
 
-def timing_check(prompts: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
+def timing_check(prompts: list[PromptRecord], tolerance: float) -> dict[str, Any]:
     """The drift guard over ``prompts``; see ``timing_from_totals``."""
     totals = [prompt_totals(prompt) for prompt in prompts]
     speedup = throughput_ratio(*(np.array([row.get(name, 0.0) for row in totals]) for name in (

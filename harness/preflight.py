@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Callable
 
 from harness.config import Sweep
 from harness.errors import ConfigError
-from harness.models import ModelSpec, load_tokenizer
-from harness.sources import is_converted_source, local_directory
+from harness.models import ARTIFACT_PREFIX, ModelSpec, load_tokenizer
+from harness.sources import is_converted, is_converted_source, local_directory
+from harness.zoo_spec import ZOO_CONTEXT
 from strategies import parse_params, strategy_class
 
 
@@ -17,6 +20,49 @@ def prepare_models(sweep: Sweep, log: Callable[[str], None]) -> None:
         if is_converted_source(model_id):
             log(f"model {model_id}: {local_directory(model_id, log=log)}")
     check_tokenizers(sweep)
+
+
+def check_before_start(sweep: Sweep, address: str | None) -> None:
+    """The checks that need no model weights, run before the run directory or Ray exists: a CUDA device where
+    there is none, and generation lengths that do not fit a model's context (read from its ``config.json``, or
+    the zoo's settings; a hub model not in the local cache is left to the workers)."""
+    import torch  # lazy: torch, only once a sweep is run
+
+    if sweep.device == "cuda" and not address and not torch.cuda.is_available():
+        raise ConfigError("models.device", "cuda requested but this machine has no GPU",
+                          "use device: auto or cpu, or join a GPU cluster with --address")
+    needed = sweep.run.max_new_tokens + PROMPT_ROOM + 1
+    for role, specs in (("targets", sweep.targets), ("drafts", sweep.drafts)):
+        for name, spec in specs.items():
+            context = context_length(spec)
+            if context is not None and needed > context:
+                raise ConfigError("run.max_new_tokens", f"{sweep.run.max_new_tokens} new tokens do not fit "
+                                  f"models.{role}.{name}'s {context}-token context with room for a prompt",
+                                  f"use at most {context - PROMPT_ROOM - 1}")
+
+
+PROMPT_ROOM = 8  # tokens the runner keeps free besides max_new_tokens (see harness.runner.prompt_limit)
+
+
+def context_length(spec: ModelSpec) -> int | None:
+    """The model's ``max_position_embeddings`` from its config alone, or None when it cannot be read here."""
+    if spec.zoo_name is not None:
+        return ZOO_CONTEXT
+    if spec.id.startswith(ARTIFACT_PREFIX):
+        return None  # a trained draft: its config exists only once trained
+    directory = Path(spec.id).expanduser()
+    if is_converted_source(spec.id):
+        if not is_converted(spec.id):
+            return None
+        directory = Path(local_directory(spec.id, log=lambda message: None))
+    config = directory / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        value = json.loads(config.read_text()).get("max_position_embeddings")
+    except (ValueError, OSError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def check_tokenizers(sweep: Sweep) -> None:

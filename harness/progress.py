@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
+from harness.records import CellRecord
+
 
 class Progress:
     """Tracks finished cells and shows them as a bar (terminal) or as log lines (files, CI)."""
@@ -21,13 +23,13 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=self.done, unit="cell", dynamic_ncols=True, file=self.stream)
 
-    def cell_done(self, record: dict[str, Any]) -> None:
+    def cell_done(self, record: CellRecord) -> None:
         """Count one finished (or failed) cell and report it."""
         self.done += 1
-        ok = record["status"] == "ok"
+        ok = record.ok
         self.failed += 0 if ok else 1
-        status = "ok" if ok else f"FAILED: {str(record.get('error', ''))[:200]}"
-        line = f"[{self.done}/{self.total}] {record.get('label', record['cell_id'])} on {record.get('worker')}: {status}"
+        status = "ok" if ok else f"FAILED: {(record.error or '')[:200]}"
+        line = f"[{self.done}/{self.total}] {record.label or record.cell_id} on {record.worker}: {status}"
         if self.bar is not None:
             if not ok:
                 self.bar.write(line, file=self.stream)

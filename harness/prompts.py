@@ -144,7 +144,26 @@ def parse_prompt_set(raw: Any, where: str, base_dir: Path) -> PromptSetSpec:
                               "give an existing Spec-Bench-format .jsonl path, zoo:<domain> or hf:<dataset>")
         spec = PromptSetSpec(**{**asdict(spec), "path": str(path.resolve()),
                                 "content": content_hash(path.read_bytes().hex())[:16]})
+    available = _count_on_driver(spec, f"{where}.source")
+    if available is not None and spec.shards > available:
+        raise ConfigError(f"{where}.shards", f"{spec.shards} shards of {available} prompt(s) leave "
+                          f"{spec.shards - available} shard(s) empty", f"use shards: {max(1, available)} or fewer")
     return spec
+
+
+def _count_on_driver(spec: PromptSetSpec, where: str) -> int | None:
+    """How many prompts ``spec`` selects, read on the driver so that a bad file is caught before anything starts
+    (None for zoo and Hugging Face sets, whose prompts are made or fetched on the workers)."""
+    if spec.kind == "zoo":
+        return spec.count
+    if spec.kind not in ("jsonl", "specbench"):
+        return None
+    prompts = select(_load_spec_bench(spec.path or str(SPEC_BENCH_FILE), where), spec)
+    if not prompts:
+        what = f"no prompt of categories {', '.join(spec.categories)}" if spec.categories else "no prompts"
+        raise ConfigError(where, f"{spec.path or spec.source} has {what}",
+                          "give a file with at least one Spec-Bench-format line")
+    return len(prompts)
 
 
 def _parse_template(raw: Any, where: str, base_dir: Path) -> tuple[str, str | None]:
@@ -173,6 +192,11 @@ def load_prompts(spec: PromptSetSpec, corpus: CorpusConfig | None = None) -> lis
         prompts = _load_spec_bench(spec.path or spec.source)
     else:
         prompts = _load_hf(spec)
+    return select(prompts, spec)
+
+
+def select(prompts: list[Prompt], spec: PromptSetSpec) -> list[Prompt]:
+    """The prompts ``spec`` keeps: filtered by category, the first ``per_category`` of each, cut to ``count``."""
     if spec.categories:
         prompts = [prompt for prompt in prompts if prompt.category in spec.categories]
     if spec.per_category:
@@ -240,23 +264,28 @@ def shard(prompts: list[Prompt], index: int, shards: int) -> list[Prompt]:
     return prompts[index::shards]
 
 
-def _load_spec_bench(path: str) -> list[Prompt]:
-    """Prompts of a Spec-Bench-format JSONL file; ``ConfigError`` naming the file and line of a bad row."""
+def _load_spec_bench(path: str, where: str = "prompts[].source") -> list[Prompt]:
+    """Prompts of a Spec-Bench-format JSONL file; ``ConfigError`` on ``where`` naming the file and line of a bad
+    row."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(where, f"{path} is not UTF-8 text (byte {error.start})", "save the file as UTF-8") from None
     prompts = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ConfigError("prompts[].source", f"{path} line {number} is not JSON ({error.msg})",
-                                  "each line must be one JSON object") from None
-            turns = row.get("turns") if isinstance(row, dict) else None
-            if "question_id" not in row or not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
-                raise ConfigError("prompts[].source", f"{path} line {number} lacks question_id or a list of turns",
-                                  "each line needs question_id, category and turns")
-            prompts.append(Prompt(str(row["question_id"]), str(row.get("category", "default")), tuple(turns)))
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError(where, f"{path} line {number} is not JSON ({error.msg})",
+                              "each line must be one JSON object") from None
+        turns = row.get("turns") if isinstance(row, dict) else None
+        if turns is None or "question_id" not in row or not isinstance(turns, list) or not turns \
+                or not all(isinstance(t, str) for t in turns):
+            raise ConfigError(where, f"{path} line {number} lacks question_id or a non-empty list of turns",
+                              "each line needs question_id, category and turns (a list of strings)")
+        prompts.append(Prompt(str(row["question_id"]), str(row.get("category", "default")), tuple(turns)))
     return prompts
 
 

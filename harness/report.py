@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from harness.errors import ConfigError
 from harness.metrics import summarize
+from harness.records import CellRecord, Environment, PromptRecord
 from harness.results import ResultStore
 from strategies import parse_params
 
@@ -65,28 +67,27 @@ def params_label(params: dict[str, Any]) -> str:
     return ", ".join(f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in params.items()) or "-"
 
 
-def cell_rows(records: dict[str, dict[str, Any]]) -> pd.DataFrame:
+def cell_rows(records: dict[str, CellRecord]) -> pd.DataFrame:
     """One row per cell record, with its metrics."""
     rows = []
     for cell_id, record in records.items():
-        cell = record["cell"]
         row = {
             "cell_id": cell_id,
-            "kind": record.get("kind", "strategy"),
-            "status": record.get("status"),
-            "target": cell["target"][0],
-            "strategy": cell["strategy"],
-            "params": params_label(cell["params"]),
-            "prompt_set": cell["prompt_set"]["name"],
-            "shard": cell["shard"],
-            "device": record.get("env", {}).get("device", ""),
-            "device_name": record.get("env", {}).get("device_name", ""),
-            "worker": record.get("worker", ""),
-            "error": record.get("error", ""),
-            "paired_with": record.get("paired_with", {}).get("cell_id", ""),
+            "kind": record.kind,
+            "status": record.status,
+            "target": record.target_name,
+            "strategy": record.strategy,
+            "params": params_label(record.params),
+            "prompt_set": record.prompt_set,
+            "shard": record.cell["shard"],
+            "device": record.env.device if record.env else "",
+            "device_name": record.device_name,
+            "worker": record.worker or "",
+            "error": record.error or "",
+            "paired_with": record.paired_with.get("cell_id", ""),
         }
-        if record.get("status") == "ok" and row["kind"] == "strategy":
-            metrics = summarize(record["prompts"], sampled=is_sampled(record), drift_tolerance=drift_tolerance(record))
+        if record.ok and record.kind == "strategy":
+            metrics = summarize(record.prompts, sampled=record.sampled, drift_tolerance=drift_tolerance(record))
             metrics.pop("accepted_histogram", None)
             positions = metrics.pop("position_acceptance", None) or []
             row.update(metrics, **time_columns(metrics.pop("time_split", None)),
@@ -101,25 +102,20 @@ def time_columns(split: dict[str, float] | None) -> dict[str, float]:
     return {f"time_{part}": share for part, share in (split or {}).items()}
 
 
-def is_sampled(record: dict[str, Any]) -> bool:
-    return float(record["cell"]["generation"].get("temperature", 0.0)) > 0
+def drift_tolerance(record: CellRecord) -> float:
+    return float(record.timing.get("tolerance", 0.10))
 
 
-def drift_tolerance(record: dict[str, Any]) -> float:
-    return float(record.get("timing", {}).get("tolerance", 0.10))
-
-
-def grouped_prompts(records: dict[str, dict[str, Any]]) -> dict[tuple, tuple[dict[str, Any], list[dict[str, Any]]]]:
+def grouped_prompts(records: dict[str, CellRecord]) -> dict[tuple, tuple[dict[str, Any], list[PromptRecord]]]:
     """(params, paired prompt records) of ok strategy cells by (target, strategy, params label, prompt set),
     all shards pooled."""
-    groups: dict[tuple, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    groups: dict[tuple, tuple[dict[str, Any], list[PromptRecord]]] = {}
     for record in records.values():
-        if record.get("status") != "ok" or record.get("kind", "strategy") != "strategy":
+        if not record.ok or record.kind != "strategy":
             continue
-        cell = record["cell"]
-        params = resolved_params(cell["strategy"], cell["params"])
-        key = (cell["target"][0], cell["strategy"], params_label(params), cell["prompt_set"]["name"])
-        groups.setdefault(key, (params, []))[1].extend(record["prompts"])
+        params = resolved_params(record.strategy, record.params)
+        key = (record.target_name, record.strategy, params_label(params), record.prompt_set)
+        groups.setdefault(key, (params, []))[1].extend(record.prompts)
     return groups
 
 
@@ -131,10 +127,10 @@ def resolved_params(strategy: str, params: dict[str, Any]) -> dict[str, Any]:
         return dict(params)
 
 
-def group_rows(records: dict[str, dict[str, Any]]) -> pd.DataFrame:
+def group_rows(records: dict[str, CellRecord]) -> pd.DataFrame:
     """One row per (target, strategy, params, prompt set), pooling the prompts of all its shards."""
     rows = []
-    sampled = any(is_sampled(record) for record in records.values())
+    sampled = any(record.sampled for record in records.values())
     tolerance = max((drift_tolerance(record) for record in records.values()), default=0.10)
     for (target, strategy, params, prompt_set), (raw, prompts) in grouped_prompts(records).items():
         summary = summarize(prompts, sampled=sampled, drift_tolerance=tolerance)
@@ -170,25 +166,26 @@ def markdown_table(frame: pd.DataFrame, columns: dict[str, str]) -> str:
 def write_report(run_dir: str | Path) -> Path:
     """Write ``cells.csv``, ``summary.csv``/``.json``, ``report.md`` and plots into ``run_dir``; return the report."""
     run_dir = Path(run_dir)
-    records = ResultStore(run_dir).latest()
+    store = ResultStore(run_dir)
+    records = store.latest()
     if not records:
-        raise FileNotFoundError(f"{run_dir}: no cell results (cells.jsonl missing or empty)")
+        raise ConfigError("RUN_DIR", no_results_reason(store), "run the sweep into it, or pass another run directory")
     cells = cell_rows(records)
     cells.to_csv(run_dir / "cells.csv", index=False)
     groups = group_rows(records)
     multi_target = cells["target"].nunique() > 1
-    first = next((r for r in records.values() if r.get("env")), next(iter(records.values())))
-    env = first.get("env", {})
-    generation = first["cell"]["generation"]
-    sampled = any(is_sampled(record) for record in records.values())
+    first = next((r for r in records.values() if r.env), next(iter(records.values())))
+    env = first.env or Environment()
+    generation = first.generation
+    sampled = any(record.sampled for record in records.values())
     ok, failed = int((cells["status"] == "ok").sum()), int((cells["status"] != "ok").sum())
     baselines = int((cells["kind"] == "baseline").sum())
     pairing = generation.get("pairing", "shared")
     sections = [f"# specsweep report: {sweep_name(run_dir, records)} / {run_dir.name}", ""]
     sections += [
         f"- cells: {len(cells)} ({ok} ok, {failed} failed), of which {baselines} baseline cells",
-        f"- device: {env.get('device', '?')} ({env.get('device_name', '?')}), dtype {env.get('dtype', '?')}, "
-        f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, commit {first.get('commit', '?')}",
+        f"- device: {env.device or '?'} ({env.device_name or '?'}), dtype {env.dtype or '?'}, "
+        f"torch {env.torch or '?'}, transformers {env.transformers or '?'}, commit {first.commit or '?'}",
         f"- generation: max_new_tokens {generation['max_new_tokens']}, temperature {generation['temperature']}, "
         f"seed {generation['seed']}, repeats {generation.get('repeats', 1)} (median kept)",
         f"- speedups are paired against: {PAIRED_AGAINST.get(pairing, pairing)}; interval: 95% bootstrap over prompts",
@@ -196,6 +193,10 @@ def write_report(run_dir: str | Path) -> Path:
         "",
         "## Models", "", models_table(records), "",
     ]
+    if store.unreadable:
+        listed = "; ".join(f"line {line.number}: {line.reason}" for line in store.unreadable[:5])
+        sections += [f"> **Warning:** {len(store.unreadable)} line(s) of cells.jsonl could not be read and are left "
+                     f"out of this report ({listed}). Rerun their cells with `specsweep run --resume RUN_DIR`.", ""]
     columns = {"strategy": "strategy", "params": "params", "prompt_set": "prompt set", "prompts": "prompts",
                "speedup_ci": "speedup (95% CI)", "tau": "τ", "alpha": "α", "cost_speedup": "cost speedup",
                "bound": "bound", "efficiency": "efficiency", "strategy_ms_per_token": "ms/token",
@@ -256,8 +257,19 @@ def write_report(run_dir: str | Path) -> Path:
     return report
 
 
-def sweep_name(run_dir: Path, records: dict[str, dict[str, Any]]) -> str:
-    """The sweep's name: from the run's ``sweep.yaml``, else from the records, else the parent directory."""
+def no_results_reason(store: ResultStore) -> str:
+    """Why ``store`` has no readable record: the file is missing, empty, or has only unreadable lines."""
+    if not store.path.exists():
+        return f"{store.path} is missing: the run recorded no cell yet"
+    if not store.unreadable:
+        return f"{store.path} is empty: the run recorded no cell yet"
+    first = store.unreadable[0]
+    return (f"{store.path}: none of its {len(store.unreadable)} line(s) is a cell record (line {first.number}: "
+            f"{first.reason})")
+
+
+def sweep_name(run_dir: Path, records: dict[str, CellRecord]) -> str:
+    """The sweep's name: from the run's ``sweep.yaml``, else the parent directory."""
     sweep_file = run_dir / "sweep.yaml"
     if sweep_file.exists():
         try:
@@ -266,22 +278,22 @@ def sweep_name(run_dir: Path, records: dict[str, dict[str, Any]]) -> str:
             name = None
         if isinstance(name, str) and name:
             return name
-    return next((r["sweep"] for r in records.values() if r.get("sweep")), run_dir.resolve().parent.name)
+    return run_dir.resolve().parent.name
 
 
-def models_table(records: dict[str, dict[str, Any]]) -> str:
+def models_table(records: dict[str, CellRecord]) -> str:
     """Each model the run used: role, id, revision, dtype, parameters, and the chat template of its prompts."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for record in records.values():
-        cell, env = record["cell"], record.get("env", {})
-        parameters = env.get("parameters", {})
+        cell = record.cell
+        parameters = record.env.parameters if record.env else {}
         name, spec = cell["target"]
         entry = rows.setdefault(("target", name), {"role": "target", "name": name, "id": spec.get("id"),
                                                    "revision": spec.get("revision", "-"), "dtype": spec.get("dtype"),
                                                    "parameters": None, "template": set()})
         entry["parameters"] = entry["parameters"] or parameters.get("target")
-        if record.get("template"):
-            entry["template"].add(record["template"])
+        if record.template:
+            entry["template"].add(record.template)
         for draft, draft_spec in cell.get("drafts", {}).items():
             draft_entry = rows.setdefault(("draft", draft), {
                 "role": "draft", "name": draft, "id": draft_spec.get("id"), "revision": draft_spec.get("revision", "-"),
@@ -328,12 +340,12 @@ def correctness_section(cells: pd.DataFrame, sampled: bool) -> list[str]:
     }), ""]
 
 
-def level_summary(prompts: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def level_summary(prompts: list[PromptRecord]) -> dict[str, dict[str, float]]:
     """Per cascade level: reviews, acceptance rate and tokens per review (τ of that level), pooled over prompts."""
     totals: dict[str, dict[str, float]] = {}
     for prompt in prompts:
-        for turn in prompt["turns"]:
-            for name, level in turn["strategy"].get("extras", {}).get("levels", {}).items():
+        for turn in prompt.turns:
+            for name, level in turn.strategy.extras.get("levels", {}).items():
                 entry = totals.setdefault(name, {"reviews": 0, "proposed": 0, "accepted": 0})
                 for key in entry:
                     entry[key] += level[key]
@@ -499,30 +511,30 @@ def plot_kmatrix_heatmaps(cascades: pd.DataFrame, run_dir: Path) -> list[Path]:
     return paths
 
 
-def templates_line(records: dict[str, dict[str, Any]]) -> str:
+def templates_line(records: dict[str, CellRecord]) -> str:
     """Which chat template each prompt set went through (``none`` for plain text), from the cell records."""
     used: dict[str, set[str]] = {}
     for record in records.values():
-        if "template" in record:
-            used.setdefault(record["cell"]["prompt_set"]["name"], set()).add(record["template"])
+        if record.template:
+            used.setdefault(record.prompt_set, set()).add(record.template)
     return ", ".join(f"{name}: {' / '.join(sorted(labels))}" for name, labels in sorted(used.items())) or "-"
 
 
-def spec_bench_table(records: dict[str, dict[str, Any]], multi_target: bool = False) -> str | None:
+def spec_bench_table(records: dict[str, CellRecord], multi_target: bool = False) -> str | None:
     """Spec-Bench's table (per-task speedups, mean accepted tokens, overall) when the prompts carry its categories."""
     known = {category for categories in SPEC_BENCH_COLUMNS.values() for category in categories}
-    sources = {r["cell"]["prompt_set"]["name"]: r["cell"]["prompt_set"]["source"] for r in records.values()}
+    sources = {r.prompt_set: r.prompt_source for r in records.values()}
     rows = []
     for (target, strategy, params, prompt_set), (_, prompts) in grouped_prompts(records).items():
-        categories = {prompt["category"] for prompt in prompts}
+        categories = {prompt.category for prompt in prompts}
         if not is_spec_bench_source(sources[prompt_set]) or not categories & known:
             continue
         row = {"target": target, "strategy": strategy, "params": params, "prompt_set": prompt_set}
         for column, members in SPEC_BENCH_COLUMNS.items():
-            subset = [prompt for prompt in prompts if prompt["category"] in members]
+            subset = [prompt for prompt in prompts if prompt.category in members]
             row[column] = _speedup_cell(summarize(subset)) if subset else "-"
         for category in sorted(categories - known):
-            row[category] = _speedup_cell(summarize([p for p in prompts if p["category"] == category]))
+            row[category] = _speedup_cell(summarize([p for p in prompts if p.category == category]))
         overall = summarize(prompts)
         row["Mean accepted tokens"] = overall["tau"]
         row["Overall"] = _speedup_cell(overall)

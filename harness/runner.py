@@ -18,19 +18,18 @@ from __future__ import annotations
 import platform
 import time
 import traceback
-from typing import Any
 
 import torch
 
 from harness.config import Cell
-from harness.lm import synchronize
-from harness.records import paired_turn, trace_record
+from harness.records import CellRecord, Environment, PromptRecord, SideRecord, TurnRecord, paired_turn
 from harness.metrics import timing_check
 from harness.model_cache import ModelCache
 from harness.paths import content_hash
 from harness.provenance import cpu_model
 from harness.prompts import Prompt, conversation_ids, load_prompts, shard, template_label
 from strategies import ModelSet, Sampling, Trace, build, strategy_class
+from strategies.timing import timed_generate
 
 class CellFailure(RuntimeError):
     """A cell ran but its result is invalid (e.g. a lossless strategy changed the greedy output)."""
@@ -62,38 +61,38 @@ def conversation_at(prompt: Prompt, turn_index: int, answers: list[str]) -> list
 
 
 def run_baseline_prompt(baseline, prompt: Prompt, tokenizer, cell: Cell, limit: int, device: torch.device,
-                        models: ModelSet) -> dict[str, Any]:
+                        models: ModelSet) -> PromptRecord:
     """Run every turn of ``prompt`` with the baseline (Spec-Bench style: each turn sees the earlier answers)."""
-    record: dict[str, Any] = {"prompt_id": prompt.prompt_id, "category": prompt.category, "turns": []}
+    record = PromptRecord(prompt.prompt_id, prompt.category)
     answers: list[str] = []
     for turn_index in range(len(prompt.turns)):
         ids = conversation_ids(tokenizer, cell.prompt_set, conversation_at(prompt, turn_index, answers), limit)
         trace = median_run([timed(baseline, ids, cell, turn_seed(cell, prompt, turn_index), device, models)
                             for _ in range(cell.run.repeats)])
         answers.append(tokenizer.decode(trace.tokens, skip_special_tokens=True))
-        record["turns"].append({"prompt_ids": ids, "prompt_tokens": len(ids), "baseline": trace_record(trace),
-                                "answer": answers[-1]})
+        record.turns.append(TurnRecord(prompt_ids=ids, prompt_tokens=len(ids), baseline=SideRecord.of(trace),
+                                       answer=answers[-1]))
     return record
 
 
-def run_strategy_prompt(strategy, prompt: Prompt, baseline_prompt: dict[str, Any], tokenizer, cell: Cell, limit: int,
-                        device: torch.device, models: ModelSet) -> dict[str, Any]:
+def run_strategy_prompt(strategy, prompt: Prompt, baseline_prompt: PromptRecord, tokenizer, cell: Cell, limit: int,
+                        device: torch.device, models: ModelSet) -> PromptRecord:
     """Run ``prompt`` turn by turn with the strategy on the baseline's conversation, paired with its traces."""
-    record: dict[str, Any] = {"prompt_id": prompt.prompt_id, "category": prompt.category, "turns": []}
-    answers = [turn["answer"] for turn in baseline_prompt["turns"]]
-    for turn_index, base_turn in enumerate(baseline_prompt["turns"]):
+    record = PromptRecord(prompt.prompt_id, prompt.category)
+    answers = [turn.answer or "" for turn in baseline_prompt.turns]
+    for turn_index, base_turn in enumerate(baseline_prompt.turns):
         ids = conversation_ids(tokenizer, cell.prompt_set, conversation_at(prompt, turn_index, answers), limit)
         trace = median_run([timed(strategy, ids, cell, turn_seed(cell, prompt, turn_index), device, models,
                                   prompt.category) for _ in range(cell.run.repeats)])
-        record["turns"].append(paired_turn(ids, base_turn["baseline"], trace))
+        record.turns.append(paired_turn(ids, base_turn.baseline, trace))
     return record
 
 
 def run_interleaved_prompt(baseline, strategy, prompt: Prompt, tokenizer, cell: Cell, limit: int,
-                           device: torch.device, models: ModelSet, order: int) -> dict[str, Any]:
+                           device: torch.device, models: ModelSet, order: int) -> PromptRecord:
     """Run each turn of ``prompt`` with the baseline and the strategy back to back, alternating which goes first
     (``order`` counts the turns run before, so the alternation continues across prompts)."""
-    record: dict[str, Any] = {"prompt_id": prompt.prompt_id, "category": prompt.category, "turns": []}
+    record = PromptRecord(prompt.prompt_id, prompt.category)
     answers: list[str] = []
     for turn_index in range(len(prompt.turns)):
         ids = conversation_ids(tokenizer, cell.prompt_set, conversation_at(prompt, turn_index, answers), limit)
@@ -106,8 +105,8 @@ def run_interleaved_prompt(baseline, strategy, prompt: Prompt, tokenizer, cell: 
                 runs[side].append(timed(runner, ids, cell, seed, device, models, category))
         base, trace = median_run(runs["baseline"]), median_run(runs["strategy"])
         answers.append(tokenizer.decode(base.tokens, skip_special_tokens=True))
-        record["turns"].append({**paired_turn(ids, trace_record(base), trace),
-                                "first": sides[0] if cell.run.repeats == 1 else "alternating"})
+        record.turns.append(paired_turn(ids, SideRecord.of(base), trace,
+                                        first=sides[0] if cell.run.repeats == 1 else "alternating"))
     return record
 
 
@@ -133,25 +132,18 @@ def timed(strategy, ids: list[int], cell: Cell, seed: int, device: torch.device,
     strategy.prompt_category = category
     generator = torch.Generator(device=device).manual_seed(seed)
     sampling = Sampling(temperature=cell.run.temperature, generator=generator)
-    synchronize(device)
-    started = time.perf_counter()
-    trace = strategy.generate(ids, cell.run.max_new_tokens, sampling)
-    synchronize(device)
-    trace.wall_s = time.perf_counter() - started
-    trace.extras = {**trace.extras, "probe_s": models.target.time_single_step()}
-    return trace
+    return timed_generate(strategy, ids, cell.run.max_new_tokens, sampling, device, probe=models.target)
 
 
-def run_cell(cell: Cell, cache: ModelCache, worker: str = "local",
-             baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_cell(cell: Cell, cache: ModelCache, worker: str = "local", baseline: CellRecord | None = None) -> CellRecord:
     """Run ``cell`` and return its record (status ``ok`` or ``failed`` with the error and traceback).
 
-    A strategy cell needs its ``baseline`` cell's record: it replays the same
-    conversations and stores the baseline's traces beside its own, paired.
+    Under shared pairing a strategy cell needs its ``baseline`` cell's record: it
+    replays the same conversations and stores the baseline's traces beside its own.
     """
     started = time.time()
-    record: dict[str, Any] = {"cell_id": cell.cell_id, "kind": cell.kind, "label": cell.label,
-                              "cell": cell.identity(), "worker": worker, "started": started}
+    record = CellRecord(cell_id=cell.cell_id, kind=cell.kind, label=cell.label, cell=cell.identity(), worker=worker,
+                        started=started)
     try:
         models = model_set_for(cell, cache)
         tokenizer = cache.tokenizer(cell.target_spec)
@@ -159,56 +151,55 @@ def run_cell(cell: Cell, cache: ModelCache, worker: str = "local",
         if not prompts:
             raise CellFailure(f"prompt set {cell.prompt_set.name!r} shard {cell.shard} has no prompts")
         limit = prompt_limit(cell, models)
-        record["env"] = environment(cache, models, cell)
-        record["template"] = template_label(tokenizer, cell.prompt_set)
+        record.env = environment(cache, models, cell)
+        record.template = template_label(tokenizer, cell.prompt_set)
         warmup = prompts[: cell.run.warmup_prompts]
         device = cache.device
         autoregressive = build("autoregressive", {}, models)
         if cell.kind == "baseline":
             for prompt in warmup:
                 run_baseline_prompt(autoregressive, prompt, tokenizer, cell, limit, device, models)
-            record["prompts"] = [run_baseline_prompt(autoregressive, p, tokenizer, cell, limit, device, models)
-                                 for p in prompts]
+            record.prompts = [run_baseline_prompt(autoregressive, p, tokenizer, cell, limit, device, models)
+                              for p in prompts]
         else:
             strategy = build(cell.strategy, cell.params, models)
             if cell.run.pairing == "interleaved":
-                record["paired_with"] = {"pairing": "interleaved"}
+                record.paired_with = {"pairing": "interleaved"}
                 for prompt in warmup:
                     run_interleaved_prompt(autoregressive, strategy, prompt, tokenizer, cell, limit, device, models, 0)
-                record["prompts"] = []
                 for prompt in prompts:
-                    order = sum(len(p["turns"]) for p in record["prompts"])
-                    record["prompts"].append(run_interleaved_prompt(autoregressive, strategy, prompt, tokenizer, cell,
-                                                                    limit, device, models, order))
+                    order = sum(len(p.turns) for p in record.prompts)
+                    record.prompts.append(run_interleaved_prompt(autoregressive, strategy, prompt, tokenizer, cell,
+                                                                 limit, device, models, order))
             else:
-                if baseline is None or baseline.get("status") != "ok":
+                if baseline is None or not baseline.ok:
                     raise CellFailure(f"baseline cell {cell.baseline_id} has no successful result")
-                own_device = record["env"]["device_name"]
-                baseline_device = baseline.get("env", {}).get("device_name")
-                record["paired_with"] = {"pairing": "shared", "cell_id": baseline["cell_id"],
-                                         "worker": baseline.get("worker"), "device": baseline_device}
-                if baseline_device != own_device:  # never pair across device models: run the baseline here
-                    record["paired_with"] = {"pairing": "shared", "inline": True, "device": own_device,
-                                             "reason": f"the baseline cell ran on {baseline_device}"}
+                own_device = record.env.device_name
+                record.paired_with = {"pairing": "shared", "cell_id": baseline.cell_id, "worker": baseline.worker,
+                                      "device": baseline.device_name}
+                baseline_prompts = baseline.prompts
+                if baseline.device_name != own_device:  # never pair across device models: run the baseline here
+                    record.paired_with = {"pairing": "shared", "inline": True, "device": own_device,
+                                          "reason": f"the baseline cell ran on {baseline.device_name}"}
                     for prompt in warmup:
                         run_baseline_prompt(autoregressive, prompt, tokenizer, cell, limit, device, models)
-                    baseline = {"prompts": [run_baseline_prompt(autoregressive, p, tokenizer, cell, limit, device,
-                                                                models) for p in prompts]}
-                by_id = {p["prompt_id"]: p for p in baseline["prompts"]}
+                    baseline_prompts = [run_baseline_prompt(autoregressive, p, tokenizer, cell, limit, device, models)
+                                        for p in prompts]
+                by_id = {p.prompt_id: p for p in baseline_prompts}
                 for prompt in warmup:
                     run_strategy_prompt(strategy, prompt, by_id[prompt.prompt_id], tokenizer, cell, limit, device,
                                         models)
-                record["prompts"] = [run_strategy_prompt(strategy, p, by_id[p.prompt_id], tokenizer, cell, limit,
-                                                         device, models) for p in prompts]
+                record.prompts = [run_strategy_prompt(strategy, p, by_id[p.prompt_id], tokenizer, cell, limit,
+                                                      device, models) for p in prompts]
             check_lossless(cell, record)
-            record["timing"] = {**timing_check(record["prompts"], cell.run.drift_tolerance),
-                                "tolerance": cell.run.drift_tolerance}
-        record["status"] = "ok"
+            record.timing = {**timing_check(record.prompts, cell.run.drift_tolerance),
+                             "tolerance": cell.run.drift_tolerance}
+        record.status = "ok"
     except Exception as error:  # a failing strategy must not stop the sweep
-        record["status"] = "failed"
-        record["error"] = f"{type(error).__name__}: {error}"
-        record["traceback"] = traceback.format_exc()
-    record["seconds"] = time.time() - started
+        record.status = "failed"
+        record.error = f"{type(error).__name__}: {error}"
+        record.traceback = traceback.format_exc()
+    record.seconds = time.time() - started
     return record
 
 
@@ -224,32 +215,24 @@ def prompt_limit(cell: Cell, models: ModelSet) -> int:
     return limit
 
 
-def check_lossless(cell: Cell, record: dict[str, Any]) -> None:
+def check_lossless(cell: Cell, record: CellRecord) -> None:
     """Fail a greedy float32 cell whose tokens differ from the baseline's."""
     if cell.run.sampled or cell.target_spec.dtype != "float32":
         return
-    for prompt in record["prompts"]:
-        for index, turn in enumerate(prompt["turns"]):
-            if not turn["tokens_match"]:
-                raise CellFailure(f"greedy output differs from the baseline on prompt {prompt['prompt_id']} "
-                                  f"turn {index} at token {turn['first_divergence']}")
+    for prompt in record.prompts:
+        for index, turn in enumerate(prompt.turns):
+            if not turn.tokens_match:
+                raise CellFailure(f"greedy output differs from the baseline on prompt {prompt.prompt_id} "
+                                  f"turn {index} at token {turn.first_divergence}")
 
 
-def environment(cache: ModelCache, models: ModelSet, cell: Cell) -> dict[str, Any]:
+def environment(cache: ModelCache, models: ModelSet, cell: Cell) -> Environment:
     """Device, dtype, library versions, host and seed for the record."""
     import transformers
 
     device = cache.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    return {
-        "device": str(device),
-        "device_name": name,
-        "dtype": cell.target_spec.dtype,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "threads": torch.get_num_threads(),
-        "seed": cell.run.seed,
-        "parameters": {role: model.num_parameters for role, model in models.all().items()},
-    }
+    return Environment(device=str(device), device_name=name, dtype=cell.target_spec.dtype, torch=torch.__version__,
+                       transformers=transformers.__version__, python=platform.python_version(), host=platform.node(),
+                       threads=torch.get_num_threads(), seed=cell.run.seed,
+                       parameters={role: model.num_parameters for role, model in models.all().items()})

@@ -17,22 +17,27 @@ directory are skipped (resume).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
+import socket
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from harness.config import Cell, Sweep
-from harness.errors import ConfigError
+from harness.errors import ConfigError, InfraError
 from harness.paths import specsweep_home
 from harness.preflight import prepare_models
 from harness.progress import Progress
 from harness.provenance import build_label
+from harness.records import CellRecord
 from harness.results import ResultStore
 from harness.worker import Worker
 from training.artifacts import build_artifact
@@ -70,18 +75,71 @@ class WorkerSlot:
     started: float = field(default_factory=time.perf_counter)
 
 
-def init_ray(sweep: Sweep, address: str | None) -> None:
-    """Join the Ray cluster at ``address`` (or ``$RAY_ADDRESS``, as under ``ray job submit``) or start a local one."""
+def init_ray(sweep: Sweep, address: str | None, connect_timeout_s: float = 60.0) -> bool:
+    """Join the Ray cluster at ``address`` (or ``$RAY_ADDRESS``, as under ``ray job submit``; ``auto`` for the one
+    ``ray start`` runs on this host) or start a separate local one even when such a cluster runs. Returns whether
+    this call started Ray (then the caller shuts it down). ``InfraError`` when the cluster cannot be reached
+    within ``connect_timeout_s``."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
+    with caller_sigterm_kept():
+        _start_or_join(sweep, address, connect_timeout_s)
+    return True
+
+
+@contextlib.contextmanager
+def caller_sigterm_kept() -> Iterator[None]:
+    """Keep the caller's SIGTERM handler across ``ray.init``, which installs its own (one that exits at once)."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _start_or_join(sweep: Sweep, address: str | None, connect_timeout_s: float) -> None:
+    import ray
+
     if address:
-        ray.init(address=address, log_to_driver=True)
+        check_reachable(address, connect_timeout_s)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise InfraError(f"cannot join the Ray cluster at {address} ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''})",
+                             "start it (ray start --head), fix --address, or leave --address out for a local "
+                             "cluster") from None
     else:
         cpus = sweep.run.num_cpus or os.cpu_count() or 1
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """``InfraError`` unless a Ray cluster answers at ``address`` within ``timeout_s`` (``auto``: one runs on this
+    host; ``host:port``: its GCS port accepts a connection; ``ray://`` client addresses are left to Ray)."""
+    if address == "auto":
+        from ray._private.services import find_gcs_addresses  # lazy: Ray
+
+        if not find_gcs_addresses():
+            raise InfraError("--address auto: no Ray cluster is running on this host",
+                             "start one with `ray start --head`, or leave --address out for a local cluster")
+        return
+    if "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise InfraError(f"--address {address!r} is not host:port", "e.g. --address 10.0.0.5:6379, or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise InfraError(f"no Ray cluster answers at {address} within {timeout_s:.0f} s "
+                         f"({error.strerror or type(error).__name__})",
+                         "check the address and that `ray start --head` runs there") from None
 
 
 def worker_plan(sweep: Sweep) -> tuple[int, dict[str, Any], str]:
@@ -165,7 +223,7 @@ class Dispatcher:
 
     def __init__(self, sweep: Sweep, store: ResultStore, log: Callable[[str], None],
                  plan: tuple[int, dict[str, Any], str],
-                 on_record: Callable[["Dispatcher", dict[str, Any]], None] | None = None) -> None:
+                 on_record: Callable[["Dispatcher", CellRecord], None] | None = None) -> None:
         import ray
 
         self.ray = ray
@@ -183,6 +241,7 @@ class Dispatcher:
         self.baseline_errors: dict[str, str] = {}
         self.blocked: dict[str, set[str]] = {}  # cell id -> keys of artefacts it still waits for
         self.reserved = 0  # workers held back while training jobs run
+        self.start_failures = 0  # workers that died while starting (replaced up to run.max_retries times)
         self.training_queue: list[Any] = []  # artefact requests waiting for resources
         self.training: dict[str, Any] = {}  # artefact key -> request of the jobs running
 
@@ -221,14 +280,14 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ main loop
 
-    def run(self, cells: list[Cell], outcome: SweepOutcome, recorded: dict[str, dict[str, Any]],
+    def run(self, cells: list[Cell], outcome: SweepOutcome, recorded: dict[str, CellRecord],
             progress: Progress) -> None:
         """Run ``cells`` to completion (or recorded failure); ``recorded`` holds results from earlier runs."""
         for cell_id, record in recorded.items():
-            if record.get("kind") == "baseline" and record.get("status") == "ok":
+            if record.kind == "baseline" and record.ok:
                 self.baselines[cell_id] = self.ray.put(record)
-            elif record.get("kind") == "baseline":
-                self.baseline_errors[cell_id] = record.get("error", "failed")
+            elif record.kind == "baseline":
+                self.baseline_errors[cell_id] = record.error or "failed"
         queue: deque[Cell] = deque()
         waiting: dict[str, list[Cell]] = {}
         jobs: dict[str, Any] = {}
@@ -252,8 +311,7 @@ class Dispatcher:
 
         while queue or waiting or self.blocked or any(event in ("run", "train") for event, *_ in self.pending.values()):
             if not self.pending:
-                self._fail_all(queue, waiting, "no worker could be started", outcome, progress)
-                break
+                raise InfraError("no worker is running or starting", "see sweep.log, then resume")
             ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=1.0)
             progress.refresh(self.busy_workers())
             if not ready:
@@ -274,11 +332,7 @@ class Dispatcher:
                 try:
                     info = self.ray.get(ref)
                 except self.ray.exceptions.RayError as error:
-                    self.log(f"{name} failed to start: {type(error).__name__}: {str(error)[:300]}")
-                    self.retire(name)
-                    if not any(s.state != "starting" for s in self.slots.values()) and not self.pending:
-                        self._fail_all(queue, waiting, f"worker start failed: {error}", outcome, progress)
-                        break
+                    self._start_failed(name, error)
                     continue
                 if slot is not None:
                     slot.state, slot.node = "idle", info.get("node", "")
@@ -293,7 +347,7 @@ class Dispatcher:
                 stored = time.perf_counter()
                 self._store(record, outcome, progress)
                 now = time.perf_counter()
-                outcome.timings.append({"driver_s": received - submitted, "worker_s": float(record.get("seconds", 0.0)),
+                outcome.timings.append({"driver_s": received - submitted, "worker_s": float(record.seconds or 0.0),
                                         "store_s": now - stored, "submitted": submitted, "stored": now})
                 if slot is not None:
                     slot.state, slot.cell = "idle", None
@@ -384,20 +438,35 @@ class Dispatcher:
         del queue[best_index]
         return cell
 
-    def _released(self, record: dict[str, Any], cell: Cell, waiting: dict[str, list[Cell]], queue: deque[Cell],
+    def _released(self, record: CellRecord, cell: Cell, waiting: dict[str, list[Cell]], queue: deque[Cell],
                   outcome: SweepOutcome, progress: Progress) -> None:
         """After a baseline finishes: queue its strategy cells, or fail them if it failed."""
         if cell.kind != "baseline":
             return
         dependents = waiting.pop(cell.cell_id, [])
-        if record.get("status") == "ok":
+        if record.ok:
             self.baselines[cell.cell_id] = self.ray.put(record)
             queue.extend(dependents)
         else:
-            self.baseline_errors[cell.cell_id] = str(record.get("error", "failed"))
+            self.baseline_errors[cell.cell_id] = record.error or "failed"
             for dependent in dependents:
-                self._store(self._failed_record(dependent, f"baseline cell {cell.cell_id} failed: {record.get('error')}"),
+                self._store(self._failed_record(dependent, f"baseline cell {cell.cell_id} failed: {record.error}"),
                             outcome, progress)
+
+    def _start_failed(self, name: str, error: Exception) -> None:
+        """A worker died while starting: replace it, up to ``run.max_retries`` times in all; then stop the sweep
+        (``InfraError``) without recording any cell as failed for it."""
+        slot = self.slots.get(name)
+        env = json.loads(slot.env_key) if slot is not None else {}
+        self.retire(name)
+        self.start_failures += 1
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300] if str(error).strip() else ''}"
+        if self.start_failures > self.sweep.run.max_retries:
+            raise InfraError(f"workers failed to start {self.start_failures} times (last: {reason})",
+                             "see sweep.log; fix the cause and resume; run.max_retries sets how many starts to try")
+        self.log(f"{name} failed to start ({reason}); starting a replacement "
+                 f"({self.start_failures} of {self.sweep.run.max_retries} retries)")
+        self.start_worker(env)
 
     def _worker_lost(self, name: str, cell: Cell, error: Exception, attempts: dict[str, int], queue: deque[Cell],
                      outcome: SweepOutcome, progress: Progress) -> None:
@@ -419,30 +488,22 @@ class Dispatcher:
         if running or not starting or any(s.state == "idle" for s in self.slots.values()):
             return
         if all(now - s.started > WORKER_START_TIMEOUT_S for s in starting):
-            self._fail_all(queue, waiting, f"no worker could be placed within {WORKER_START_TIMEOUT_S:.0f} s "
-                                           "(cluster out of resources?)", outcome, progress)
-            self.pending.clear()
-
-    def _fail_all(self, queue: deque[Cell], waiting: dict[str, list[Cell]], reason: str, outcome: SweepOutcome,
-                  progress: Progress) -> None:
-        for cell in [*queue, *(c for cells in waiting.values() for c in cells)]:
-            self._store(self._failed_record(cell, reason), outcome, progress)
-        queue.clear()
-        waiting.clear()
+            raise InfraError(f"no worker could be placed within {WORKER_START_TIMEOUT_S:.0f} s (the cluster lacks "
+                             f"{self.options} per worker?)", "free or add resources, then resume")
 
     @staticmethod
-    def _failed_record(cell: Cell, error: str) -> dict[str, Any]:
-        return {"cell_id": cell.cell_id, "kind": cell.kind, "label": cell.label, "cell": cell.identity(),
-                "worker": None, "status": "failed", "error": error}
+    def _failed_record(cell: Cell, error: str) -> CellRecord:
+        return CellRecord(cell_id=cell.cell_id, kind=cell.kind, label=cell.label, cell=cell.identity(),
+                          status="failed", error=error)
 
-    def _store(self, record: dict[str, Any], outcome: SweepOutcome, progress: Progress) -> None:
-        record["commit"] = self.commit
+    def _store(self, record: CellRecord, outcome: SweepOutcome, progress: Progress) -> None:
+        record.commit = self.commit
         self.store.append(record)
-        if record["status"] == "ok":
+        if record.ok:
             outcome.ok += 1
         else:
             outcome.failed += 1
-            outcome.failed_ids.append(record["cell_id"])
+            outcome.failed_ids.append(record.cell_id)
         progress.cell_done(record)
         if self.on_record is not None:
             self.on_record(self, record)
@@ -450,30 +511,43 @@ class Dispatcher:
 
 def run_sweep(sweep: Sweep, run_dir: Path, address: str | None = None, log: Callable[[str], None] | None = None,
               retry_failed: bool = False, retry_suspect: bool = False,
-              on_record: Callable[[Dispatcher, dict[str, Any]], None] | None = None,
-              stream: Any = None) -> SweepOutcome:
+              on_record: Callable[[Dispatcher, CellRecord], None] | None = None,
+              stream: Any = None, connect_timeout_s: float = 60.0) -> SweepOutcome:
     """Run every cell of ``sweep`` not yet recorded in ``run_dir`` (and, when asked, those recorded as failed or
-    as ``timing_suspect``); return the outcome."""
+    as ``timing_suspect``); return the outcome. An interrupt (``KeyboardInterrupt``) or an ``InfraError``
+    abandons the cells in flight (unrecorded, so a resume runs them) and shuts down the Ray this call started."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if sweep.uses_zoo_models():
         if not is_built(sweep.zoo):
             log("building the embedded zoo (once; cached under $SPECSWEEP_HOME)")
             log(format_manifest(build_zoo(sweep.zoo, log=log)))
     prepare_models(sweep, log)
-    init_ray(sweep, address)
+    started_ray = init_ray(sweep, address, connect_timeout_s)
+    try:
+        return _run_cells(sweep, run_dir, log, retry_failed, retry_suspect, on_record, stream)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _run_cells(sweep: Sweep, run_dir: Path, log: Callable[[str], None], retry_failed: bool, retry_suspect: bool,
+               on_record: Callable[[Dispatcher, CellRecord], None] | None, stream: Any) -> SweepOutcome:
+    """``run_sweep`` once Ray runs: plan the workers, skip recorded cells, dispatch the rest."""
     store = ResultStore(run_dir)
     plan = worker_plan(sweep)
     cells = sweep.cells(device_type=plan[2])
     ids = {cell.cell_id for cell in cells}
     recorded = {cid: rec for cid, rec in store.latest().items() if cid in ids}
-    def settled(record: dict[str, Any]) -> bool:
-        if record.get("status") != "ok":
+    def settled(record: CellRecord) -> bool:
+        if not record.ok:
             return not retry_failed
-        return not (retry_suspect and record.get("timing", {}).get("timing_suspect"))
+        return not (retry_suspect and record.timing_suspect)
     done = {cid for cid, rec in recorded.items() if settled(rec)}
     todo = [cell for cell in cells if cell.cell_id not in done]
     outcome = SweepOutcome(run_dir=run_dir, total=len(cells), skipped=len(cells) - len(todo))
-    outcome.failed_ids = [cid for cid in done if recorded[cid].get("status") != "ok"]
+    outcome.failed_ids = [cid for cid in done if not recorded[cid].ok]
     outcome.failed = len(outcome.failed_ids)
     outcome.ok = outcome.skipped - outcome.failed
     if outcome.skipped:

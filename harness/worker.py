@@ -7,6 +7,7 @@ from typing import Any
 
 from harness.config import Cell
 from harness.model_cache import ModelCache
+from harness.records import CellRecord
 from harness.runner import run_cell
 from strategies.registry import import_plugin
 
@@ -28,10 +29,11 @@ class Worker:
         if device == "cpu" and self.cache.device.type != "cpu":
             raise RuntimeError(f"worker {name}: asked for a CPU worker but got {self.cache.device}")
 
-    def run(self, cell: Cell, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Run ``cell`` (paired with its ``baseline`` record, for a strategy cell) and return its record."""
+    def run(self, cell: Cell, baseline: CellRecord | None = None) -> CellRecord:
+        """Run ``cell`` (paired with its ``baseline`` record, for a strategy cell under shared pairing) and return
+        its record."""
         record = run_cell(cell, self.cache, worker=self.name, baseline=baseline)
-        record["model_loads"] = dict(self.cache.loads)
+        record.model_loads = dict(self.cache.loads)
         return record
 
     def describe(self) -> dict[str, Any]:

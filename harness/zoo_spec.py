@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from harness.corpus import DOMAINS, CorpusConfig
-from harness.errors import ConfigError, unknown_key
+from harness.errors import ConfigError, ErrorCollector, unknown_keys
 from harness.paths import content_hash, specsweep_home
+
+ZOO_CONTEXT = 1024  # every zoo model's max_position_embeddings
 
 
 @dataclass(frozen=True)
@@ -82,14 +84,15 @@ class ZooConfig:
             if not isinstance(values, dict):
                 raise ConfigError(where, f"expected a mapping, got {values!r}")
             fields = {f.name: f for f in dataclasses.fields(kind)}
-            unknown = sorted(set(values) - set(fields))
-            if unknown:
-                raise unknown_key(where, unknown[0], sorted(fields))
+            problems = ErrorCollector()
+            with problems.check():
+                unknown_keys(where, values, sorted(fields))
             for name, value in values.items():
-                default = fields[name].default
+                default = fields[name].default if name in fields else None
                 if isinstance(default, (int, float, str)) and not isinstance(default, bool):
                     if isinstance(value, bool) or not isinstance(value, (int, float) if isinstance(default, float) else type(default)):
-                        raise ConfigError(f"{where}.{name}", f"expected {type(default).__name__}, got {value!r}")
+                        problems.add(ConfigError(f"{where}.{name}", f"expected {type(default).__name__}, got {value!r}"))
+            problems.raise_if_any()
             return kind(**values)
 
         def zoo_draft(values: Any, where: str) -> ZooModelConfig:
@@ -110,10 +113,15 @@ class ZooConfig:
             "distill": lambda v: make(Schedule, v, "zoo.distill"),
             "corpus": lambda v: make(CorpusConfig, v, "zoo.corpus"),
         }
+        problems = ErrorCollector()
         for key, convert in nested.items():
             if key in raw:
-                raw[key] = convert(raw[key])
-        return make(cls, raw, "zoo")
+                with problems.check():
+                    raw[key] = convert(raw[key])
+        with problems.check():
+            config = make(cls, raw, "zoo")
+        problems.raise_if_any()
+        return config
 
 
 def zoo_dir(config: ZooConfig) -> Path:

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from harness.errors import ConfigError, unknown_key
+from harness.errors import ConfigError, ErrorCollector, unknown_key
 from harness.lm import CausalLM
 from strategies.sampling import Sampling
 
@@ -99,18 +99,19 @@ class StrategyParams:
         """Build params from a mapping, raising ``ConfigError`` on unknown keys, wrong types or bad values."""
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(fields))
-        if unknown:
-            if not fields:
-                raise ConfigError(f"{where}.{unknown[0]}", "unknown parameter", f"{cls.__name__} takes none")
-            raise unknown_key(where, unknown[0], fields, what="parameter")
+        problems = ErrorCollector()
+        for key in sorted(set(map(str, raw)) - set(fields)):
+            problems.add(ConfigError(f"{where}.{key}", "unknown parameter", f"{cls.__name__} takes none")
+                         if not fields else unknown_key(where, key, fields, what="parameter"))
         values = {}
         for name, value in raw.items():
-            values[name] = _coerce(value, hints[name], f"{where}.{name}")
-        missing = [name for name, f in fields.items() if name not in values
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        if missing:
-            raise ConfigError(f"{where}.{missing[0]}", "required parameter is missing", "add it to the grid")
+            if name in fields:
+                with problems.check():
+                    values[name] = _coerce(value, hints[name], f"{where}.{name}")
+        for name, spec in fields.items():
+            if name not in raw and spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                problems.add(ConfigError(f"{where}.{name}", "required parameter is missing", "add it to the grid"))
+        problems.raise_if_any()
         params = cls(**values)
         params.validate(where)
         return params

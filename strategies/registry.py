@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable, TypeVar
 
 from harness.errors import ConfigError
@@ -40,9 +41,18 @@ def import_plugin(name: str) -> None:
             raise ImportError(f"not a Python file: {name}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]  # a failed import is not cached: the next attempt raises again
+            raise
     else:
         importlib.import_module(name)
+
+
+def is_registered(name: str) -> bool:
+    """Whether a strategy is registered as ``name``."""
+    return name in _REGISTRY
 
 
 def available() -> dict[str, type[Strategy]]:
@@ -53,7 +63,9 @@ def available() -> dict[str, type[Strategy]]:
 def strategy_class(name: str, where: str = "strategies[].name") -> type[Strategy]:
     """The class registered as ``name``; ``ConfigError`` listing the choices if there is none."""
     if name not in _REGISTRY:
-        raise ConfigError(where, f"unknown strategy {name!r}", f"choose one of {', '.join(sorted(_REGISTRY))}")
+        close = difflib.get_close_matches(str(name), sorted(_REGISTRY), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(where, f"unknown strategy {name!r}", f"{hint}choose one of {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 

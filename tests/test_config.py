@@ -10,6 +10,7 @@ from tests.conftest import TINY_ZOO, write_sweep
 
 SPEC_BENCH_LINE = '{"question_id": 1, "category": "writing", "turns": ["Write a haiku.", "Now another."]}\n'
 
+SMALL = {"small": "zoo:draft-1l"}  # the draft the default strategy names
 BAD_CASES = {
     "unknown top-level key": ({"modles": {}}, "modles: unknown key"),
     "unknown strategy": ({"strategies": [{"name": "telepathy"}]}, "strategies[0].name: unknown strategy 'telepathy'"),
@@ -24,9 +25,9 @@ BAD_CASES = {
     "grid value not a list": ({"strategies": [{"name": "speculative", "params": {"draft": "small"}, "grid": {"gamma": 4}}]},
                               "strategies[0].grid.gamma: expected a non-empty list"),
     "missing models": ({"models": None}, "models: missing"),
-    "unknown zoo model": ({"models": {"target": "zoo:giant"}}, "models.targets.target.id: the zoo has no model 'giant'"),
-    "missing local model": ({"models": {"target": "./no/such/model"}}, "models.targets.target.id: local model path"),
-    "bad dtype": ({"models": {"target": "zoo:target", "dtype": "float8"}}, "models.dtype: unknown dtype 'float8'"),
+    "unknown zoo model": ({"models": {"target": "zoo:giant", "drafts": SMALL}}, "models.targets.target.id: the zoo has no model 'giant'"),
+    "missing local model": ({"models": {"target": "./no/such/model", "drafts": SMALL}}, "models.targets.target.id: local model path"),
+    "bad dtype": ({"models": {"target": "zoo:target", "dtype": "float8", "drafts": SMALL}}, "models.dtype: unknown dtype 'float8'"),
     "missing prompt file": ({"prompts": [{"name": "sb", "source": "missing.jsonl"}]}, "prompts[0].source: prompt file"),
     "unknown zoo prompts": ({"prompts": [{"name": "x", "source": "zoo:poetry"}]}, "prompts[0].source: unknown zoo prompt set"),
     "negative temperature": ({"run": {"temperature": -1}}, "run.temperature: must be >= 0"),
@@ -148,3 +149,32 @@ def test_unknown_keys_suggest_the_closest_one(tmp_path, capsys, overrides, messa
     path = write_sweep(tmp_path / "sweep.yaml", **overrides)
     assert main(["run", str(path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_every_problem_of_a_file_is_reported_at_once_one_line_each(tmp_path, capsys):
+    """One run reports the errors of independent sections together, with "did you mean" for typos, and a check
+    against a section that has its own error (a strategy naming a broken draft) is not reported twice."""
+    path = write_sweep(
+        tmp_path / "sweep.yaml", name="bad name!", modles={},
+        models={"target": "zoo:target", "drafts": {"small": "zoo:draft-1l", "broken": "zoo:giant"}, "dtype": "f17"},
+        run={"max_new_tokens": 0, "temprature": 0.5, "workers": "two"},
+        train={"head": {"kind": "eagle", "stepz": 3, "lr": -1.0}},
+        strategies=[{"name": "speculative", "params": {"draft": "small", "gama": 3}},
+                    {"name": "speculativ"},
+                    {"name": "speculative", "params": {"draft": "broken"}},
+                    {"name": "eagle", "params": {"head": "head"}},
+                    {"name": "prompt_lookup", "grid": {"num_tokens": [0, 0, 4]}}])
+    code = main(["run", str(path), "--results-dir", str(tmp_path / "results")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    expected = ["modles: unknown key; did you mean 'models'?", "name: expected a sweep name",
+                "models.dtype: unknown dtype 'f17'", "models.drafts.broken.id: the zoo has no model 'giant'",
+                "train.head.stepz: unknown key; did you mean 'steps'?",
+                "run.temprature: unknown key; did you mean 'temperature'?", "run.workers: expected an integer",
+                "run.max_new_tokens: must be >= 1", "strategies[0].gama: unknown parameter; did you mean 'gamma'?",
+                "strategies[1].name: unknown strategy 'speculativ'; did you mean 'speculative'?",
+                "strategies[4].num_tokens: must be >= 1"]
+    for text in expected:
+        assert sum(text in line for line in lines) == 1, (text, lines)
+    assert len(lines) == len(expected), lines  # nothing about strategies[2]'s or [3]'s references, no repeats
+    assert all(line.startswith("specsweep: error: ") for line in lines)

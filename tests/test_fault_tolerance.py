@@ -21,7 +21,7 @@ REPO = TESTS.parent
 
 
 def cell_id_counts(run_dir: Path) -> collections.Counter:
-    return collections.Counter(record["cell_id"] for record in ResultStore(run_dir).records())
+    return collections.Counter(record.cell_id for record in ResultStore(run_dir).records())
 
 
 def many_cells_sweep(path: Path, **overrides) -> Path:
@@ -84,11 +84,11 @@ def test_raising_strategy_fails_only_its_cell(tmp_path, tiny_zoo, zoo_models, fr
     fresh_ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     outcome = run_sweep(load_sweep(path), tmp_path / "run", log=lambda m: None)
     records = list(ResultStore(tmp_path / "run").records())
-    failed = [r for r in records if r["status"] != "ok"]
+    failed = [r for r in records if not r.ok]
     assert len(records) == 2 * 3 and outcome.failed == 1
-    assert len(failed) == 1 and failed[0]["cell"]["strategy"] == "faulty" and failed[0]["cell"]["shard"] == 1
-    assert f"ValueError: poisoned prompt of {poison_length} tokens" in failed[0]["error"]
-    assert "Traceback" in failed[0]["traceback"]
+    assert len(failed) == 1 and failed[0].cell["strategy"] == "faulty" and failed[0].cell["shard"] == 1
+    assert f"ValueError: poisoned prompt of {poison_length} tokens" in failed[0].error
+    assert "Traceback" in failed[0].traceback
 
 
 def test_worker_loads_its_target_once(tmp_path, tiny_zoo, fresh_ray):
@@ -97,8 +97,8 @@ def test_worker_loads_its_target_once(tmp_path, tiny_zoo, fresh_ray):
     fresh_ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     run_sweep(load_sweep(path), tmp_path / "run", log=lambda m: None)
     records = list(ResultStore(tmp_path / "run").records())
-    assert len(records) == 2 * (1 + 3) and {r["worker"] for r in records} == {"worker-1"}
-    last = max(records, key=lambda r: r["started"])["model_loads"]
+    assert len(records) == 2 * (1 + 3) and {r.worker for r in records} == {"worker-1"}
+    last = max(records, key=lambda r: r.started).model_loads
     assert last == {"zoo:target": 1, "zoo:draft-1l": 1}
 
 

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from harness.metrics import accepted_histogram, position_acceptance, speedup_bound, summarize, time_split
+from harness.records import PromptRecord
 
 
 def trace(tokens: int, wall: float, steps: list[list[int]] | None = None, target_seconds: float = 0.0,
@@ -23,8 +24,9 @@ def trace(tokens: int, wall: float, steps: list[list[int]] | None = None, target
             "target_calls": target_calls, "forward": forward, "probe_s": probe, "extras": {}}
 
 
-def prompt(baseline: dict, strategy: dict) -> dict:
-    return {"category": None, "turns": [{"baseline": baseline, "strategy": strategy, "tokens_match": True}]}
+def prompt(baseline: dict, strategy: dict) -> PromptRecord:
+    return PromptRecord.from_json({"prompt_id": "p", "category": None,
+                                   "turns": [{"baseline": baseline, "strategy": strategy, "tokens_match": True}]})
 
 
 def test_position_acceptance_is_conditional_on_the_previous_position():

@@ -88,7 +88,7 @@ def test_the_drift_guard_flags_a_slowed_strategy_side_and_not_an_unslowed_cell(t
     # +200 %) is far outside it.
     (cell,) = cells(tmp_path, "interleaved", tolerance=0.6)
     quiet = run_cell(cell, cache)
-    assert quiet["status"] == "ok" and not quiet["timing"]["timing_suspect"], quiet["timing"]
+    assert quiet.ok and not quiet.timing["timing_suspect"], quiet.timing
     load = Load(factor=3.0)
     hooks = load.attach(cache.model(cell.target_spec, "target").model)
     try:
@@ -97,8 +97,8 @@ def test_the_drift_guard_flags_a_slowed_strategy_side_and_not_an_unslowed_cell(t
     finally:
         for hook in hooks:
             hook.remove()
-    assert slowed["status"] == "ok" and slowed["timing"]["timing_suspect"]
-    assert "1-token step" in slowed["timing"]["timing_note"] and slowed["timing"]["step_drift"] > 0.5
+    assert slowed.ok and slowed.timing["timing_suspect"]
+    assert "1-token step" in slowed.timing["timing_note"] and slowed.timing["step_drift"] > 0.5
 
 
 def test_interleaving_absorbs_load_that_shared_pairing_flags(tmp_path, cache, monkeypatch):
@@ -118,35 +118,35 @@ def test_interleaving_absorbs_load_that_shared_pairing_flags(tmp_path, cache, mo
     finally:
         for hook in hooks:
             hook.remove()
-    slowed_turns = sum(len(turn["prompt_ids"]) % 2 == 1 for prompt in disturbed["prompts"] for turn in prompt["turns"])
-    assert 0 < slowed_turns < sum(len(prompt["turns"]) for prompt in disturbed["prompts"])
+    slowed_turns = sum(len(turn.prompt_ids) % 2 == 1 for prompt in disturbed.prompts for turn in prompt.turns)
+    assert 0 < slowed_turns < sum(len(prompt.turns) for prompt in disturbed.prompts)
     # Two undisturbed runs of this tiny cell differ by up to about 12 % on a 2-core machine (measured), so the
     # bound here is 15 %; under shared pairing the same 3x load moves the speedup about threefold, and is flagged.
     ratio = runner_speedup(disturbed) / runner_speedup(undisturbed)
     assert abs(ratio - 1) < 0.15, (runner_speedup(disturbed), runner_speedup(undisturbed))
-    assert shared["status"] == "ok" and shared["timing"]["timing_suspect"]
+    assert shared.ok and shared.timing["timing_suspect"]
     assert runner_speedup(shared) < 0.6 * runner_speedup(undisturbed)
 
 
 def runner_speedup(record) -> float:
     from harness.metrics import summarize
 
-    return summarize(record["prompts"])["speedup"]
+    return summarize(record.prompts)["speedup"]
 
 
 def test_a_shared_baseline_from_another_device_model_is_rerun_in_the_cell(tmp_path, cache):
     baseline_cell, strategy_cell = cells(tmp_path, "shared")
     baseline = run_cell(baseline_cell, cache)
-    baseline["env"]["device_name"] = "Some Other GPU"
+    baseline.env.device_name = "Some Other GPU"
     record = run_cell(strategy_cell, cache, baseline=baseline)
-    assert record["status"] == "ok" and record["paired_with"]["inline"]
-    assert "Some Other GPU" in record["paired_with"]["reason"]
+    assert record.ok and record.paired_with["inline"]
+    assert "Some Other GPU" in record.paired_with["reason"]
 
 
 def test_interleaved_cells_alternate_which_side_runs_first_and_need_no_baseline_cell(tmp_path, cache):
     (cell,) = cells(tmp_path, "interleaved")
     assert cell.baseline_id == ""
     record = run_cell(cell, cache)
-    firsts = [turn["first"] for prompt in record["prompts"] for turn in prompt["turns"]]
+    firsts = [turn.first for prompt in record.prompts for turn in prompt.turns]
     assert firsts[:4] == ["baseline", "strategy", "baseline", "strategy"]
-    assert all(turn["tokens_match"] and turn["prompt_ids"] for prompt in record["prompts"] for turn in prompt["turns"])
+    assert all(turn.tokens_match and turn.prompt_ids for prompt in record.prompts for turn in prompt.turns)

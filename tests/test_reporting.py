@@ -13,6 +13,7 @@ from harness.config import load_sweep
 from harness.errors import ConfigError
 from harness.metrics import summarize
 from harness.model_cache import ModelCache
+from harness.records import CellRecord, PromptRecord
 from harness.results import ResultStore
 from harness.runner import run_cell
 from tests.conftest import write_sweep
@@ -25,13 +26,17 @@ def turn(base_tokens: int, base_s: float, strat_tokens: int, strat_s: float) -> 
     return {"baseline": trace(base_tokens, base_s), "strategy": trace(strat_tokens, strat_s), "tokens_match": False}
 
 
+def prompt(turns: list[dict]) -> PromptRecord:
+    return PromptRecord.from_json({"prompt_id": "p", "category": None, "turns": turns})
+
+
 def test_a_sampled_run_with_unequal_token_counts_gets_the_per_token_speedup():
-    prompts = [{"turns": [turn(10, 1.0, 20, 1.0)]}, {"turns": [turn(30, 3.0, 15, 1.0)]}]
+    prompts = [prompt([turn(10, 1.0, 20, 1.0)]), prompt([turn(30, 3.0, 15, 1.0)])]
     summary = summarize(prompts, sampled=True)
     # throughput: strategy 35 tokens / 2 s against baseline 40 tokens / 4 s; the wall-time ratio would say 2.0
     assert summary["speedup"] == pytest.approx((35 / 2) / (40 / 4))
     assert summary["match_rate"] is None
-    greedy = [{"turns": [turn(10, 2.0, 10, 1.0)]}]
+    greedy = [prompt([turn(10, 2.0, 10, 1.0)])]
     assert summarize(greedy)["speedup"] == pytest.approx(2.0)  # equal tokens: the ratio of wall times
 
 
@@ -72,7 +77,7 @@ def run_into(run_dir: Path, sweep_path: Path, cache: ModelCache, device_name: st
     for cell in sweep.cells():
         record = run_cell(cell, cache, baseline=baselines.get(cell.baseline_id))
         if device_name:
-            record["env"]["device_name"] = device_name
+            record.env.device_name = device_name
         if cell.kind == "baseline":
             baselines[cell.cell_id] = record
         store.append(record)
@@ -104,8 +109,8 @@ def test_report_escapes_table_cells_and_counts_no_match_when_every_cell_failed(t
     cell = {"target": ["t", {"id": "zoo:target"}], "strategy": "speculative", "params": {"draft": "a|b"},
             "prompt_set": {"name": "p", "source": "zoo:code"}, "shard": 0,
             "generation": {"max_new_tokens": 4, "temperature": 0.0, "seed": 0}}
-    ResultStore(tmp_path).append({"cell_id": "c1", "kind": "strategy", "status": "failed", "cell": cell,
-                                  "error": "line one\nline | two"})
+    ResultStore(tmp_path).append(CellRecord(cell_id="c1", kind="strategy", label="c1", status="failed", cell=cell,
+                                            error="line one\nline | two"))
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"name": "escaped"}))
     report = write_report(tmp_path).read_text()
     row = next(line for line in report.splitlines() if line.startswith("| c1 "))

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
+from harness.records import (SCHEMA_VERSION, CellRecord, Environment, PromptRecord, RecordError, SideRecord,
+                             TurnRecord)
 from harness.results import ResultStore
 from tests.conftest import TESTS, write_sweep
 
@@ -34,18 +36,18 @@ def test_two_cell_sweep_through_ray(tmp_path, tiny_zoo, ray_local, capsys):
     assert "[3/3]" in captured.err and "ok 3, failed 0" in captured.err  # the sweep's own lines on the terminal
     assert (run_dir / "sweep.log").exists() and json.loads((run_dir / "env.json").read_text())["command"]
     records = list(ResultStore(run_dir).records())
-    assert {r["status"] for r in records} == {"ok"}
-    baselines = [r for r in records if r["kind"] == "baseline"]
-    records = [r for r in records if r["kind"] == "strategy"]
+    assert {r.status for r in records} == {"ok"}
+    baselines = [r for r in records if r.kind == "baseline"]
+    records = [r for r in records if r.kind == "strategy"]
     assert len(baselines) == 1 and len(records) == 2
-    assert sorted(r["cell"]["params"]["gamma"] for r in records) == [2, 3]
+    assert sorted(r.cell["params"]["gamma"] for r in records) == [2, 3]
     for record in records:
-        assert record["paired_with"]["cell_id"] == baselines[0]["cell_id"]
-        assert len(record["prompts"]) == 3
-        for prompt in record["prompts"]:
-            turn = prompt["turns"][0]
-            assert turn["tokens_match"] is True
-            assert turn["strategy"]["tokens"] == turn["baseline"]["tokens"]
+        assert record.paired_with["cell_id"] == baselines[0].cell_id
+        assert len(record.prompts) == 3
+        for prompt in record.prompts:
+            turn = prompt.turns[0]
+            assert turn.tokens_match is True
+            assert turn.strategy.tokens == turn.baseline.tokens
     report = (run_dir / "report.md").read_text()
     assert "Speedup by strategy and prompt set" in report and "speculative" in report
     assert (run_dir / "cells.csv").exists() and (run_dir / "speedup.png").stat().st_size > 0
@@ -75,22 +77,48 @@ def test_failing_strategy_is_recorded_and_sweep_goes_on(tmp_path, tiny_zoo, ray_
     )
     code = main(["run", str(path), "--results-dir", str(tmp_path / "results"), "--run-name", "r"])
     assert code == 1
-    records = {r["cell"]["params"]["draft"]: r for r in ResultStore(tmp_path / "results" / "tiny" / "r").records()
-               if r["kind"] == "strategy"}
-    assert records["small"]["status"] == "ok"
-    assert records["broken"]["status"] == "failed" and records["broken"]["error"]
+    records = {r.cell["params"]["draft"]: r for r in ResultStore(tmp_path / "results" / "tiny" / "r").records()
+               if r.kind == "strategy"}
+    assert records["small"].ok
+    assert records["broken"].status == "failed" and records["broken"].error
     assert "1 failed" in capsys.readouterr().out
 
 
-def test_torn_last_line_is_tolerated(tmp_path):
+def stub_record(cell_id: str) -> CellRecord:
+    return CellRecord(cell_id=cell_id, kind="strategy", label=cell_id, cell={"strategy": "s"}, status="ok")
+
+
+def test_torn_last_line_is_tolerated_and_counted(tmp_path):
     store = ResultStore(tmp_path)
-    store.append({"cell_id": "a", "status": "ok"})
+    store.append(stub_record("a"))
     with open(store.path, "a") as handle:
         handle.write('{"cell_id": "b", "sta')  # a crash mid-write
-    assert [r["cell_id"] for r in store.records()] == ["a"]
-    store.append({"cell_id": "c", "status": "ok"})
-    assert [r["cell_id"] for r in store.records()] == ["a", "c"]
+    assert [r.cell_id for r in store.records()] == ["a"]
+    assert [line.number for line in store.unreadable] == [2]
+    store.append(stub_record("c"))
+    assert [r.cell_id for r in store.records()] == ["a", "c"]
     assert all(json.loads(line) for line in store.path.read_text().splitlines() if line.startswith('{"cell_id":"'))
+
+
+def test_a_record_reads_back_as_the_same_type_and_a_newer_schema_is_refused(tmp_path):
+    record = CellRecord(cell_id="x", kind="strategy", label="x", cell={"strategy": "s"}, status="ok",
+                        env=Environment(device="cpu", parameters={"target": 5}),
+                        prompts=[PromptRecord("p", "code", [TurnRecord(baseline=SideRecord(tokens=[1, 2]),
+                                                                       strategy=SideRecord(tokens=[1, 2], alpha=0.5),
+                                                                       tokens_match=True)])])
+    store = ResultStore(tmp_path)
+    store.append(record)
+    (read,) = store.records()
+    assert read == record and isinstance(read.prompts[0].turns[0].strategy, SideRecord)
+    stored = json.loads(store.path.read_text())
+    assert stored["schema"] == SCHEMA_VERSION
+    with pytest.raises(RecordError, match="newer than this specsweep reads"):
+        CellRecord.from_json({**stored, "schema": SCHEMA_VERSION + 1})
+    with pytest.raises(RecordError, match=r"record.prompts\[0\].turns\[0\].baseline.wall_s: expected a number"):
+        CellRecord.from_json({**stored, "prompts": [{"prompt_id": "p", "category": None,
+                                                     "turns": [{"baseline": {"wall_s": "slow"}}]}]})
+    del stored["schema"]  # written before the field existed: the same shape
+    assert CellRecord.from_json(stored) == record
 
 
 SPEC_BENCH_ROWS = [
@@ -108,11 +136,11 @@ def test_spec_bench_sweep_runs_turn_by_turn_and_reports_its_columns(tmp_path, ti
                        strategies=[{"name": "speculative", "params": {"draft": "small", "gamma": 2}}])
     assert main(["run", str(path), "--results-dir", str(tmp_path / "results"), "--run-name", "r"]) == 0
     run_dir = tmp_path / "results" / "tiny" / "r"
-    strategy = next(r for r in ResultStore(run_dir).records() if r["kind"] == "strategy")
-    turns = {p["prompt_id"]: len(p["turns"]) for p in strategy["prompts"]}
+    strategy = next(r for r in ResultStore(run_dir).records() if r.kind == "strategy")
+    turns = {p.prompt_id: len(p.turns) for p in strategy.prompts}
     assert turns == {"81": 2, "201": 1, "301": 1, "401": 1}
-    writing = next(p for p in strategy["prompts"] if p["prompt_id"] == "81")
-    assert writing["turns"][1]["prompt_tokens"] > writing["turns"][0]["prompt_tokens"]  # turn 2 sees turn 1's answer
+    writing = next(p for p in strategy.prompts if p.prompt_id == "81")
+    assert writing.turns[1].prompt_tokens > writing.turns[0].prompt_tokens  # turn 2 sees turn 1's answer
     report = (run_dir / "report.md").read_text()
     header = next(line for line in report.splitlines() if "Multi-turn conversation" in line)
     for column in ("Translation", "Summarization", "QA", "Math reasoning", "RAG", "Mean accepted tokens", "Overall"):
@@ -125,8 +153,8 @@ def test_runtime_env_reaches_the_strategys_workers(tmp_path, tiny_zoo, ray_local
         strategies=[{"name": "env_probe", "runtime_env": {"env_vars": {"SPECSWEEP_PROBE": "from-runtime-env"}}},
                     {"name": "env_probe", "params": {"variable": "SPECSWEEP_PROBE_UNSET"}}])
     assert main(["run", str(path), "--results-dir", str(tmp_path / "results"), "--run-name", "r"]) == 0
-    seen = {r["cell"]["params"].get("variable", "SPECSWEEP_PROBE"): r["prompts"][0]["turns"][0]["strategy"]["extras"]["env"]
-            for r in ResultStore(tmp_path / "results" / "tiny" / "r").records() if r["kind"] == "strategy"}
+    seen = {r.cell["params"].get("variable", "SPECSWEEP_PROBE"): r.prompts[0].turns[0].strategy.extras["env"]
+            for r in ResultStore(tmp_path / "results" / "tiny" / "r").records() if r.kind == "strategy"}
     assert seen == {"SPECSWEEP_PROBE": "from-runtime-env", "SPECSWEEP_PROBE_UNSET": None}
 
 

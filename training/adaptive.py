@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,9 +29,11 @@ from harness.errors import ConfigError
 from harness.lm import CausalLM
 from harness.metrics import summarize
 from harness.models import ModelSpec, load_model, load_tokenizer, pick_device
-from harness.records import paired_turn, trace_record
+from harness.records import PromptRecord, SideRecord, paired_turn
 from harness.paths import content_hash, specsweep_home
+from harness.yaml_file import read_yaml
 from strategies import ModelSet, Sampling, build
+from strategies.timing import timed_generate
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
 from training.settings import LoraSettings, TrainSettings, parse_settings
 from training.zoo import build_zoo, is_built
@@ -69,12 +70,7 @@ class AdaptiveConfig(TrainSettings):
 
 def load_adaptive_config(path: Path, zoo_names: tuple[str, ...]) -> AdaptiveConfig:
     """Read and validate an adaptive-drafts YAML file."""
-    import yaml
-
-
-    if not path.is_file():
-        raise ConfigError("config", f"{path} not found", "pass an adaptive YAML file, e.g. configs/adaptive.yaml")
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path, "config", "adaptive YAML file, e.g. configs/adaptive.yaml")
     if not isinstance(raw, dict):
         raise ConfigError("config", "expected a mapping", "see configs/adaptive.yaml")
     as_text = {name: (lambda value, where: str(value)) for name in ("name", "domain", "loss")}
@@ -192,10 +188,9 @@ def run_adaptive(config: AdaptiveConfig, zoo, run_dir: Path, log: Callable[[str]
         baseline = build("autoregressive", {}, ModelSet(target=target))
         measured = []
         for index, prompt in enumerate(heldout):
-            base = timed_run(baseline, prompt, config.max_new_tokens)
-            trace = timed_run(speculative(), prompt, config.max_new_tokens)
-            measured.append({"prompt_id": index, "category": config.domain,
-                             "turns": [paired_turn(prompt, trace_record(base), trace)]})
+            base = timed_generate(baseline, prompt, config.max_new_tokens, Sampling(), device, probe=target)
+            trace = timed_generate(speculative(), prompt, config.max_new_tokens, Sampling(), device, probe=target)
+            measured.append(PromptRecord(str(index), config.domain, [paired_turn(prompt, SideRecord.of(base), trace)]))
         held = summarize(measured)  # the same metrics as every sweep cell (harness.metrics)
         row = {"round": round_index, "adapter": adapter or "none", "heldout_alpha": held["alpha"],
                "heldout_tau": held["tau"], "heldout_speedup": held["speedup"], "failures": 0, "retrained": False}
@@ -239,14 +234,6 @@ def run_adaptive(config: AdaptiveConfig, zoo, run_dir: Path, log: Callable[[str]
 def _fmt(value: float | None, digits: int) -> str:
     """``value`` with ``digits`` decimals, or ``-`` when it is undefined (α when nothing was drafted)."""
     return "-" if value is None else f"{value:.{digits}f}"
-
-
-def timed_run(strategy: Any, prompt: list[int], max_new_tokens: int) -> Any:
-    """``strategy.generate`` greedily, with its wall time set on the trace."""
-    started = time.perf_counter()
-    trace = strategy.generate(prompt, max_new_tokens, Sampling())
-    trace.wall_s = time.perf_counter() - started
-    return trace
 
 
 def write_adaptive_report(rows: list[dict[str, Any]], config: AdaptiveConfig, run_dir: Path) -> None:

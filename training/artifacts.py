@@ -17,11 +17,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 from harness.errors import ConfigError
 from harness.models import ARTIFACT_PREFIX, ModelSpec
 from harness.paths import content_hash, specsweep_home
+from harness.yaml_file import read_yaml
 
 MANIFEST = "artifact.json"
 
@@ -139,10 +139,7 @@ def load_train_config(source: str | Path | dict[str, Any], where: str, base_dir:
         path = path if path.is_absolute() else base_dir / path
         if not path.is_file():
             raise ConfigError(where, f"training config {source} not found", "give the path of a training YAML file")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError:
-            raise ConfigError(where, f"{path} is not valid YAML", "fix the YAML syntax") from None
+        raw = read_yaml(path, where, "training YAML file")
         base_dir = path.resolve().parent
     else:
         raw = source

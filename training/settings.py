@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.errors import ConfigError, unknown_key
+from harness.errors import ConfigError, ErrorCollector, unknown_key
 from harness.models import ModelSpec, parse_model_spec
 from training.launch import LaunchSettings
 from training.text import check_sources
@@ -59,45 +59,54 @@ def parse_settings(cls: type, raw: Any, where: str, base_dir: Path, zoo_names: t
     raw = mapping(raw, where)
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(defaults) - set(ignore))
-    if unknown:
-        raise unknown_key(where, unknown[0], ([allowed_note] if allowed_note else []) + sorted(defaults))
+    problems = ErrorCollector()
+    for key in sorted(set(map(str, raw)) - set(defaults) - set(ignore)):
+        problems.add(unknown_key(where, key, ([allowed_note] if allowed_note else []) + sorted(defaults)))
     parsers = fields or {}
     values: dict[str, Any] = {}
     for name, value in raw.items():
-        if name in ignore:
+        if name in ignore or name not in defaults:
             continue
-        path, default = _path(where, name), defaults[name]
-        if name in parsers:
-            values[name] = parsers[name](value, path)
-        elif isinstance(default, ModelSpec):
-            values[name] = parse_model_spec(value, path, "float32", zoo_names, base_dir)
-        elif isinstance(default, LaunchSettings):
-            values[name] = LaunchSettings.from_dict(mapping(value, path), path, base_dir)
-        elif isinstance(default, LoraSettings):
-            values[name] = parse_lora(value, path)
-        elif isinstance(default, str):
-            if not isinstance(value, str) or not value:
-                raise ConfigError(path, f"expected a non-empty string, got {value!r}")
-            values[name] = value
-        elif isinstance(default, tuple):
-            values[name] = string_list(value, path)
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            values[name] = number(value, type(default), path)
-        else:
-            raise TypeError(f"{cls.__name__}.{name}: no parser for a field with default {default!r}")
+        with problems.check():
+            values[name] = _parse_field(cls, name, value, _path(where, name), defaults[name], parsers, base_dir,
+                                        zoo_names)
+    problems.raise_if_any()
     return cls(**values)
 
 
+def _parse_field(cls: type, name: str, value: Any, path: str, default: Any,
+                 parsers: dict[str, Callable[[Any, str], Any]], base_dir: Path, zoo_names: tuple[str, ...]) -> Any:
+    """One field of ``parse_settings``: by its named parser, else by the type of its default."""
+    if name in parsers:
+        return parsers[name](value, path)
+    if isinstance(default, ModelSpec):
+        return parse_model_spec(value, path, "float32", zoo_names, base_dir)
+    if isinstance(default, LaunchSettings):
+        return LaunchSettings.from_dict(mapping(value, path), path, base_dir)
+    if isinstance(default, LoraSettings):
+        return parse_lora(value, path)
+    if isinstance(default, str):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(path, f"expected a non-empty string, got {value!r}")
+        return value
+    if isinstance(default, tuple):
+        return string_list(value, path)
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return number(value, type(default), path)
+    raise TypeError(f"{cls.__name__}.{name}: no parser for a field with default {default!r}")
+
+
 def check_ranges(config: Any, where: str, minimums: dict[str, int]) -> None:
-    """``ConfigError`` naming the first field below its minimum, an ``eval_fraction`` outside (0, 1) or a ``lr`` <= 0."""
+    """``ConfigError``s naming every field below its minimum, an ``eval_fraction`` outside (0, 1) and a ``lr`` <= 0."""
+    problems = ErrorCollector()
     for name, low in minimums.items():
         if getattr(config, name) < low:
-            raise ConfigError(f"{where}.{name}", f"must be >= {low}, got {getattr(config, name)}")
+            problems.add(ConfigError(f"{where}.{name}", f"must be >= {low}, got {getattr(config, name)}"))
     if not 0 < config.eval_fraction < 1:
-        raise ConfigError(f"{where}.eval_fraction", f"must be between 0 and 1, got {config.eval_fraction}")
+        problems.add(ConfigError(f"{where}.eval_fraction", f"must be between 0 and 1, got {config.eval_fraction}"))
     if config.lr <= 0:
-        raise ConfigError(f"{where}.lr", f"must be > 0, got {config.lr}")
+        problems.add(ConfigError(f"{where}.lr", f"must be > 0, got {config.lr}"))
+    problems.raise_if_any()
 
 
 def warmup_cosine(step: int, steps: int, warmup_steps: int) -> float:

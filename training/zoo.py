@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.corpus import DOMAINS, Document, build_corpus
-from harness.zoo_spec import Schedule, ZooConfig, ZooModelConfig, is_built, model_path, zoo_dir
+from harness.zoo_spec import ZOO_CONTEXT, Schedule, ZooConfig, ZooModelConfig, is_built, model_path, zoo_dir
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -95,7 +95,7 @@ def make_model(shape: ZooModelConfig, tokenizer, config: ZooConfig):
         num_hidden_layers=shape.layers,
         num_attention_heads=shape.heads,
         num_key_value_heads=shape.heads,
-        max_position_embeddings=1024,
+        max_position_embeddings=ZOO_CONTEXT,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
