@@ -180,6 +180,8 @@ def crash_starts(times: int) -> Callable[[Path, list[str], dict], tuple[int, str
         ok = [line for line in done.stdout.splitlines() if "cells ok" in line]
         replaced = [line for line in (work / "results").rglob("sweep.log") for line in line.read_text().splitlines()
                     if "failed to start" in line]
+        if done.returncode:
+            return done.returncode, done.stderr
         return done.returncode, "\n".join([*(line.split(" INFO ")[-1] for line in replaced[:1]), *ok]) or done.stderr
     return fault
 

@@ -103,6 +103,25 @@ def time_split(totals: dict[str, float]) -> dict[str, float]:
     return shares
 
 
+def roc_auc(labels: list[int] | list[bool], scores: list[float]) -> float | None:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (SpaDec's predictor: accepted = 1).
+
+    AUC = P(score of a random positive > score of a random negative) + ½ P(equal), the Mann-Whitney U statistic
+    over (#positives × #negatives); None when either class is empty.
+    """
+    positives = [score for label, score in zip(labels, scores) if label]
+    negatives = [score for label, score in zip(labels, scores) if not label]
+    if not positives or not negatives:
+        return None
+    ordered = np.sort(np.asarray(negatives, dtype=float))
+    wins = 0.0
+    for score in positives:
+        below = np.searchsorted(ordered, score, side="left")
+        equal = np.searchsorted(ordered, score, side="right") - below
+        wins += below + 0.5 * equal
+    return float(wins / (len(positives) * len(negatives)))
+
+
 def speedup_bound(alpha: float | None, drafted_per_step: float, target_step_s: float, draft_s_per_step: float) -> float:
     """Leviathan et al.'s ideal speedup for acceptance ``alpha`` and ``drafted_per_step`` = gamma.
 

@@ -22,7 +22,7 @@ from harness.errors import ConfigError
 from harness.metrics import summarize
 from harness.records import CellRecord, Environment, PromptRecord
 from harness.results import ResultStore
-from strategies import parse_params
+from strategies import parse_params, strategy_class
 
 PAIRED_AGAINST = {
     "interleaved": "the autoregressive baseline (specsweep's own decoding loop) run inside each cell on the same "
@@ -135,7 +135,8 @@ def group_rows(records: dict[str, CellRecord]) -> pd.DataFrame:
     for (target, strategy, params, prompt_set), (raw, prompts) in grouped_prompts(records).items():
         summary = summarize(prompts, sampled=sampled, drift_tolerance=tolerance)
         rows.append({"target": target, "strategy": strategy, "params": params, "prompt_set": prompt_set,
-                     "params_raw": raw, "levels": level_summary(prompts), **summary,
+                     "params_raw": raw, "levels": level_summary(prompts), "skipped_fraction": skipped_fraction(prompts),
+                     **tree_extras(prompts), **summary,
                      **time_columns(summary.get("time_split"))})
     return pd.DataFrame(rows)
 
@@ -207,7 +208,8 @@ def write_report(run_dir: str | Path) -> Path:
         groups = groups.sort_values(["target", "prompt_set", "speedup"], ascending=[True, True, False])
         groups["speedup_ci"] = groups.apply(
             lambda r: f"{r.speedup:.2f} [{r.speedup_low:.2f}, {r.speedup_high:.2f}]", axis=1)
-        groups["match"] = groups["match_rate"].map(lambda v: "n/a (sampled)" if sampled else _fmt(v))
+        groups["match"] = [("n/a (sampled)" if sampled else _fmt(rate)) + (" (lossy)" if is_lossy(name) else "")
+                           for rate, name in zip(groups["match_rate"], groups["strategy"])]
         groups["timing"] = groups["timing_suspect"].map(lambda v: "SUSPECT" if v else "ok")
         write_summary(groups, columns, run_dir)
         sections += ["## Speedup by strategy and prompt set", "", markdown_table(groups, columns), ""]
@@ -237,6 +239,7 @@ def write_report(run_dir: str | Path) -> Path:
             sections += ["![α and τ against γ](acceptance_vs_gamma.png)", ""]
         sections += acceptance_section(groups)
         sections += time_split_section(groups, multi_target)
+        sections += skipping_section(groups, multi_target, records)
         sections += cascade_section(groups, run_dir)
         sections += lora_arms_section(groups)
         spec_bench = spec_bench_table(records, multi_target)
@@ -334,10 +337,94 @@ def correctness_section(cells: pd.DataFrame, sampled: bool) -> list[str]:
         else:
             match = _fmt(float(ran["match_rate"].mean()))
         rows.append({"strategy": strategy, "cells": len(frame), "failed": int((frame["status"] != "ok").sum()),
-                     "match": match})
-    return ["## Correctness", "", markdown_table(pd.DataFrame(rows), {
-        "strategy": "strategy", "cells": "cells", "failed": "failed", "match": "token match (mean over cells that ran)",
+                     "match": match, "kind": "lossy" if is_lossy(strategy) else "lossless"})
+    lines = ["## Correctness", "", markdown_table(pd.DataFrame(rows), {
+        "strategy": "strategy", "kind": "kind", "cells": "cells", "failed": "failed",
+        "match": "token match with the dense baseline (mean over cells that ran)",
     }), ""]
+    if any(row["kind"] == "lossy" for row in rows):
+        lines += ["Lossy strategies decode with a modified target (layer skipping); their token match measures how far "
+                  "they drift from the dense model, and a mismatch does not fail their cells.", ""]
+    return lines
+
+
+def is_lossy(strategy: str) -> bool:
+    """Whether ``strategy`` decodes with a modified target (False for a strategy this process does not know)."""
+    try:
+        return strategy_class(strategy).lossy
+    except ConfigError:
+        return False
+
+
+def skipped_fraction(prompts: list[PromptRecord]) -> float | None:
+    """Skipped / routed token-layers of a layer-skipping target over ``prompts`` (None when nothing was routed)."""
+    skipped = routed = 0
+    for prompt in prompts:
+        for turn in prompt.turns:
+            skipped += turn.strategy.extras.get("skipped_layers", 0)
+            routed += turn.strategy.extras.get("routed_layers", 0)
+    return skipped / routed if routed else None
+
+
+def tree_extras(prompts: list[PromptRecord]) -> dict[str, float | None]:
+    """SpaDec's per-turn extras pooled: the share of tree nodes that went through the deep layers, and the
+    predictor's AUC averaged over turns weighted by the nodes it scored."""
+    deep = nodes = scored = 0
+    auc_sum = 0.0
+    for prompt in prompts:
+        for turn in prompt.turns:
+            extras = turn.strategy.extras
+            deep += extras.get("deep_nodes", 0)
+            nodes += extras.get("tree_nodes", 0)
+            if extras.get("predictor_auc") is not None:
+                auc_sum += extras["predictor_auc"] * extras.get("predictor_nodes", 0)
+                scored += extras.get("predictor_nodes", 0)
+    return {"deep_share": deep / nodes if nodes else None, "predictor_auc": auc_sum / scored if scored else None}
+
+
+def dllm_match(records: dict[str, CellRecord]) -> dict[tuple, float]:
+    """For each lossy cell's group: the share of its turns whose tokens equal those of the same run's ``dllm`` cell
+    on the same prompt set, shard and D-LLM target (D-LLM's own autoregressive output), keyed like the groups."""
+    reference: dict[tuple, dict[tuple, list[int]]] = {}
+    for record in records.values():
+        if record.ok and record.strategy == "dllm":
+            key = (record.target_name, record.prompt_set, record.cell["shard"])
+            reference[key] = {(p.prompt_id, i): t.strategy.tokens for p in record.prompts for i, t in enumerate(p.turns)}
+    matches: dict[tuple, list[bool]] = {}
+    for record in records.values():
+        key = (record.target_name, record.prompt_set, record.cell["shard"])
+        if not record.ok or record.strategy == "dllm" or not is_lossy(record.strategy) or key not in reference:
+            continue
+        group = (record.target_name, record.strategy, params_label(resolved_params(record.strategy, record.params)),
+                 record.prompt_set)
+        for prompt in record.prompts:
+            for index, turn in enumerate(prompt.turns):
+                expected = reference[key].get((prompt.prompt_id, index))
+                if expected is not None:
+                    matches.setdefault(group, []).append(turn.strategy.tokens == expected)
+    return {group: sum(values) / len(values) for group, values in matches.items() if values}
+
+
+def skipping_section(groups: pd.DataFrame, multi_target: bool, records: dict[str, CellRecord]) -> list[str]:
+    """Lossy layer-skipping strategies: skipped layers, token match against the dense baseline and against D-LLM's
+    autoregressive output, SpaDec's deep share and predictor AUC."""
+    frame = groups.dropna(subset=["skipped_fraction"]) if "skipped_fraction" in groups else groups.iloc[0:0]
+    if frame.empty:
+        return []
+    against = dllm_match(records)
+    frame = frame.assign(match_dllm=[against.get((r.target, r.strategy, r.params, r.prompt_set))
+                                     for r in frame.itertuples()])
+    columns = {**({"target": "target"} if multi_target else {}), "strategy": "strategy", "params": "params",
+               "prompt_set": "prompt set", "speedup": "speedup", "cost_speedup": "cost speedup", "tau": "τ",
+               "skipped_fraction": "skipped layers", "deep_share": "tree nodes verified deep",
+               "predictor_auc": "predictor AUC", "match_rate": "token match (dense)",
+               "match_dllm": "token match (D-LLM autoregressive)"}
+    return ["## Layer skipping (lossy)", "",
+            "Skipped layers: routed token-layers skipped / routed token-layers. Tree nodes verified deep: SpaDec's "
+            "share of draft-tree nodes that went through the layers after K (1 with the predictor off). Predictor "
+            "AUC: on the nodes it scored (exact labels with the predictor off). Token match: turns equal to the "
+            "dense baseline's output, and to the D-LLM target's own autoregressive output (`dllm` in this run).",
+            "", markdown_table(frame, columns), ""]
 
 
 def level_summary(prompts: list[PromptRecord]) -> dict[str, dict[str, float]]:

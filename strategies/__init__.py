@@ -5,7 +5,7 @@ from strategies.registry import available, build, parse_params, register, strate
 from strategies.sampling import Sampling
 
 # Built-in strategies register themselves on import.
-from strategies import autoregressive, cascade, eagle, hf_peers, lora_routed, prompt_lookup, speculative  # noqa: E402,F401
+from strategies import autoregressive, cascade, eagle, hf_peers, lora_routed, prompt_lookup, spadec, speculative  # noqa: E402,F401,E501
 
 __all__ = [
     "ModelSet", "Sampling", "Step", "Strategy", "StrategyParams", "Trace",

@@ -191,6 +191,7 @@ class Strategy(ABC):
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[StrategyParams]] = StrategyParams
+    lossy: ClassVar[bool] = False  # decodes with a modified target (layer skipping): not held to the baseline's tokens
 
     def __init__(self, params: StrategyParams, models: ModelSet) -> None:
         self.params = params

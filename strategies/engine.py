@@ -14,12 +14,15 @@ A method that fits no proposer (e.g. the Hugging Face peers, which call
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from harness.lm import CausalLM, StepOutput
 from strategies.base import Step, Strategy, Trace
 from strategies.sampling import Sampling
 from strategies.verification import Proposal, Verification, verify
+
+
+Verifier = Callable[[CausalLM, list[int], Proposal, Sampling, bool], Verification]  # (target, sequence, draft, ...)
 
 
 class Proposer(ABC):
@@ -56,12 +59,13 @@ class Proposer(ABC):
 
 
 def decode(target: CausalLM, proposer: Proposer, prompt_ids: list[int], max_new_tokens: int,
-           sampling: Sampling, start: StepOutput | None = None) -> tuple[list[int], list[Step]]:
+           sampling: Sampling, start: StepOutput | None = None, verifier: Verifier = verify) -> tuple[list[int], list[Step]]:
     """Draft and verify until ``max_new_tokens`` tokens or an EOS; return the new tokens and the steps.
 
     ``start``: the target's cache already holds ``prompt_ids`` (e.g. a previous
     turn's cache, extended), and ``start`` is its output for them; otherwise the
-    prompt is prefilled.
+    prompt is prefilled. ``verifier`` scores each draft (default: the exact chain
+    or tree verifier for its shape; SpaDec's layer-skipping verifier replaces it).
     """
     prefill = start or target.prefill(prompt_ids, output_hidden_states=proposer.needs_hidden_states)
     sequence = list(prompt_ids)
@@ -80,7 +84,7 @@ def decode(target: CausalLM, proposer: Proposer, prompt_ids: list[int], max_new_
     while True:
         budget = max(0, max_new_tokens - (len(sequence) - len(prompt_ids)) - 1)
         proposal = proposer.propose(sequence, budget, sampling)
-        verification = verify(target, sequence, proposal, sampling, proposer.needs_hidden_states)
+        verification = verifier(target, sequence, proposal, sampling, proposer.needs_hidden_states)
         steps.append(Step(drafted=proposal.drafted, accepted=verification.accepted))
         proposer.observe(sequence, verification)
         sequence.extend(verification.tokens)
@@ -95,8 +99,21 @@ class ProposerStrategy(Strategy):
     def proposer(self) -> Proposer:
         """A proposer for the next prompt (it may be the same object every time)."""
 
+    def decoding_target(self) -> CausalLM:
+        """The model that verifies (the sweep's target; a lossy method may decode with a modified one)."""
+        return self.models.target
+
+    def verifier(self) -> Verifier:
+        """The verifier of every draft (default: the exact one for the draft's shape)."""
+        return verify
+
+    def extras(self) -> dict[str, Any]:
+        """Extra Trace fields of the strategy itself, read after each prompt (the proposer's come too)."""
+        return {}
+
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
-        target = self.models.target
+        target = self.decoding_target()
         proposer = self.proposer()
-        tokens, steps = decode(target, proposer, prompt_ids, max_new_tokens, sampling)
-        return self.finish(tokens, steps, {"target": target, **proposer.models()}, max_new_tokens, **proposer.extras())
+        tokens, steps = decode(target, proposer, prompt_ids, max_new_tokens, sampling, verifier=self.verifier())
+        return self.finish(tokens, steps, {"target": target, **proposer.models()}, max_new_tokens,
+                           **proposer.extras(), **self.extras())

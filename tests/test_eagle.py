@@ -213,3 +213,46 @@ def test_cli_train_refuses_a_config_of_another_kind(tmp_path, capsys):
     (tmp_path / "head.yaml").write_text(yaml.safe_dump(TINY_HEAD))
     assert main(["train", "adapter", str(tmp_path / "head.yaml")]) == 2
     assert "config.kind: the file trains 'eagle', not 'adapter'" in capsys.readouterr().err
+
+
+def spadec_decode(models, prompt: list[int], limit: int, predictor=None):
+    """SpaDec over the zoo target with every router executing: eagle2's proposer, the layer-skipping verifier."""
+    from harness.dllm import SkippingLM
+    from strategies import Sampling
+    from strategies.eagle import Eagle2Params, TreeHeadProposer
+    from strategies.engine import decode
+    from strategies.spadec import SpaDecVerifier, default_split
+    from tests.test_dllm import routers_for
+
+    model = models.target.model
+    target = SkippingLM(model, "dllm", routers_for(model), force_execute=True)
+    proposer = TreeHeadProposer(models.artifact("head"), Eagle2Params(head="head", total_tokens=10, depth=4, top_k=3))
+    verifier = SpaDecVerifier(default_split(model.config.num_hidden_layers), predictor=predictor)
+    return decode(target, proposer, prompt, limit, Sampling(), verifier=verifier), verifier
+
+
+def test_spadec_with_every_router_executing_and_the_predictor_off_equals_eagle2(trained_models, zoo_prompts):
+    from strategies import Sampling, build
+
+    eagle2 = build("eagle2", {"head": "head", "total_tokens": 10, "depth": 4, "top_k": 3}, trained_models)
+    for prompt in zoo_prompts:
+        expected = eagle2.generate(prompt, 24, Sampling())
+        (tokens, steps), verifier = spadec_decode(trained_models, prompt, 24)
+        assert tokens == expected.tokens
+        assert [(s.drafted, s.accepted) for s in steps] == [(s.drafted, s.accepted) for s in expected.steps]
+        assert verifier.log.deep_nodes == verifier.log.tree_nodes  # predictor off: the whole tree goes deep
+
+
+def test_spadec_with_the_predictor_on_verifies_one_path_and_stays_exact_on_a_dense_target(trained_models,
+                                                                                          zoo_prompts):
+    from strategies import Sampling, build
+    from strategies.spadec_selection import AcceptancePredictor
+
+    torch.manual_seed(0)
+    predictor = AcceptancePredictor(trained_models.target.model.config.hidden_size)
+    baseline = build("autoregressive", {}, trained_models)
+    for prompt in zoo_prompts[:3]:
+        (tokens, _), verifier = spadec_decode(trained_models, prompt, 24, predictor=predictor)
+        assert tokens == baseline.generate(prompt, 24, Sampling()).tokens
+        assert verifier.log.deep_nodes < verifier.log.tree_nodes
+        assert len(verifier.log.probabilities) == len(verifier.log.accepted) > 0

@@ -116,7 +116,7 @@ def test_report_escapes_table_cells_and_counts_no_match_when_every_cell_failed(t
     row = next(line for line in report.splitlines() if line.startswith("| c1 "))
     assert "line one line \\| two" in row and row.count(" | ") == 6  # seven columns, none split
     correctness = report.split("## Correctness")[1].split("\n\n")[1]
-    assert "| speculative | 1 | 1 | - |" in correctness
+    assert "| speculative | lossless | 1 | 1 | - |" in correctness
 
 
 def test_compare_lists_each_run_and_marks_rows_from_other_devices(tmp_path, cache):

@@ -81,9 +81,22 @@ def _draft_kind() -> ArtifactKind:
     return ArtifactKind("draft", parse_draft_config, build_draft, lambda request, target: request.directory / MODEL_DIR)
 
 
+def _dllm_kind() -> ArtifactKind:
+    from training.dllm import build_dllm, load_dllm, parse_dllm_config  # lazy: peft, Ray Train, DeepSpeed
+
+    return ArtifactKind("dllm", parse_dllm_config, build_dllm,
+                        lambda request, target: load_dllm(request.directory, target.device, target.dtype))
+
+
+def _spadec_kind() -> ArtifactKind:
+    from training.spadec import build_spadec, load_spadec, parse_spadec_config  # lazy: peft, Ray Train, DeepSpeed
+
+    return ArtifactKind("spadec", parse_spadec_config, build_spadec, load_spadec)
+
+
 KINDS: dict[str, Callable[[], ArtifactKind]] = {
     "eagle": _eagle_kind, "adapters": _adapters_kind, "router": _router_kind, "alora": _alora_kind,
-    "draft": _draft_kind, "bigram": _bigram_kind}
+    "draft": _draft_kind, "bigram": _bigram_kind, "dllm": _dllm_kind, "spadec": _spadec_kind}
 
 
 def artifact_kind(name: str, where: str = "kind") -> ArtifactKind:

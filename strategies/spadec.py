@@ -1,0 +1,215 @@
+"""SpaDec's verifier: pre-verify the whole draft tree in the target's first K layers, pick what goes deeper, verify
+that in the remaining layers of a D-LLM (layer-skipping) target.
+
+It pairs with EAGLE-2's tree proposer (``strategies.eagle.TreeHeadProposer``) over the shared decode loop:
+
+1. the first ``split`` (K) layers run over every tree node (``harness.dllm.SkippingLM.forward_split``);
+2. predictor on: the acceptance predictor scores each node from its hidden state entering layer K and
+   ``strategies.spadec_selection.select_path`` keeps one root-to-leaf path; predictor off: every node is kept;
+3. the kept nodes go through the remaining layers, where a layer is skipped only when its router says skip for
+   every one of them; the target's logits on those nodes decide acceptance by the tree rule
+   (``strategies.verification.accept_tree``), over the kept sub-tree.
+
+With every router executing and the predictor off this is EAGLE-2's verification exactly. Layer skipping changes
+the target's outputs, so SpaDec decoding is lossy against the dense target (reported as such).
+
+K defaults to 6 on a 32-layer target, scaled by depth (``default_split``). SpaDec's public code ships the
+predictor path unreachable (it needs ``retrieve_indices``, which is never passed); this follows the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from harness.dllm import SkipStats, SkippingLM
+from harness.errors import ConfigError
+from harness.metrics import roc_auc
+from harness.tree import tree_inputs
+from strategies.autoregressive import NothingProposer
+from strategies.base import StrategyParams, Trace
+from strategies.eagle import Eagle2Params, TreeHeadProposer
+from strategies.engine import Proposer, ProposerStrategy
+from strategies.registry import register
+from strategies.sampling import Sampling
+from strategies.spadec_selection import AcceptancePredictor, select_path
+from strategies.verification import Proposal, Verification, accept_tree
+
+
+def default_split(layers: int) -> int:
+    """K: 6 of 32 layers, scaled to ``layers`` (at least 1, and leaving at least one layer after it)."""
+    return max(1, min(layers - 1, round(6 * layers / 32)))
+
+
+@dataclass
+class PredictorLog:
+    """Per tree node: the predictor's probability and whether the node ended on the accepted path (the predictor's
+    AUC, and its training labels). The labels are exact with the predictor off, when every node is verified; with
+    it on, a node left out of the deep layers counts as rejected."""
+
+    probabilities: list[float] = field(default_factory=list)
+    accepted: list[bool] = field(default_factory=list)
+    deep_nodes: int = 0  # nodes that went through the layers after K
+    tree_nodes: int = 0
+    keep_features: bool = False  # also keep each non-root node's hidden state entering layer K (training data)
+    features: list[torch.Tensor] = field(default_factory=list)
+
+
+class SpaDecVerifier:
+    """The verifier described in the module docstring; a ``strategies.engine.Verifier``."""
+
+    def __init__(self, split: int, predictor: AcceptancePredictor | None = None, log: PredictorLog | None = None,
+                 scorer: AcceptancePredictor | None = None) -> None:
+        self.split = split
+        self.predictor = predictor  # prunes the tree when given (predictor on)
+        self.scorer = scorer or predictor  # scores nodes for the log (AUC) even with the predictor off
+        self.log = log if log is not None else PredictorLog()
+
+    def __call__(self, target: SkippingLM, sequence: list[int], proposal: Proposal, sampling: Sampling,
+                 hidden_states: bool = False) -> Verification:
+        if not proposal.is_tree:
+            raise ValueError("SpaDec verifies draft trees (pair it with eagle2's tree proposer)")
+        committed = len(sequence) - 1
+        if target.length != committed or proposal.tokens[0] != sequence[-1]:
+            raise ValueError("SpaDec: the target's cache must hold the sequence minus its last token, the tree's root")
+        parents = proposal.parents
+        mask, positions = tree_inputs(parents, committed, target.device)
+        scores: list[float] = []
+
+        def select(entering: torch.Tensor) -> list[int]:
+            if self.log.keep_features:
+                self.log.features.append(entering[1:].detach().float().cpu())
+            if self.scorer is not None:
+                with torch.inference_mode():
+                    scores.extend(self.scorer(entering.to(next(self.scorer.parameters()).dtype)).float().tolist())
+            if self.predictor is None:
+                return list(range(len(parents)))
+            return select_path(parents, scores)
+
+        out, chosen, _ = target.forward_split(proposal.tokens, mask, positions, self.split, select)
+        position = {node: index for index, node in enumerate(chosen)}
+        sub_parents = [-1] + [position[parents[node]] for node in chosen[1:]]
+        sub_tokens = [proposal.tokens[node] for node in chosen]
+        sub_scores = [(proposal.scores or [0.0] * len(parents))[node] for node in chosen]
+        sub_path, following = accept_tree(sub_tokens, sub_parents, sub_scores, sampling.probs(out.logits), sampling)
+        path = [chosen[index] for index in sub_path]
+        target.keep(list(range(committed)) + [committed + node for node in path])
+        on_path = set(path)
+        if scores:
+            self.log.probabilities.extend(scores[1:])
+        if scores or self.log.keep_features:
+            self.log.accepted.extend(node in on_path for node in range(1, len(parents)))
+        self.log.deep_nodes += len(chosen)
+        self.log.tree_nodes += len(parents)
+        return Verification(accepted=len(path) - 1, tokens=[proposal.tokens[node] for node in path[1:]] + [following],
+                            hidden_states=out.hidden_states[sub_path] if hidden_states else None, path=path)
+
+
+@dataclass(frozen=True)
+class DLLMParams(StrategyParams):
+    """``dllm``: the sweep's ``train`` entry (kind ``dllm``) holding the D-LLM target."""
+
+    dllm: str = ""
+
+    def validate(self, where: str) -> None:
+        if not self.dllm:
+            raise ConfigError(f"{where}.dllm", "required parameter is missing",
+                              "name a train entry of kind dllm, e.g. dllm: dllm with train: {dllm: train/dllm_zoo.yaml}")
+
+    def uses_artifacts(self) -> list[str]:
+        return [self.dllm]
+
+
+@register("dllm")
+class DLLMDecoding(ProposerStrategy):
+    """The D-LLM target decoding autoregressively: one layer-skipping forward per token (lossy: the target's
+    outputs change where layers are skipped). Its trace gives the skipped share of routed token-layers."""
+
+    Params = DLLMParams
+    lossy = True
+
+    def decoding_target(self) -> SkippingLM:
+        return self.models.artifact(self.params.dllm)
+
+    def proposer(self) -> Proposer:
+        return NothingProposer()
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
+        self.decoding_target().skips = SkipStats()
+        return super().generate(prompt_ids, max_new_tokens, sampling)
+
+    def extras(self) -> dict[str, float]:
+        skips = self.decoding_target().skips
+        return {"skipped_layers": skips.skipped, "routed_layers": skips.routed, "lossy": True}
+
+
+PREDICTOR_MODES = ("on", "off")
+
+
+@dataclass(frozen=True)
+class SpaDecParams(StrategyParams):
+    """``spadec``: the sweep's ``train`` entry (kind ``spadec``: D-LLM target, head, predictor); ``predictor``
+    on or off; ``split`` K (0: the artefact's); EAGLE-2's tree budget."""
+
+    spadec: str = ""
+    predictor: str = "on"
+    split: int = 0
+    total_tokens: int = 60
+    depth: int = 5
+    top_k: int = 10
+
+    def validate(self, where: str) -> None:
+        if not self.spadec:
+            raise ConfigError(f"{where}.spadec", "required parameter is missing",
+                              "name a train entry of kind spadec, e.g. spadec: spadec with train: {spadec: train/spadec_zoo.yaml}")
+        if self.predictor not in PREDICTOR_MODES:
+            raise ConfigError(f"{where}.predictor", f"expected on or off, got {self.predictor!r}")
+        for name, low in (("split", 0), ("total_tokens", 2), ("depth", 1), ("top_k", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{where}.{name}", f"must be >= {low}, got {getattr(self, name)}")
+
+    def uses_artifacts(self) -> list[str]:
+        return [self.spadec]
+
+
+@register("spadec")
+class SpaDec(ProposerStrategy):
+    """SpaDec: EAGLE-2's tree over a D-LLM target, pre-verified in K layers, then the predictor's path (on) or the
+    whole tree (off) through the remaining layers (lossy: layers are skipped). Its trace gives the skipped layers,
+    the share of tree nodes that went deep and the predictor's AUC on the nodes it scored."""
+
+    Params = SpaDecParams
+    lossy = True
+
+    def __init__(self, params: SpaDecParams, models) -> None:
+        super().__init__(params, models)
+        self.log = PredictorLog()
+
+    def parts(self):
+        return self.models.artifact(self.params.spadec)
+
+    def decoding_target(self) -> SkippingLM:
+        return self.parts().target
+
+    def proposer(self) -> Proposer:
+        tree = Eagle2Params(head=self.params.spadec, total_tokens=self.params.total_tokens, depth=self.params.depth,
+                            top_k=self.params.top_k)
+        return TreeHeadProposer(self.parts().head, tree)
+
+    def verifier(self) -> SpaDecVerifier:
+        parts = self.parts()
+        return SpaDecVerifier(self.params.split or parts.split,
+                              predictor=parts.predictor if self.params.predictor == "on" else None,
+                              scorer=parts.predictor, log=self.log)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
+        self.log = PredictorLog()
+        self.decoding_target().skips = SkipStats()
+        return super().generate(prompt_ids, max_new_tokens, sampling)
+
+    def extras(self) -> dict[str, object]:
+        skips = self.decoding_target().skips
+        return {"skipped_layers": skips.skipped, "routed_layers": skips.routed, "deep_nodes": self.log.deep_nodes,
+                "tree_nodes": self.log.tree_nodes, "predictor_auc": roc_auc(self.log.accepted, self.log.probabilities),
+                "predictor_nodes": len(self.log.accepted), "lossy": True}
