@@ -69,6 +69,7 @@ class SkipStats:
 
     routed: int = 0
     skipped: int = 0
+    skipped_parameters: int = 0  # Σ over forward passes of the parameters of the layers the pass skipped
 
     @property
     def skipped_fraction(self) -> float:
@@ -89,6 +90,7 @@ class SkippingLM(CausalLM):
         self.layer_cache_argument = cache_argument(self.body.layers[0])
         self.flags: list[torch.Tensor] = []
         self.skips = SkipStats()
+        self.layer_parameters = [sum(p.numel() for p in layer.parameters()) for layer in self.body.layers]
 
     # ------------------------------------------------------------------ cache bookkeeping
 
@@ -198,6 +200,7 @@ class SkippingLM(CausalLM):
             if layer >= self.routers.start:
                 self.skips.routed += count
                 self.skips.skipped += 0 if runs else count
+                self.skips.skipped_parameters += 0 if runs else self.layer_parameters[layer]
             if runs:
                 visible = allowed & torch.cat([self.flags[layer][:past],
                                                torch.ones(count, dtype=torch.bool, device=self.device)])[None]

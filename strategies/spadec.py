@@ -121,8 +121,17 @@ class DLLMParams(StrategyParams):
         return [self.dllm]
 
 
+class SkippingCost:
+    """CS Drafting's parameter-count cost with the layers a pass skipped left out: Σ calls × parameters, minus
+    Σ over passes of the skipped layers' parameters (a lossy strategy over a ``SkippingLM``)."""
+
+    def cost_units(self, forward: dict[str, dict[str, float]]) -> float:
+        dense = float(sum(stats["calls"] * stats["parameters"] for stats in forward.values()))
+        return dense - float(self.decoding_target().skips.skipped_parameters)
+
+
 @register("dllm")
-class DLLMDecoding(ProposerStrategy):
+class DLLMDecoding(SkippingCost, ProposerStrategy):
     """The D-LLM target decoding autoregressively: one layer-skipping forward per token (lossy: the target's
     outputs change where layers are skipped). Its trace gives the skipped share of routed token-layers."""
 
@@ -174,7 +183,7 @@ class SpaDecParams(StrategyParams):
 
 
 @register("spadec")
-class SpaDec(ProposerStrategy):
+class SpaDec(SkippingCost, ProposerStrategy):
     """SpaDec: EAGLE-2's tree over a D-LLM target, pre-verified in K layers, then the predictor's path (on) or the
     whole tree (off) through the remaining layers (lossy: layers are skipped). Its trace gives the skipped layers,
     the share of tree nodes that went deep and the predictor's AUC on the nodes it scored."""

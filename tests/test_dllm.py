@@ -49,6 +49,7 @@ def test_a_token_skipped_at_a_layer_is_invisible_there_to_later_tokens(target_mo
     skipped_layer = layers - 1
     model = SkippingLM(target_model, "dllm", routers_for(target_model, skip_layers=(skipped_layer,)))
     model.prefill([5, 17, 33, 8])  # a multi-token pass skips the layer too (every token says skip)
+    assert model.skips.skipped == 4 and model.skips.skipped_parameters == model.layer_parameters[skipped_layer]
     model.force_execute = True
     model.extend([40])
     assert model.flags[skipped_layer].tolist() == [False] * 4 + [True]
