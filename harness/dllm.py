@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from harness.lm import CausalLM, StepOutput, cache_argument, synchronize
+from harness.lm import CausalLM, StepOutput, additive_mask, cache_argument, synchronize
 
 
 class ExecutionRouter(torch.nn.Module):
@@ -165,15 +165,7 @@ class SkippingLM(CausalLM):
         rows = normed[-1:] if last_logits_only else normed
         logits = self.model.get_output_embeddings()(rows).float()
         synchronize(self.device)
-        elapsed = time.perf_counter() - started
-        if prefill:
-            self.stats.prefill_calls += 1
-            self.stats.prefill_seconds += elapsed
-            self.stats.prefill_tokens += tokens
-        else:
-            self.stats.decode_calls += 1
-            self.stats.decode_seconds += elapsed
-            self.stats.decode_tokens += tokens
+        self.stats.count(prefill, time.perf_counter() - started, tokens)
         self.last_logits = logits[-1]
         return StepOutput(logits=logits, hidden_states=normed if output_hidden_states else None)
 
@@ -204,7 +196,7 @@ class SkippingLM(CausalLM):
             if runs:
                 visible = allowed & torch.cat([self.flags[layer][:past],
                                                torch.ones(count, dtype=torch.bool, device=self.device)])[None]
-                mask = _additive(visible, self.dtype)
+                mask = additive_mask(visible, self.dtype)
                 hidden = self.body.layers[layer](hidden[None], attention_mask=mask, position_embeddings=embeddings,
                                                  position_ids=positions[None], use_cache=True, **cache)[0]
             else:
@@ -255,13 +247,6 @@ def _causal(count: int, past: int, device: torch.device) -> torch.Tensor:
     return torch.cat([torch.ones(count, past, dtype=torch.bool, device=device), new], dim=1)
 
 
-def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean ``[q, k]`` mask as the ``[1, 1, q, k]`` additive mask decoder layers take."""
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
-
-
 def route_tokens(model: torch.nn.Module, routers: LayerRouters, input_ids: torch.Tensor, tau: float = 1.0,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """D-LLM's training forward over ``input_ids`` ``[batch, tokens]`` (no cache): from ``routers.start`` on, each
@@ -281,7 +266,7 @@ def route_tokens(model: torch.nn.Module, routers: LayerRouters, input_ids: torch
     for layer_index, layer in enumerate(body.layers):
         logits = routers.logits(layer_index, hidden)
         if logits is None:
-            mask = _additive(causal, hidden.dtype).expand(batch, 1, count, count)
+            mask = additive_mask(causal, hidden.dtype).expand(batch, 1, count, count)
             hidden = layer(hidden, attention_mask=mask, position_embeddings=embeddings, position_ids=positions)
             continue
         noise = -torch.log(-torch.log(torch.rand(logits.shape, generator=generator, device="cpu").to(device)

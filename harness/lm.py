@@ -62,6 +62,17 @@ class ForwardStats:
     def calls(self) -> int:
         return self.prefill_calls + self.decode_calls
 
+    def count(self, prefill: bool, seconds: float, tokens: int) -> None:
+        """Count one forward pass of ``tokens`` tokens that took ``seconds``, as a prefill or a decode call."""
+        if prefill:
+            self.prefill_calls += 1
+            self.prefill_seconds += seconds
+            self.prefill_tokens += tokens
+        else:
+            self.decode_calls += 1
+            self.decode_seconds += seconds
+            self.decode_tokens += tokens
+
     def as_dict(self) -> dict[str, float]:
         return {
             "calls": self.calls,
@@ -210,7 +221,7 @@ class CausalLM:
             position_ids = torch.arange(past, past + n_new, device=self.device)
         kwargs = {name: value.to(self.device)[None] for name, value in (extra_inputs or {}).items()}
         if attention_mask is not None:
-            kwargs["attention_mask"] = _additive_mask(attention_mask, self.dtype)
+            kwargs["attention_mask"] = additive_mask(attention_mask, self.dtype)
         synchronize(self.device)
         started = time.perf_counter()
         inputs = {"input_ids": input_ids, "position_ids": position_ids.reshape(1, -1).to(self.device), "use_cache": True,
@@ -225,15 +236,7 @@ class CausalLM:
             out = self.model(output_hidden_states=output_hidden_states, **inputs, **{self.cache_argument: self.cache})
             logits = out.logits[0, -1:].float() if last_logits_only else out.logits[0].float()
         synchronize(self.device)
-        elapsed = time.perf_counter() - started
-        if prefill:
-            self.stats.prefill_calls += 1
-            self.stats.prefill_seconds += elapsed
-            self.stats.prefill_tokens += n_new
-        else:
-            self.stats.decode_calls += 1
-            self.stats.decode_seconds += elapsed
-            self.stats.decode_tokens += n_new
+        self.stats.count(prefill, time.perf_counter() - started, n_new)
         self.last_logits = logits[-1]
         if out is None:
             hidden = hidden[0] if output_hidden_states else None
@@ -279,7 +282,7 @@ def _parameters_used(model: torch.nn.Module, subset: VocabSubset | None) -> int:
     return total - model.get_output_embeddings().weight.numel() + subset.weight.numel()
 
 
-def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Turn a boolean ``[new, total]`` mask into the ``[1, 1, new, total]`` additive mask models accept."""
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed.bool(), torch.finfo(dtype).min)
