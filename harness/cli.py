@@ -180,9 +180,8 @@ def run_in(run_dir: Path, sweep, args: argparse.Namespace, address: str | None) 
     recorded = {plan_key(record.cell) for record in ResultStore(run_dir).records()}
     if check_plan(run_dir, list(planned), recorded, args.force):
         print(f"specsweep: note: the earlier sweep file is kept as {keep_snapshot(run_dir)}", file=sys.stderr)
-    if args.overrides or args.limit is not None:  # the file as it ran, overrides applied
-        applied = " ".join([*(f"--set {item}" for item in args.overrides),
-                            *([f"--limit {args.limit}"] if args.limit is not None else [])])
+    applied = override_flags(args)
+    if applied:  # the file as it ran, overrides applied
         (run_dir / "sweep.yaml").write_text(f"# {args.sweep} with {applied}\n" + yaml.safe_dump(sweep.raw, sort_keys=False))
     else:
         (run_dir / "sweep.yaml").write_text(Path(args.sweep).read_text())
@@ -199,12 +198,19 @@ def run_in(run_dir: Path, sweep, args: argparse.Namespace, address: str | None) 
     except InfraError as error:
         print(f"specsweep: error: {error}", file=sys.stderr)
         return stopped(run_dir, len(planned), args, "stopped", EXIT_INFRASTRUCTURE)
-    report = write_report(run_dir)
-    warn_unreadable(run_dir)
+    store = ResultStore(run_dir)
+    report = write_report(run_dir, store)
+    warn_unreadable(store)
     print(summary_table(run_dir))
     print(f"{outcome.ok} of {outcome.total} cells ok, {outcome.failed} failed")
     print(f"report: {report}")
     return EXIT_FAILED_CELLS if outcome.failed else EXIT_OK
+
+
+def override_flags(args: argparse.Namespace) -> str:
+    """The ``--set`` and ``--limit`` flags of a run, as typed again to repeat it ("" when there are none)."""
+    return " ".join([*(f"--set {item}" for item in args.overrides),
+                     *([f"--limit {args.limit}"] if args.limit is not None else [])])
 
 
 def _interrupt(signum: int, frame) -> None:
@@ -216,27 +222,25 @@ def stopped(run_dir: Path, planned: int, args: argparse.Namespace, how: str, cod
     """A sweep that stopped early: write the partial report, say how much is recorded and how to resume."""
     from harness.report import write_report  # lazy: pandas and matplotlib
 
-    recorded = len(ResultStore(run_dir).latest())
+    store = ResultStore(run_dir)
+    recorded = len(store.latest())
     if recorded:
         try:
-            print(f"partial report: {write_report(run_dir)}", file=sys.stderr)
+            print(f"partial report: {write_report(run_dir, store)}", file=sys.stderr)
         except KeyboardInterrupt:
             pass
-    again = " ".join([*(f"--set {item}" for item in args.overrides),
-                      *([f"--limit {args.limit}"] if args.limit is not None else [])])
+    again = override_flags(args)
     print(f"{how}: {recorded} of {planned} cells recorded; resume with specsweep run {args.sweep} "
           f"{again + ' ' if again else ''}--resume {run_dir}", file=sys.stderr)
     return code
 
 
-def warn_unreadable(run_dir: Path) -> None:
-    """A terminal warning naming the lines of ``cells.jsonl`` that could not be read."""
-    store = ResultStore(run_dir)
-    list(store.records())
+def warn_unreadable(store: ResultStore) -> None:
+    """A terminal warning naming the lines of ``cells.jsonl`` that the last read of ``store`` could not read."""
     if store.unreadable:
         numbers = ", ".join(str(line.number) for line in store.unreadable[:10])
         print(f"specsweep: warning: {len(store.unreadable)} line(s) of {store.path} could not be read (line "
-              f"{numbers}) and are left out; `specsweep fsck {run_dir}` lists them", file=sys.stderr)
+              f"{numbers}) and are left out; `specsweep fsck {store.run_dir}` lists them", file=sys.stderr)
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
@@ -312,8 +316,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "cells.jsonl").exists():
         raise ConfigError("run_dir", f"{run_dir} has no cells.jsonl", "pass a results/<sweep>/<run> directory")
-    print(f"report: {write_report(run_dir)}")
-    warn_unreadable(run_dir)
+    store = ResultStore(run_dir)
+    print(f"report: {write_report(run_dir, store)}")
+    warn_unreadable(store)
     return EXIT_OK
 
 

@@ -68,7 +68,6 @@ class StrategySpec:
     params: dict[str, Any]
     grid: dict[str, list[Any]]
     runtime_env: dict[str, Any] = field(default_factory=dict)
-    source: Any = field(default=None, compare=False, repr=False)  # the sweep file's entry (keeps the file's order)
 
     def points(self) -> list[dict[str, Any]]:
         """Every grid point merged over the fixed params, in a stable order."""
@@ -306,23 +305,16 @@ def parse_sweep(raw: Any, base_dir: Path, path: Path | None = None, allow_plugin
                                          f"({', '.join(installs)}) and --no-plugins refuses it",
                                          "drop --no-plugins if you trust the file"))
     deferred: list[tuple[int, Any]] = []  # entries naming no built-in strategy: checked once plugins are imported
-    strategies = _parse_strategies(raw.get("strategies"), models, train, broken_train, run, problems,
-                                   deferred if plugins else None)
+    specs = _parse_strategies(raw.get("strategies"), models, train, broken_train, run, problems,
+                              deferred if plugins else None)
     problems.raise_if_any()
     if plugins:  # imported only now that the rest of the file is valid
         _import_plugins(plugins, problems)
         problems.raise_if_any()
         for index, item in deferred:
-            try:
-                strategies = (*strategies, _parse_strategy(item, f"strategies[{index}]", models, train, broken_train,
-                                                           run, problems))
-            except _Skipped:
-                pass
-            except ConfigError as error:
-                problems.add(error)
+            _add_strategy(specs, index, item, models, train, broken_train, run, problems)
         problems.raise_if_any()
-        order = {id(entry): index for index, entry in enumerate(raw["strategies"])}
-        strategies = tuple(sorted(strategies, key=lambda spec: order.get(id(spec.source), 0)))
+    strategies = tuple(specs[index] for index in sorted(specs))  # in the file's order
     return Sweep(name=name, path=Path(path) if path else base_dir / "<inline>", zoo=zoo, targets=models.targets,
                  drafts=models.drafts, device=models.device, prompt_sets=prompt_sets, strategies=strategies, run=run,
                  raw=raw, plugins=plugins, train=train, draft_artifacts=models.draft_artifacts)
@@ -500,28 +492,33 @@ def _import_plugins(plugins: tuple[str, ...], problems: ErrorCollector) -> None:
 
 
 def _parse_strategies(raw: Any, models: _Models, train: dict[str, Any], broken_train: set[str], run: RunSettings,
-                      problems: ErrorCollector, deferred: list[tuple[int, Any]] | None) -> tuple[StrategySpec, ...]:
-    """The ``strategies`` section: every entry and every grid point checked on its own. With ``deferred`` (the
-    sweep has plugins), an entry naming no registered strategy is put there instead, to be checked once the
-    plugins are imported."""
+                      problems: ErrorCollector, deferred: list[tuple[int, Any]] | None) -> dict[int, StrategySpec]:
+    """The ``strategies`` section by entry index: every entry and every grid point checked on its own. With
+    ``deferred`` (the sweep has plugins), an entry naming no registered strategy is put there instead, to be checked
+    once the plugins are imported."""
     if not isinstance(raw, list) or not raw:
         problems.add(ConfigError("strategies", "expected a non-empty list",
                                  "add e.g. - {name: speculative, grid: {gamma: [2, 4]}}"))
-        return ()
-    specs = []
+        return {}
+    specs: dict[int, StrategySpec] = {}
     for index, item in enumerate(raw):
-        where = f"strategies[{index}]"
         if deferred is not None and isinstance(item, dict) and isinstance(item.get("name"), str) \
                 and not is_registered(item["name"]):
             deferred.append((index, item))
-            continue
-        try:
-            specs.append(_parse_strategy(item, where, models, train, broken_train, run, problems))
-        except _Skipped:
-            continue
-        except ConfigError as error:
-            problems.add(error)
-    return tuple(specs)
+        else:
+            _add_strategy(specs, index, item, models, train, broken_train, run, problems)
+    return specs
+
+
+def _add_strategy(specs: dict[int, StrategySpec], index: int, item: Any, models: _Models, train: dict[str, Any],
+                  broken_train: set[str], run: RunSettings, problems: ErrorCollector) -> None:
+    """Parse strategy entry ``index`` into ``specs``; its errors go to ``problems``."""
+    try:
+        specs[index] = _parse_strategy(item, f"strategies[{index}]", models, train, broken_train, run, problems)
+    except _Skipped:
+        pass
+    except ConfigError as error:
+        problems.add(error)
 
 
 def _parse_strategy(item: Any, where: str, models: _Models, train: dict[str, Any], broken_train: set[str],
@@ -550,7 +547,7 @@ def _parse_strategy(item: Any, where: str, models: _Models, train: dict[str, Any
     if broken:
         raise _Skipped(where)
     spec = StrategySpec(name=name, params=dict(params), grid={key: list(values) for key, values in grid.items()},
-                        runtime_env=dict(runtime_env), source=item)
+                        runtime_env=dict(runtime_env))
     for point in spec.points():
         with problems.check():
             _check_point(name, point, where, models, train, broken_train, run)

@@ -176,6 +176,7 @@ class SkippingLM(CausalLM):
         positions. ``slots`` = (the tokens' slots among ``count`` new cache slots, ``count``) when the pass
         covers only some of the new slots (the rest are evicted in these layers)."""
         count = len(input_ids)
+        width = count if slots is None else slots[1]  # new cache slots in these layers
         past = self._past_before(layers.start)
         positions = position_ids if position_ids is not None else torch.arange(past, past + count, device=self.device)
         positions = positions.to(self.device).reshape(-1)
@@ -193,20 +194,18 @@ class SkippingLM(CausalLM):
                 self.skips.routed += count
                 self.skips.skipped += 0 if runs else count
                 self.skips.skipped_parameters += 0 if runs else self.layer_parameters[layer]
+            new_flags = torch.zeros(width, dtype=torch.bool, device=self.device)
             if runs:
                 visible = allowed & torch.cat([self.flags[layer][:past],
                                                torch.ones(count, dtype=torch.bool, device=self.device)])[None]
                 mask = additive_mask(visible, self.dtype)
                 hidden = self.body.layers[layer](hidden[None], attention_mask=mask, position_embeddings=embeddings,
                                                  position_ids=positions[None], use_cache=True, **cache)[0]
+                if slots is not None:
+                    self._spread(layer, slots)
+                new_flags[slots[0] if slots is not None else slice(None)] = True
             else:
-                self._append_evicted(layer, count)
-            new_flags = torch.full((count,), runs, dtype=torch.bool, device=self.device)
-            if slots is not None:
-                self._spread(layer, slots, runs)
-                spread = torch.zeros(slots[1], dtype=torch.bool, device=self.device)
-                spread[slots[0]] = runs
-                new_flags = spread
+                self._append_evicted(layer, width)
             self.flags[layer] = torch.cat([self.flags[layer][:past], new_flags])
         return hidden, positions
 
@@ -227,7 +226,7 @@ class SkippingLM(CausalLM):
         zeros = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.cache.update(zeros, zeros.clone(), layer)
 
-    def _spread(self, layer: int, slots: tuple[torch.Tensor, int], ran: bool) -> None:
+    def _spread(self, layer: int, slots: tuple[torch.Tensor, int]) -> None:
         """After a deep layer ran on some of a pass's ``count`` new slots, lay its new keys and values out over all
         ``count`` slots (zeros, evicted, in the others), so every layer keeps one slot per node."""
         index, count = slots

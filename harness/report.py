@@ -164,10 +164,11 @@ def markdown_table(frame: pd.DataFrame, columns: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``cells.csv``, ``summary.csv``/``.json``, ``report.md`` and plots into ``run_dir``; return the report."""
+def write_report(run_dir: str | Path, store: ResultStore | None = None) -> Path:
+    """Write ``cells.csv``, ``summary.csv``/``.json``, ``report.md`` and plots into ``run_dir``; return the report.
+    ``store`` (``run_dir``'s by default) is left holding the lines it could not read."""
     run_dir = Path(run_dir)
-    store = ResultStore(run_dir)
+    store = store or ResultStore(run_dir)
     records = store.latest()
     if not records:
         raise ConfigError("RUN_DIR", no_results_reason(store), "run the sweep into it, or pass another run directory")

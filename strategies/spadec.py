@@ -34,7 +34,7 @@ from strategies.engine import Proposer, ProposerStrategy
 from strategies.registry import register
 from strategies.sampling import Sampling
 from strategies.spadec_selection import AcceptancePredictor, select_path
-from strategies.verification import Proposal, Verification, accept_tree
+from strategies.verification import Proposal, Verification, accept_tree, keep_path, tree_root
 
 
 def default_split(layers: int) -> int:
@@ -70,9 +70,7 @@ class SpaDecVerifier:
                  hidden_states: bool = False) -> Verification:
         if not proposal.is_tree:
             raise ValueError("SpaDec verifies draft trees (pair it with eagle2's tree proposer)")
-        committed = len(sequence) - 1
-        if target.length != committed or proposal.tokens[0] != sequence[-1]:
-            raise ValueError("SpaDec: the target's cache must hold the sequence minus its last token, the tree's root")
+        committed = tree_root(target, sequence, proposal, "SpaDec")
         parents = proposal.parents
         mask, positions = tree_inputs(parents, committed, target.device)
         scores: list[float] = []
@@ -94,7 +92,8 @@ class SpaDecVerifier:
         sub_scores = [(proposal.scores or [0.0] * len(parents))[node] for node in chosen]
         sub_path, following = accept_tree(sub_tokens, sub_parents, sub_scores, sampling.probs(out.logits), sampling)
         path = [chosen[index] for index in sub_path]
-        target.keep(list(range(committed)) + [committed + node for node in path])
+        verification = keep_path(target, committed, proposal, path, following,
+                                 out.hidden_states[sub_path] if hidden_states else None)
         on_path = set(path)
         if scores:
             self.log.probabilities.extend(scores[1:])
@@ -102,8 +101,7 @@ class SpaDecVerifier:
             self.log.accepted.extend(node in on_path for node in range(1, len(parents)))
         self.log.deep_nodes += len(chosen)
         self.log.tree_nodes += len(parents)
-        return Verification(accepted=len(path) - 1, tokens=[proposal.tokens[node] for node in path[1:]] + [following],
-                            hidden_states=out.hidden_states[sub_path] if hidden_states else None, path=path)
+        return verification
 
 
 @dataclass(frozen=True)
@@ -121,22 +119,32 @@ class DLLMParams(StrategyParams):
         return [self.dllm]
 
 
-class SkippingCost:
-    """CS Drafting's parameter-count cost with the layers a pass skipped left out: Σ calls × parameters, minus
-    Σ over passes of the skipped layers' parameters (a lossy strategy over a ``SkippingLM``)."""
+class LayerSkipping(ProposerStrategy):
+    """What the strategies decoding with a ``SkippingLM`` share: lossy; each prompt's skipped layers counted afresh
+    and reported; CS Drafting's parameter-count cost with the skipped layers left out (Σ calls × parameters, minus
+    Σ over passes of the skipped layers' parameters)."""
+
+    lossy = True
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
+        self.decoding_target().skips = SkipStats()
+        return super().generate(prompt_ids, max_new_tokens, sampling)
 
     def cost_units(self, forward: dict[str, dict[str, float]]) -> float:
         dense = float(sum(stats["calls"] * stats["parameters"] for stats in forward.values()))
         return dense - float(self.decoding_target().skips.skipped_parameters)
 
+    def extras(self) -> dict[str, object]:
+        skips = self.decoding_target().skips
+        return {"skipped_layers": skips.skipped, "routed_layers": skips.routed, "lossy": True}
+
 
 @register("dllm")
-class DLLMDecoding(SkippingCost, ProposerStrategy):
+class DLLMDecoding(LayerSkipping):
     """The D-LLM target decoding autoregressively: one layer-skipping forward per token (lossy: the target's
     outputs change where layers are skipped). Its trace gives the skipped share of routed token-layers."""
 
     Params = DLLMParams
-    lossy = True
 
     def decoding_target(self) -> SkippingLM:
         return self.models.artifact(self.params.dllm)
@@ -144,13 +152,6 @@ class DLLMDecoding(SkippingCost, ProposerStrategy):
     def proposer(self) -> Proposer:
         return NothingProposer()
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
-        self.decoding_target().skips = SkipStats()
-        return super().generate(prompt_ids, max_new_tokens, sampling)
-
-    def extras(self) -> dict[str, float]:
-        skips = self.decoding_target().skips
-        return {"skipped_layers": skips.skipped, "routed_layers": skips.routed, "lossy": True}
 
 
 PREDICTOR_MODES = ("on", "off")
@@ -183,13 +184,12 @@ class SpaDecParams(StrategyParams):
 
 
 @register("spadec")
-class SpaDec(SkippingCost, ProposerStrategy):
+class SpaDec(LayerSkipping):
     """SpaDec: EAGLE-2's tree over a D-LLM target, pre-verified in K layers, then the predictor's path (on) or the
     whole tree (off) through the remaining layers (lossy: layers are skipped). Its trace gives the skipped layers,
     the share of tree nodes that went deep and the predictor's AUC on the nodes it scored."""
 
     Params = SpaDecParams
-    lossy = True
 
     def __init__(self, params: SpaDecParams, models) -> None:
         super().__init__(params, models)
@@ -214,11 +214,9 @@ class SpaDec(SkippingCost, ProposerStrategy):
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
         self.log = PredictorLog()
-        self.decoding_target().skips = SkipStats()
         return super().generate(prompt_ids, max_new_tokens, sampling)
 
     def extras(self) -> dict[str, object]:
-        skips = self.decoding_target().skips
-        return {"skipped_layers": skips.skipped, "routed_layers": skips.routed, "deep_nodes": self.log.deep_nodes,
-                "tree_nodes": self.log.tree_nodes, "predictor_auc": roc_auc(self.log.accepted, self.log.probabilities),
-                "predictor_nodes": len(self.log.accepted), "lossy": True}
+        return {**super().extras(), "deep_nodes": self.log.deep_nodes, "tree_nodes": self.log.tree_nodes,
+                "predictor_auc": roc_auc(self.log.accepted, self.log.probabilities),
+                "predictor_nodes": len(self.log.accepted)}

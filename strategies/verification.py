@@ -163,19 +163,33 @@ def verify_chain(target: CausalLM, sequence: list[int], proposal: Proposal, samp
                         hidden_states=None if hidden is None else hidden[: accepted + 1])
 
 
+def tree_root(target: CausalLM, sequence: list[int], proposal: Proposal, verifier: str) -> int:
+    """The committed length before a tree rooted at ``sequence``'s last token; ``ValueError`` unless the target's
+    cache holds the sequence minus that token (the tree layout)."""
+    committed = len(sequence) - 1
+    if target.length != committed or proposal.tokens[0] != sequence[-1]:
+        raise ValueError(f"{verifier}: the target's cache must hold the sequence minus its last token, the tree's root")
+    return committed
+
+
+def keep_path(target: CausalLM, committed: int, proposal: Proposal, path: list[int], following: int,
+              hidden_states: torch.Tensor | None) -> Verification:
+    """Keep the accepted ``path``'s cache entries (nodes of ``proposal``, root first) after the ``committed``
+    sequence, and say what was accepted; ``hidden_states`` are the target's, one row per path node."""
+    target.keep(list(range(committed)) + [committed + node for node in path])
+    return Verification(accepted=len(path) - 1, tokens=[proposal.tokens[node] for node in path[1:]] + [following],
+                        hidden_states=hidden_states, path=path)
+
+
 def verify_tree(target: CausalLM, sequence: list[int], proposal: Proposal, sampling: Sampling,
                 hidden_states: bool = False) -> Verification:
     """Score a tree rooted at ``sequence``'s last token in one tree-masked pass; keep the accepted path's cache."""
-    committed = len(sequence) - 1
-    if target.length != committed or proposal.tokens[0] != sequence[-1]:
-        raise ValueError("verify_tree: the target's cache must hold the sequence minus its last token, the tree's root")
+    committed = tree_root(target, sequence, proposal, "verify_tree")
     mask, positions = tree_inputs(proposal.parents, committed, target.device)
     out = target.extend(proposal.tokens, attention_mask=mask, position_ids=positions, output_hidden_states=hidden_states)
     path, following = accept_tree(proposal.tokens, proposal.parents, proposal.scores or [0.0] * len(proposal.tokens),
                                   sampling.probs(out.logits), sampling)
-    target.keep(list(range(committed)) + [committed + node for node in path])
-    return Verification(accepted=len(path) - 1, tokens=[proposal.tokens[node] for node in path[1:]] + [following],
-                        hidden_states=out.hidden_states[path] if hidden_states else None, path=path)
+    return keep_path(target, committed, proposal, path, following, out.hidden_states[path] if hidden_states else None)
 
 
 def verify(target: CausalLM, sequence: list[int], proposal: Proposal, sampling: Sampling,

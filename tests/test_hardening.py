@@ -18,7 +18,7 @@ from harness.cli import main
 from harness.records import CellRecord
 from harness.results import ResultStore
 from harness.run_dir import RunLock
-from tests.conftest import TESTS, TINY_ZOO, write_sweep
+from tests.conftest import TESTS, write_sweep
 
 REPO = TESTS.parent
 SPEC_BENCH_LINE = '{"question_id": 1, "category": "writing", "turns": ["Write a haiku."]}\n'

@@ -147,6 +147,14 @@ class ArtifactRequest:
 def load_train_config(source: str | Path | dict[str, Any], where: str, base_dir: Path, zoo,
                       expected_kind: str | None = None) -> ArtifactRequest:
     """A request from a training-config file path or inline mapping (with ``kind``), validated."""
+    kind_name, config = parse_train_config(source, where, base_dir, zoo.model_names, expected_kind)
+    return ArtifactRequest(kind_name, config, zoo)
+
+
+def parse_train_config(source: str | Path | dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...],
+                       expected_kind: str | None = None) -> tuple[str, Any]:
+    """The kind and validated config of a training-config file path (relative to ``base_dir``) or inline mapping;
+    ``kind`` may be left out when ``expected_kind`` says it."""
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         path = path if path.is_absolute() else base_dir / path
@@ -165,8 +173,7 @@ def load_train_config(source: str | Path | dict[str, Any], where: str, base_dir:
     if expected_kind and kind_name != expected_kind:
         raise ConfigError(f"{where}.kind", f"the file trains {kind_name!r}, not {expected_kind!r}",
                           f"run `specsweep train {kind_name} ...`")
-    kind = artifact_kind(kind_name, f"{where}.kind")
-    return ArtifactRequest(kind_name, kind.parse(raw, where, base_dir, zoo.model_names), zoo)
+    return kind_name, artifact_kind(kind_name, f"{where}.kind").parse(raw, where, base_dir, zoo_names)
 
 
 def for_target(request: ArtifactRequest, target: ModelSpec) -> ArtifactRequest:

@@ -68,9 +68,10 @@ def parse_dllm_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names
     check_ranges(config, where, {"start": 0, "router_rank": 1, "steps": 1, "batch_size": 1})
     if not 0 < config.ratio <= 1:
         raise ConfigError(f"{where}.ratio", f"must be in (0, 1], got {config.ratio}", "e.g. 0.5: half the layers")
-    if config.penalty < 0 or config.tau <= 0:
-        raise ConfigError(f"{where}.penalty" if config.penalty < 0 else f"{where}.tau",
-                          "must be >= 0 (penalty) and > 0 (tau)")
+    if config.penalty < 0:
+        raise ConfigError(f"{where}.penalty", f"must be >= 0, got {config.penalty}", "5 is D-LLM's default")
+    if config.tau <= 0:
+        raise ConfigError(f"{where}.tau", f"must be > 0, got {config.tau}", "1 is the usual Gumbel temperature")
     return config
 
 

@@ -29,18 +29,17 @@ from harness.dllm import SkippingLM
 from harness.errors import ConfigError
 from harness.metrics import roc_auc
 from harness.models import ModelSpec, load_tokenizer, pick_device
-from harness.yaml_file import read_yaml
 from strategies.eagle import Eagle2Params, TreeHeadProposer
 from strategies.eagle_head import load_head_lm
 from strategies.engine import decode
 from strategies.sampling import Sampling
 from strategies.spadec import PredictorLog, SpaDecVerifier, default_split
 from strategies.spadec_selection import AcceptancePredictor
-from training.dllm import DLLMTrainConfig, load_dllm, parse_dllm_config
-from training.eagle import EagleTrainConfig, parse_eagle_config
-from training.artifacts import ArtifactRequest, build_artifact
+from training.artifacts import ArtifactRequest, build_artifact, parse_train_config
+from training.dllm import DLLMTrainConfig, load_dllm
+from training.eagle import EagleTrainConfig
 from training.launch import LaunchSettings
-from training.settings import TrainSettings, mapping, parse_settings, string_list
+from training.settings import TrainSettings, check_ranges, parse_settings, string_list
 
 PREDICTOR_FILE = "predictor.pt"
 BUNDLE_FILE = "spadec.json"
@@ -76,29 +75,17 @@ class SpaDecTrainConfig(TrainSettings):
 def parse_spadec_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]) -> SpaDecTrainConfig:
     """Validated SpaDec settings (``kind: spadec``); ``dllm`` and ``head`` are training configs (paths or mappings)
     bound to this config's target."""
-    def nested(parser: Callable, kind: str) -> Callable[[Any, str], Any]:
-        def parse(value: Any, path: str) -> Any:
-            folder = base_dir
-            if isinstance(value, str):
-                file = (base_dir / value).expanduser()
-                value, folder = read_yaml(file, path, f"{kind} training YAML file"), file.resolve().parent
-            value = dict(mapping(value, path))
-            if value.pop("kind", kind) != kind:
-                raise ConfigError(f"{path}.kind", f"expected a {kind} config", f"give kind: {kind} or leave it out")
-            return parser(value, path, folder, zoo_names)
-        return parse
+    def nested(kind: str) -> Callable[[Any, str], Any]:
+        return lambda value, path: parse_train_config(value, path, base_dir, zoo_names, expected_kind=kind)[1]
 
     config = parse_settings(SpaDecTrainConfig, raw, where, base_dir, zoo_names, allowed_note="kind", fields={
-        "dllm": nested(parse_dllm_config, "dllm"), "head": nested(parse_eagle_config, "eagle"),
-        "prompts": string_list})
+        "dllm": nested("dllm"), "head": nested("eagle"), "prompts": string_list})
     for index, source in enumerate(config.prompts):
         if not source.startswith("zoo:") or source.removeprefix("zoo:") not in DOMAINS:
             raise ConfigError(f"{where}.prompts[{index}]", f"expected a zoo prompt set, got {source!r}",
                               f"choose from {', '.join('zoo:' + domain for domain in DOMAINS)}")
-    for name, low in (("count", 2), ("max_new_tokens", 1), ("total_tokens", 2), ("depth", 1), ("top_k", 1),
-                      ("steps", 1), ("split", 0)):
-        if getattr(config, name) < low:
-            raise ConfigError(f"{where}.{name}", f"must be >= {low}, got {getattr(config, name)}")
+    check_ranges(config, where, {"count": 2, "max_new_tokens": 1, "total_tokens": 2, "depth": 1, "top_k": 1,
+                                 "steps": 1, "split": 0})
     return replace(config, dllm=replace(config.dllm, target=config.target), head=replace(config.head, target=config.target))
 
 
