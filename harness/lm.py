@@ -130,11 +130,15 @@ class CausalLM:
         stats, self.stats = self.stats, ForwardStats()
         return stats
 
-    @torch.inference_mode()
     def time_single_step(self, context: int = 8, repeats: int = 5) -> float:
-        """Median of ``repeats`` 1-token decode forwards on a short fixed context, in seconds (the drift guard's
-        probe). The median, not the minimum: load that comes and goes shows in it, where the fastest forward
-        could land in a quiet moment (the minimum missed 3 of 12 distorted cells in the shared drift demo).
+        """Median seconds of a 1-token decode forward on a short fixed context (the drift guard's probe). The
+        median, not the minimum: load that comes and goes shows in it, where the fastest forward could land in a
+        quiet moment (the minimum missed 3 of 12 distorted cells in the shared drift demo)."""
+        return self.time_step(1, context, repeats)
+
+    @torch.inference_mode()
+    def time_step(self, width: int, context: int = 8, repeats: int = 5) -> float:
+        """Median seconds of ``repeats`` decode forwards of ``width`` tokens after a fixed ``context``-token prefix.
 
         Runs on a cache of its own; the sequence, cache and statistics in use are left as they were.
         """
@@ -143,13 +147,14 @@ class CausalLM:
         saved = (self.cache, self.last_logits, self.stats)
         try:
             self.cache, self.stats = DynamicCache(), ForwardStats()
-            ids = [index % self.vocab_size for index in range(context)]
-            self._forward(ids, prefill=True, last_logits_only=True)
+            ids = [index % self.vocab_size for index in range(context + width)]
+            self._forward(ids[:context], prefill=True, last_logits_only=True)
             times = []
-            for index in range(repeats):
+            for _ in range(repeats):
                 before = self.stats.decode_seconds
-                self._forward([ids[index % context]], prefill=False)
+                self._forward(ids[context:], prefill=False)
                 times.append(self.stats.decode_seconds - before)
+                crop_to(self.cache, context)
             return statistics.median(times)
         finally:
             self.cache, self.last_logits, self.stats = saved

@@ -145,6 +145,7 @@ def summarize(prompts: list[PromptRecord], seed: int = 0, sampled: bool = False,
       prompts (``ratio_interval``);
     - τ (mean accepted tokens) = Σ new tokens / Σ verification steps;
     - α (acceptance rate) = Σ accepted draft tokens / Σ drafted tokens, None when nothing was drafted;
+    - drafted per step = Σ drafted tokens / Σ steps (γ for a constant schedule; what an adaptive one chose);
     - cost speedup = Σ baseline cost units / Σ cost units (CS Drafting's parameter-count units);
     - bound = ``speedup_bound``(α, Σ drafted / Σ steps, baseline s per target decode call, draft decode s per
       step); NaN for trees;
@@ -185,6 +186,7 @@ def summarize(prompts: list[PromptRecord], seed: int = 0, sampled: bool = False,
         "speedup_high": high,
         "tau": float(new_tokens / max(1.0, steps)),
         "alpha": alpha,
+        "drafted_per_step": float(drafted / max(1.0, steps)),
         "cost_speedup": float(column("baseline_cost_units").sum() / max(1.0, column("strategy_cost_units").sum())),
         "target_calls": int(column("strategy_target_calls").sum()),
         "baseline_target_calls": int(column("baseline_target_calls").sum()),

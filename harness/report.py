@@ -200,9 +200,10 @@ def write_report(run_dir: str | Path, store: ResultStore | None = None) -> Path:
         sections += [f"> **Warning:** {len(store.unreadable)} line(s) of cells.jsonl could not be read and are left "
                      f"out of this report ({listed}). Rerun their cells with `specsweep run --resume RUN_DIR`.", ""]
     columns = {"strategy": "strategy", "params": "params", "prompt_set": "prompt set", "prompts": "prompts",
-               "speedup_ci": "speedup (95% CI)", "tau": "τ", "alpha": "α", "cost_speedup": "cost speedup",
-               "bound": "bound", "efficiency": "efficiency", "strategy_ms_per_token": "ms/token",
-               "baseline_ms_per_token": "baseline ms/token", "match": "token match", "timing": "timing"}
+               "speedup_ci": "speedup (95% CI)", "tau": "τ", "alpha": "α", "drafted_per_step": "drafted/step",
+               "cost_speedup": "cost speedup", "bound": "bound", "efficiency": "efficiency",
+               "strategy_ms_per_token": "ms/token", "baseline_ms_per_token": "baseline ms/token",
+               "match": "token match", "timing": "timing"}
     if multi_target:
         columns = {"target": "target", **columns}
     if not groups.empty:
@@ -312,9 +313,10 @@ def models_table(records: dict[str, CellRecord]) -> str:
 def write_summary(groups: pd.DataFrame, columns: dict[str, str], run_dir: Path) -> None:
     """The main table as ``summary.csv`` and ``summary.json`` (numbers unrounded)."""
     keep = [name for name in ("target", "strategy", "params", "prompt_set", "prompts", "turns", "new_tokens", "speedup",
-                              "speedup_low", "speedup_high", "tau", "alpha", "cost_speedup", "bound", "efficiency",
-                              "strategy_ms_per_token", "baseline_ms_per_token", "match_rate", "baseline_probe_ms",
-                              "strategy_probe_ms", "step_drift", "prefill_drift", "speedup_ceiling", "timing_suspect",
+                              "speedup_low", "speedup_high", "tau", "alpha", "drafted_per_step", "cost_speedup",
+                              "bound", "efficiency", "strategy_ms_per_token", "baseline_ms_per_token", "match_rate",
+                              "baseline_probe_ms", "strategy_probe_ms", "step_drift", "prefill_drift",
+                              "speedup_ceiling", "timing_suspect",
                               "timing_note", "time_draft", "time_verify", "time_prefill", "time_other")
             if name in groups.columns]
     table = groups[keep]

@@ -92,7 +92,12 @@ class ModelSet:
 
 @dataclass(frozen=True)
 class StrategyParams:
-    """Base class of strategy parameters: typed fields, checked by ``from_dict`` and ``validate``."""
+    """Base class of strategy parameters: typed fields, checked by ``from_dict`` and ``validate``.
+
+    ``added_later``: fields added after cells were first recorded; at their defaults they stay out of the cell id.
+    """
+
+    added_later: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str) -> "StrategyParams":
@@ -133,7 +138,14 @@ class StrategyParams:
         return []
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The params with defaults filled in (what a cell id hashes), less the ``added_later`` fields that still
+        hold their defaults, so cells recorded before such a field existed keep their ids."""
+        values = dataclasses.asdict(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in self.added_later:
+            if values[name] == defaults[name]:
+                del values[name]
+        return values
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

@@ -56,3 +56,16 @@ def test_forward_counts(zoo_models, zoo_prompts):
     target.extend([2, 3])
     stats = target.reset_stats()
     assert (stats.prefill_calls, stats.decode_calls, stats.decode_tokens, stats.calls) == (1, 2, 3, 3)
+
+
+def test_timing_a_forward_leaves_the_sequence_cache_and_counts_as_they_were(zoo_models, zoo_prompts):
+    models, _ = zoo_models
+    target = models.target
+    ids = zoo_prompts[0][:15]
+    target.prefill(ids)
+    before = target.stats.as_dict()
+    seconds = target.time_step(4, context=16, repeats=3)
+    assert seconds > 0 and target.length == len(ids) and target.stats.as_dict() == before
+    after_timing = target.extend([5, 6]).logits
+    torch.testing.assert_close(after_timing, target.prefill(ids + [5, 6], all_logits=True).logits[-2:],
+                               rtol=1e-4, atol=1e-4)

@@ -9,6 +9,9 @@ import torch
 
 from harness.lm import CausalLM
 from strategies import ModelSet, Sampling, build
+from strategies.draft_length import AcceptanceEstimate, CostModelLength, best_draft_length, expected_tokens
+from strategies.engine import decode
+from strategies.speculative import DraftModelProposer, SpeculativeParams
 from strategies.verification import accept_chain as verify
 from tests.conftest import assert_stopped_in_the_last_step, check_stops_at_the_first_eos
 
@@ -165,3 +168,55 @@ def test_sampling_keeps_target_distribution_end_to_end(name, params):
     assert drafted >= runs  # every run verified drafted tokens, not just plain target steps
     distance = total_variation(counts.flatten() / runs, truth)
     assert distance < 0.06, f"{name}: sampled joint distribution is {distance:.3f} (TV) away from the target's"
+
+
+def test_adaptive_schedule_is_lossless_and_drafts_at_most_gamma(zoo_models, zoo_prompts):
+    models, _ = zoo_models
+    baseline = build("autoregressive", {}, models)
+    strategy = build("speculative", {"draft": "draft-2l", "gamma": 5, "schedule": "adaptive"}, models)
+    for ids in zoo_prompts:
+        got = strategy.generate(ids, 40, Sampling())
+        assert got.tokens == baseline.generate(ids, 40, Sampling()).tokens
+        assert all(step.drafted <= 5 for step in got.steps)
+    costs = got.extras["draft_length"]["verify_costs_s"]
+    assert len(costs) == 6 and costs == sorted(costs) and costs[0] > 0
+
+
+@pytest.mark.parametrize("draft_cost,verify_costs,drafts", [
+    (10.0, [1.0, 2.0, 3.0], False),  # drafting can never pay: plain target steps only
+    (0.0, [1.0] * 4, True),          # free drafts, flat verification: always the longest draft
+])
+def test_the_adaptive_length_decides_every_step(zoo_models, zoo_prompts, draft_cost, verify_costs, drafts):
+    models, _ = zoo_models
+    target, draft = models.target, models.draft("draft-2l")
+    length = CostModelLength(max_gamma=len(verify_costs) - 1, draft_cost=draft_cost, verify_costs=verify_costs)
+    target.reset()
+    tokens, steps = decode(target, DraftModelProposer(draft, length), zoo_prompts[1], 30, Sampling())
+    assert tokens == build("autoregressive", {}, models).generate(zoo_prompts[1], 30, Sampling()).tokens
+    budgets = [min(len(verify_costs) - 1, 30 - 1 - sum(s.accepted + 1 for s in steps[:i])) for i in range(len(steps))]
+    assert [step.drafted for step in steps] == (budgets if drafts else [0] * len(steps))
+
+
+@pytest.mark.parametrize("alpha,draft_cost,verify_costs,best", [
+    (0.5, 0.1, [1.0, 1.0, 1.0, 1.0, 1.0], 2),   # rates 1, 1.36, 1.46, 1.44, 1.35 (flat verification, as on a GPU)
+    (0.5, 0.1, [1.0, 1.2, 1.4, 1.6, 1.8], 1),   # rates 1, 1.15, 1.09, ... (verification cost grows, as on a CPU)
+    (0.05, 0.07, [1.0, 1.2, 1.4, 1.63], 0),     # SmolLM2's distilled draft on 2 CPU cores: do not draft
+    (0.95, 0.05, [1.0, 1.0, 1.0, 1.0], 3),
+])
+def test_best_draft_length_maximises_tokens_per_unit_time(alpha, draft_cost, verify_costs, best):
+    assert best_draft_length(alpha, draft_cost, verify_costs) == best
+
+
+def test_acceptance_trials_follow_the_geometric_model():
+    estimate = AcceptanceEstimate()
+    estimate.add(drafted=3, accepted=1)   # kept one, the second was rejected: 2 trials
+    estimate.add(drafted=3, accepted=3)   # all kept: 3 trials
+    estimate.add(drafted=0, accepted=0)   # a plain target step tried nothing
+    assert (estimate.accepted, estimate.trials) == (4, 5)
+    assert 4 / 5 < estimate.optimistic() <= 1.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75) and expected_tokens(1.0, 3) == 4.0
+
+
+def test_a_constant_schedule_keeps_the_cell_id_of_cells_recorded_before_schedules():
+    assert SpeculativeParams.from_dict({"draft": "d", "gamma": 3}, "p").as_dict() == {"draft": "d", "gamma": 3}
+    assert SpeculativeParams.from_dict({"draft": "d", "schedule": "adaptive"}, "p").as_dict()["schedule"] == "adaptive"

@@ -1,8 +1,10 @@
-"""The zoo build: a domain-limited draft added to a built zoo trains on top of it, as a full build would."""
+"""The zoo build: a domain-limited draft added to a built zoo trains on top of it, as a full build would; what an
+artefact's key takes from the zoo."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -10,6 +12,7 @@ from safetensors.torch import load_file
 from harness.errors import ConfigError
 from tests.conftest import TINY_ZOO
 from harness.zoo_spec import ZooConfig, model_path
+from training.artifacts import load_train_config
 from training.zoo import build_zoo, reusable_base
 
 MICRO = {**TINY_ZOO, "pretrain": {"steps": 8, "batch_size": 4, "warmup_steps": 2},
@@ -60,3 +63,20 @@ def test_default_drafts_keep_their_build_key_and_domains_are_checked():
     assert without_general.key() == "5a1326d6f61ed066"  # the zoo built before drafts could be domain-limited
     with pytest.raises(ConfigError, match=r"zoo\.drafts\[0\]\.domains: expected a non-empty list of zoo domains"):
         ZooConfig.from_dict({"drafts": [{"name": "d", "layers": 1, "domains": ["poetry"]}]})
+
+
+def test_a_model_added_to_the_zoo_invalidates_zoo_model_artefacts_only():
+    default = ZooConfig()
+    grown = dataclasses.replace(default, drafts=(*default.drafts, ZooConfig.from_dict({"drafts": [GENERAL]}).drafts[0]))
+    on_zoo_text = {"kind": "eagle", "target": "pkg:smollm2-135m", "data": {"sources": ["answers:zoo:code", "zoo:prose"]}}
+    on_zoo_model = {"kind": "eagle", "target": "zoo:target", "data": {"sources": ["zoo:code"]}}
+    on_own_text = {"kind": "eagle", "target": "pkg:smollm2-135m", "data": {"sources": ["/data/chat.txt"]}}
+
+    def key(raw: dict, zoo: ZooConfig) -> str:
+        return load_train_config(raw, "train", Path("."), zoo).key()
+
+    assert key(on_zoo_text, default) == key(on_zoo_text, grown)
+    assert key(on_zoo_model, default) != key(on_zoo_model, grown)
+    assert key(on_own_text, default) == key(on_own_text, grown)
+    corpus_changed = dataclasses.replace(default, corpus=dataclasses.replace(default.corpus, prose_chars=10_000))
+    assert key(on_zoo_text, default) != key(on_zoo_text, corpus_changed)

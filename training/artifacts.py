@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 
+from harness.corpus import DOMAINS
 from harness.errors import ConfigError
 from harness.models import ARTIFACT_PREFIX, ModelSpec
 from harness.paths import content_hash, specsweep_home
 from harness.yaml_file import read_yaml
 
 MANIFEST = "artifact.json"
+ZOO_REFERENCE = re.compile(r'"((?:answers:)?zoo:[\w-]+)"')  # a zoo model or zoo text named in a config's identity
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,16 @@ class ArtifactRequest:
     zoo: Any  # harness.zoo_spec.ZooConfig (zoo targets and zoo text depend on it)
 
     def target_key(self) -> str:
-        """The zoo build's key when the config names zoo models or zoo text (their content depends on it)."""
-        return self.zoo.key() if "zoo:" in json.dumps(self.config.identity(), default=str) else ""
+        """What the artefact's zoo inputs are keyed on: the zoo build's key when the config names a zoo model or a
+        trained artefact, only the zoo corpus's settings when it names zoo text alone (so a model added to the zoo
+        leaves a real target's artefacts trained on zoo text valid), nothing when it names neither."""
+        named = json.dumps(self.config.identity(), default=str)
+        zoo_names = {name.removeprefix("answers:").removeprefix("zoo:") for name in ZOO_REFERENCE.findall(named)}
+        if not zoo_names:
+            return ""
+        if zoo_names <= set(DOMAINS) and ARTIFACT_PREFIX not in named:
+            return content_hash(["zoo-corpus", asdict(self.zoo.corpus)])[:16]
+        return self.zoo.key()
 
     def key(self) -> str:
         return content_hash([self.kind, self.config.identity(), self.target_key()])[:16]
