@@ -107,10 +107,11 @@ class SkippingLM(CausalLM):
         index = torch.as_tensor(positions, dtype=torch.long, device=self.device)
         self.flags = [flags.index_select(0, index) for flags in self.flags]
 
-    def time_single_step(self, context: int = 8, repeats: int = 5) -> float:
+    def time_steps(self, widths: list[int], context: int = 8, repeats: int = 5) -> list[float]:
         saved = self.flags, self.skips
         try:
-            return super().time_single_step(context, repeats)
+            self.flags, self.skips = [], SkipStats()  # the scratch sequence's own, as its cache is
+            return super().time_steps(widths, context, repeats)
         finally:
             self.flags, self.skips = saved
 

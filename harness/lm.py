@@ -134,11 +134,12 @@ class CausalLM:
         """Median seconds of a 1-token decode forward on a short fixed context (the drift guard's probe). The
         median, not the minimum: load that comes and goes shows in it, where the fastest forward could land in a
         quiet moment (the minimum missed 3 of 12 distorted cells in the shared drift demo)."""
-        return self.time_step(1, context, repeats)
+        return self.time_steps([1], context, repeats)[0]
 
     @torch.inference_mode()
-    def time_step(self, width: int, context: int = 8, repeats: int = 5) -> float:
-        """Median seconds of ``repeats`` decode forwards of ``width`` tokens after a fixed ``context``-token prefix.
+    def time_steps(self, widths: list[int], context: int = 8, repeats: int = 5) -> list[float]:
+        """Median seconds of a decode forward of each of ``widths`` tokens after a fixed ``context``-token prefix,
+        over ``repeats`` rounds that time every width once (so load that comes and goes spreads over all widths).
 
         Runs on a cache of its own; the sequence, cache and statistics in use are left as they were.
         """
@@ -147,15 +148,16 @@ class CausalLM:
         saved = (self.cache, self.last_logits, self.stats)
         try:
             self.cache, self.stats = DynamicCache(), ForwardStats()
-            ids = [index % self.vocab_size for index in range(context + width)]
+            ids = [index % self.vocab_size for index in range(context + max(widths))]
             self._forward(ids[:context], prefill=True, last_logits_only=True)
-            times = []
+            times: list[list[float]] = [[] for _ in widths]
             for _ in range(repeats):
-                before = self.stats.decode_seconds
-                self._forward(ids[context:], prefill=False)
-                times.append(self.stats.decode_seconds - before)
-                crop_to(self.cache, context)
-            return statistics.median(times)
+                for index, width in enumerate(widths):
+                    before = self.stats.decode_seconds
+                    self._forward(ids[context:context + width], prefill=False)
+                    times[index].append(self.stats.decode_seconds - before)
+                    self.crop(context)
+            return [statistics.median(samples) for samples in times]
         finally:
             self.cache, self.last_logits, self.stats = saved
 

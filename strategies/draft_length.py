@@ -4,9 +4,10 @@ fastest (``schedule: adaptive``).
 The adaptive schedule follows Leviathan et al. (2023, §3.5): with i.i.d. per-token acceptance rate α, a step
 that drafts γ tokens commits (1 − α^(γ+1)) / (1 − α) tokens on average, and costs γ draft forwards plus one
 target forward of width γ + 1. The paper takes that target forward as costing the same for every width, which
-holds on a GPU but not on a CPU, where verifying 4 tokens costs about 1.6 1-token steps on SmolLM2-135M. So the
-costs here are measured once per cell on the machine itself (median forward times at every width), and γ = 0, a
-plain target step, is allowed: where the draft cannot pay for itself, the schedule stops drafting.
+holds on a GPU but not on a CPU: on 2 cores, SmolLM2-135M's forwards of 1, 2, 3, 4 and 16 tokens took 60, 103,
+150, 100 and 97 ms (not even monotone in width: the matrix kernels change with the row count). So the costs are
+measured once per cell on the machine itself (the median forward time at every width, taken as it is), and γ = 0,
+a plain target step, is allowed: where the draft cannot pay for itself, the schedule stops drafting.
 
 α is estimated from the cell's own verifications, as accepted tokens over acceptance trials (a step that drafted
 γ and kept k tries k + 1 tokens, or γ when all were kept), under a uniform Beta prior, and used optimistically
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from harness.lm import CausalLM
 
 CALIBRATION_CONTEXT = 64  # tokens before the timed forwards
-CALIBRATION_REPEATS = 3
+CALIBRATION_REPEATS = 5
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
@@ -95,10 +96,9 @@ class CostModelLength(DraftLength):
     @classmethod
     def calibrate(cls, target: CausalLM, draft: CausalLM, max_gamma: int) -> "CostModelLength":
         """Measure the draft's 1-token forward and the target's forwards of width 1..max_gamma + 1 (medians)."""
-        verify = [target.time_step(width, CALIBRATION_CONTEXT, CALIBRATION_REPEATS) for width in range(1, max_gamma + 2)]
-        for gamma in range(1, len(verify)):  # a wider forward never costs less: keep noise from inverting them
-            verify[gamma] = max(verify[gamma], verify[gamma - 1])
-        return cls(max_gamma, draft.time_step(1, CALIBRATION_CONTEXT, CALIBRATION_REPEATS), verify)
+        target.time_steps([1], CALIBRATION_CONTEXT, 1)  # untimed: the first forwards after loading run slow
+        verify = target.time_steps(list(range(1, max_gamma + 2)), CALIBRATION_CONTEXT, CALIBRATION_REPEATS)
+        return cls(max_gamma, draft.time_steps([1], CALIBRATION_CONTEXT, CALIBRATION_REPEATS)[0], verify)
 
     def next(self) -> int:
         return best_draft_length(self.estimate.optimistic(), self.draft_cost, self.verify_costs)

@@ -179,7 +179,7 @@ def test_adaptive_schedule_is_lossless_and_drafts_at_most_gamma(zoo_models, zoo_
         assert got.tokens == baseline.generate(ids, 40, Sampling()).tokens
         assert all(step.drafted <= 5 for step in got.steps)
     costs = got.extras["draft_length"]["verify_costs_s"]
-    assert len(costs) == 6 and costs == sorted(costs) and costs[0] > 0
+    assert len(costs) == 6 and all(cost > 0 for cost in costs)
 
 
 @pytest.mark.parametrize("draft_cost,verify_costs,drafts", [
@@ -202,6 +202,7 @@ def test_the_adaptive_length_decides_every_step(zoo_models, zoo_prompts, draft_c
     (0.5, 0.1, [1.0, 1.2, 1.4, 1.6, 1.8], 1),   # rates 1, 1.15, 1.09, ... (verification cost grows, as on a CPU)
     (0.05, 0.07, [1.0, 1.2, 1.4, 1.63], 0),     # SmolLM2's distilled draft on 2 CPU cores: do not draft
     (0.95, 0.05, [1.0, 1.0, 1.0, 1.0], 3),
+    (0.5, 0.05, [1.0, 1.7, 2.5, 1.7], 3),       # a width-4 forward cheaper than width 3 (as measured on 2 cores)
 ])
 def test_best_draft_length_maximises_tokens_per_unit_time(alpha, draft_cost, verify_costs, best):
     assert best_draft_length(alpha, draft_cost, verify_costs) == best
