@@ -4,8 +4,8 @@ fastest (``schedule: adaptive``).
 The adaptive schedule follows Leviathan et al. (2023, §3.5): with i.i.d. per-token acceptance rate α, a step
 that drafts γ tokens commits (1 − α^(γ+1)) / (1 − α) tokens on average, and costs γ draft forwards plus one
 target forward of width γ + 1. The paper takes that target forward as costing the same for every width, which
-holds on a GPU but not on a CPU: on 2 cores, SmolLM2-135M's forwards of 1, 2, 3, 4 and 16 tokens took 60, 103,
-150, 100 and 97 ms (not even monotone in width: the matrix kernels change with the row count). So the costs are
+holds on a GPU but not on a CPU: on 2 cores, SmolLM2-135M's forwards of 1, 2, 3, 4 and 16 tokens took 57, 98,
+120, 88 and 97 ms (not even monotone in width: the matrix kernels change with the row count). So the costs are
 measured once per cell on the machine itself (the median forward time at every width, taken as it is), and γ = 0,
 a plain target step, is allowed: where the draft cannot pay for itself, the schedule stops drafting.
 
