@@ -275,9 +275,7 @@ def route_tokens(model: torch.nn.Module, routers: LayerRouters, input_ids: torch
         hard = torch.nn.functional.one_hot(soft.argmax(-1), 2).to(soft.dtype)
         decision = (hard - soft.detach() + soft)[..., 1].to(hidden.dtype)  # straight-through: hard forward, soft grad
         visible = causal[None] & ((hard[..., 1] > 0.5)[:, None, :] | eye[None])
-        mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=device)
-        mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[:, None]
-        out = layer(hidden, attention_mask=mask, position_embeddings=embeddings, position_ids=positions)
+        out = layer(hidden, attention_mask=additive_mask(visible, hidden.dtype), position_embeddings=embeddings, position_ids=positions)
         hidden = decision[..., None] * out + (1 - decision[..., None]) * hidden
         executed.append(decision.float().mean())
     logits = model.get_output_embeddings()(body.norm(hidden)).float()

@@ -290,10 +290,12 @@ def _parameters_used(model: torch.nn.Module, subset: VocabSubset | None) -> int:
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Turn a boolean ``[new, total]`` mask into the ``[1, 1, new, total]`` additive mask models accept."""
+    """Turn a boolean ``[new, total]`` (or per-row ``[batch, new, total]``) mask into the ``[1, 1, new, total]``
+    (``[batch, 1, new, total]``) additive mask models accept."""
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed.bool(), torch.finfo(dtype).min)
-    return mask[None, None]
+    mask = mask.unsqueeze(-3)
+    return mask if mask.dim() == 4 else mask[None]
 
 
 def _eos_ids(model: torch.nn.Module) -> frozenset[int]:

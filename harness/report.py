@@ -135,8 +135,7 @@ def group_rows(records: dict[str, CellRecord]) -> pd.DataFrame:
     for (target, strategy, params, prompt_set), (raw, prompts) in grouped_prompts(records).items():
         summary = summarize(prompts, sampled=sampled, drift_tolerance=tolerance)
         rows.append({"target": target, "strategy": strategy, "params": params, "prompt_set": prompt_set,
-                     "params_raw": raw, "levels": level_summary(prompts), "skipped_fraction": skipped_fraction(prompts),
-                     **tree_extras(prompts), **summary,
+                     "params_raw": raw, "levels": level_summary(prompts), **skipping_extras(prompts), **summary,
                      **time_columns(summary.get("time_split"))})
     return pd.DataFrame(rows)
 
@@ -359,30 +358,24 @@ def is_lossy(strategy: str) -> bool:
         return False
 
 
-def skipped_fraction(prompts: list[PromptRecord]) -> float | None:
-    """Skipped / routed token-layers of a layer-skipping target over ``prompts`` (None when nothing was routed)."""
-    skipped = routed = 0
-    for prompt in prompts:
-        for turn in prompt.turns:
-            skipped += turn.strategy.extras.get("skipped_layers", 0)
-            routed += turn.strategy.extras.get("routed_layers", 0)
-    return skipped / routed if routed else None
-
-
-def tree_extras(prompts: list[PromptRecord]) -> dict[str, float | None]:
-    """SpaDec's per-turn extras pooled: the share of tree nodes that went through the deep layers, and the
-    predictor's AUC averaged over turns weighted by the nodes it scored."""
-    deep = nodes = scored = 0
+def skipping_extras(prompts: list[PromptRecord]) -> dict[str, float | None]:
+    """The layer-skipping strategies' per-turn extras pooled over ``prompts``: skipped / routed token-layers, the
+    share of tree nodes that went through the deep layers (SpaDec), and the predictor's AUC averaged over turns
+    weighted by the nodes it scored; None where a strategy gives none."""
+    skipped = routed = deep = nodes = scored = 0
     auc_sum = 0.0
     for prompt in prompts:
         for turn in prompt.turns:
             extras = turn.strategy.extras
+            skipped += extras.get("skipped_layers", 0)
+            routed += extras.get("routed_layers", 0)
             deep += extras.get("deep_nodes", 0)
             nodes += extras.get("tree_nodes", 0)
             if extras.get("predictor_auc") is not None:
                 auc_sum += extras["predictor_auc"] * extras.get("predictor_nodes", 0)
                 scored += extras.get("predictor_nodes", 0)
-    return {"deep_share": deep / nodes if nodes else None, "predictor_auc": auc_sum / scored if scored else None}
+    return {"skipped_fraction": skipped / routed if routed else None, "deep_share": deep / nodes if nodes else None,
+            "predictor_auc": auc_sum / scored if scored else None}
 
 
 def dllm_match(records: dict[str, CellRecord]) -> dict[tuple, float]:

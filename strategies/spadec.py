@@ -28,7 +28,7 @@ from harness.errors import ConfigError
 from harness.metrics import roc_auc
 from harness.tree import tree_inputs
 from strategies.autoregressive import NothingProposer
-from strategies.base import StrategyParams, Trace
+from strategies.base import ModelSet, StrategyParams, Trace
 from strategies.eagle import Eagle2Params, TreeHeadProposer
 from strategies.engine import Proposer, ProposerStrategy
 from strategies.registry import register
@@ -89,7 +89,8 @@ class SpaDecVerifier:
         position = {node: index for index, node in enumerate(chosen)}
         sub_parents = [-1] + [position[parents[node]] for node in chosen[1:]]
         sub_tokens = [proposal.tokens[node] for node in chosen]
-        sub_scores = [(proposal.scores or [0.0] * len(parents))[node] for node in chosen]
+        draft_scores = proposal.scores or [0.0] * len(parents)
+        sub_scores = [draft_scores[node] for node in chosen]
         sub_path, following = accept_tree(sub_tokens, sub_parents, sub_scores, sampling.probs(out.logits), sampling)
         path = [chosen[index] for index in sub_path]
         verification = keep_path(target, committed, proposal, path, following,
@@ -153,7 +154,6 @@ class DLLMDecoding(LayerSkipping):
         return NothingProposer()
 
 
-
 PREDICTOR_MODES = ("on", "off")
 
 
@@ -191,7 +191,7 @@ class SpaDec(LayerSkipping):
 
     Params = SpaDecParams
 
-    def __init__(self, params: SpaDecParams, models) -> None:
+    def __init__(self, params: SpaDecParams, models: ModelSet) -> None:
         super().__init__(params, models)
         self.log = PredictorLog()
 

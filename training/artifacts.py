@@ -117,15 +117,21 @@ class ArtifactRequest:
     config: Any  # the kind's config (a ``TrainSettings`` dataclass); ``config.target``, if any, is its target
     zoo: Any  # harness.zoo_spec.ZooConfig (zoo targets and zoo text depend on it)
 
+    def zoo_references(self) -> tuple[set[str], bool]:
+        """The zoo names the config mentions anywhere, nested configs included (zoo models by name, zoo text by
+        domain, each without its ``zoo:`` prefix), and whether it also names a trained artefact (``artifact:...``)."""
+        named = json.dumps(self.config.identity(), default=str)
+        names = {name.removeprefix("answers:").removeprefix("zoo:") for name in ZOO_REFERENCE.findall(named)}
+        return names, ARTIFACT_PREFIX in named
+
     def target_key(self) -> str:
         """What the artefact's zoo inputs are keyed on: the zoo build's key when the config names a zoo model or a
         trained artefact, only the zoo corpus's settings when it names zoo text alone (so a model added to the zoo
         leaves a real target's artefacts trained on zoo text valid), nothing when it names neither."""
-        named = json.dumps(self.config.identity(), default=str)
-        zoo_names = {name.removeprefix("answers:").removeprefix("zoo:") for name in ZOO_REFERENCE.findall(named)}
-        if not zoo_names:
+        names, names_artifact = self.zoo_references()
+        if not names:
             return ""
-        if zoo_names <= set(DOMAINS) and ARTIFACT_PREFIX not in named:
+        if not self.uses_zoo_models() and names <= set(DOMAINS) and not names_artifact:
             return content_hash(["zoo-corpus", asdict(self.zoo.corpus)])[:16]
         return self.zoo.key()
 
@@ -134,7 +140,7 @@ class ArtifactRequest:
 
     def uses_zoo_models(self) -> bool:
         """Whether the config names a zoo model (then the zoo must be built first; zoo text alone needs no models)."""
-        return any(isinstance(value, ModelSpec) and value.zoo_name for value in vars(self.config).values())
+        return bool(self.zoo_references()[0] & set(self.zoo.model_names))
 
     @property
     def directory(self) -> Path:

@@ -161,7 +161,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     before = evaluate()
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    history: list[float] = []
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * warmup_cosine(step, config.steps, config.warmup_steps)
@@ -169,7 +168,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         loss, stats = distill_loss(module, target, train_rows[index].to(device), head_rows)
         engine.backward(loss)
         engine.step()
-        history.append(stats["kl"])
         if rank == 0 and (step + 1) % max(1, config.steps // 10) == 0:
             print(f"draft step {step + 1}/{config.steps}: kl {stats['kl']:.4f} top1 {stats['top1']:.3f}", flush=True)
     after = evaluate()

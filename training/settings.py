@@ -23,11 +23,15 @@ from training.text import check_sources
 
 
 class TrainSettings:
-    """Mixin of artefact configs: ``identity`` is what the artefact key hashes (how the job runs is left out)."""
+    """Mixin of artefact configs: ``identity`` is what the artefact key hashes (how the job runs, ``launch``, is
+    left out, also from the training configs nested in this one)."""
 
     def identity(self) -> dict[str, Any]:
         values = asdict(self)
         values.pop("launch", None)
+        for name, value in vars(self).items():
+            if isinstance(value, TrainSettings):
+                values[name] = value.identity()
         return values
 
 

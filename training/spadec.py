@@ -18,7 +18,7 @@ The artefact directory holds ``predictor.pt`` and ``spadec.json`` (the two neste
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,12 +64,6 @@ class SpaDecTrainConfig(TrainSettings):
     eval_fraction: float = 0.25
     seed: int = 0
     launch: LaunchSettings = field(default_factory=LaunchSettings)
-
-    def identity(self) -> dict[str, Any]:
-        values = asdict(self)
-        values.pop("launch")
-        values["dllm"], values["head"] = self.dllm.identity(), self.head.identity()
-        return values
 
 
 def parse_spadec_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]) -> SpaDecTrainConfig:
