@@ -9,7 +9,8 @@ Rows are a method (strategy and its resolved params) on a target in one run; ``-
 
 Every speedup is the run's own paired throughput ratio (``harness.metrics``). Runs measured on different
 device models are not comparable in wall time: when the rows span more than one device name, each row names
-its device and is marked.
+its device and is marked. Every row names the dtype its target ran in (a bfloat16 run and a float32 run of
+one model measure different machines' arithmetic), and rows in more than one dtype are marked too.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
         raise ConfigError("compare", f"{run_dir} has no cell results", "pass results/<sweep>/<run> directories")
     devices = {r.device_name for r in records.values()}
     device = " / ".join(sorted(d for d in devices if d)) or "?"
+    dtype = " / ".join(sorted({r.env.dtype for r in records.values() if r.env and r.env.dtype})) or "?"
     sampled = any(r.sampled for r in records.values())
     sources = {r.prompt_set: r.prompt_source for r in records.values()}
     pooled: dict[tuple, list[PromptRecord]] = {}
@@ -47,7 +49,7 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for (target, strategy, params), prompts in pooled.items():
         overall = summarize(prompts, sampled=sampled)
-        row = {"run": f"{run_dir.parent.name}/{run_dir.name}", "device": device, "target": target,
+        row = {"run": f"{run_dir.parent.name}/{run_dir.name}", "device": device, "dtype": dtype, "target": target,
                "strategy": strategy, "params": params, "τ": overall["tau"], "overall": overall["speedup"],
                "suspect": overall["timing_suspect"]}
         for category in sorted({prompt.category for prompt in prompts}):
@@ -73,15 +75,19 @@ def leaderboard(run_dirs: list[Path], by: str = "category") -> pd.DataFrame:
         categories = [c for c in frame.columns if c.startswith("category:")]
         ordered = [f"category:{task}" for task in SPEC_BENCH_COLUMNS if f"category:{task}" in categories]
         ordered += sorted(set(categories) - set(ordered))
-        table = frame[["run", "device", "target", "method", *ordered, "τ", "overall", "suspect"]]
+        table = frame[["run", "device", "dtype", "target", "method", *ordered, "τ", "overall", "suspect"]]
         table = table.rename(columns={c: c.split(":", 1)[1] for c in ordered}).sort_values("overall", ascending=False)
     elif by == "target":
-        table = frame.pivot_table(index=["run", "device", "method"], columns="target", values="overall").reset_index()
+        table = frame.pivot_table(index=["run", "device", "dtype", "method"], columns="target",
+                                  values="overall").reset_index()
     else:
-        best = frame.groupby(["run", "device", "target", "strategy"], as_index=False)["overall"].max()
-        table = best.pivot_table(index=["run", "device", "target"], columns="strategy", values="overall").reset_index()
+        best = frame.groupby(["run", "device", "dtype", "target", "strategy"], as_index=False)["overall"].max()
+        table = best.pivot_table(index=["run", "device", "dtype", "target"], columns="strategy",
+                                 values="overall").reset_index()
     if mixed:
         table = table.assign(device=table["device"] + " †")
+    if frame["dtype"].nunique() > 1:
+        table = table.assign(dtype=table["dtype"] + " ‡")
     return table.reset_index(drop=True)
 
 
@@ -95,5 +101,9 @@ def write_leaderboard(run_dirs: list[Path], out_dir: Path, by: str = "category")
     if table["device"].astype(str).str.endswith("†").any():
         lines += ["† the rows were measured on different device models: compare their speedups, not their wall times "
                   "across devices.", ""]
+    if table["dtype"].astype(str).str.endswith("‡").any():
+        lines += ["‡ the rows ran their targets in different dtypes: a speedup depends on the dtype (on a CPU, a "
+                  "several-token forward costs far less, relative to a one-token one, in bfloat16 than in float32).",
+                  ""]
     md_path.write_text("\n".join(lines))
     return md_path, csv_path

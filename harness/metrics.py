@@ -39,6 +39,12 @@ def prompt_totals(prompt: PromptRecord) -> dict[str, Any]:
         totals.setdefault("step_counts", []).extend(turn.strategy.step_counts)
         totals["turns"] = totals.get("turns", 0.0) + 1
         totals["matches"] = totals.get("matches", 0.0) + float(bool(turn.tokens_match))
+        if not turn.tokens_match and turn.first_divergence is not None:
+            totals["divergent"] = totals.get("divergent", 0.0) + 1
+            totals["divergence_tokens"] = totals.get("divergence_tokens", 0.0) + turn.first_divergence
+        if turn.divergence is not None:
+            kind = "tie_turns" if turn.divergence.is_tie else "real_divergences"
+            totals[kind] = totals.get(kind, 0.0) + 1
     return totals
 
 
@@ -193,6 +199,7 @@ def summarize(prompts: list[PromptRecord], seed: int = 0, sampled: bool = False,
         "bound": bound,
         "efficiency": speedup / bound if bound else math.nan,
         "match_rate": None if sampled else float(column("matches").sum() / column("turns").sum()),
+        **({} if sampled else divergence_summary(column)),
         "position_acceptance": position_acceptance(step_counts),
         "accepted_histogram": accepted_histogram(step_counts),
         "time_split": time_split({name: float(column(name).sum()) for name in (
@@ -200,6 +207,22 @@ def summarize(prompts: list[PromptRecord], seed: int = 0, sampled: bool = False,
             "strategy_target_decode_seconds", "strategy_target_prefill_seconds")}),
         **timing_from_totals(rows, drift_tolerance, speedup),
     }
+
+
+def divergence_summary(column) -> dict[str, Any]:
+    """Greedy turns by outcome: exact, tie-divergent, real divergences (classified in dtypes other than float32)
+    and unclassified, and the mean number of tokens before the first divergence of the turns that diverged."""
+    divergent = float(column("divergent").sum())
+    ties, real = int(column("tie_turns").sum()), int(column("real_divergences").sum())
+    return {"exact_turns": int(column("matches").sum()), "tie_turns": ties, "real_divergences": real,
+            "unclassified_divergences": int(divergent) - ties - real,
+            "tokens_to_divergence": float(column("divergence_tokens").sum() / divergent) if divergent else None}
+
+
+def turn_outcomes(prompts: list[PromptRecord]) -> dict[str, Any]:
+    """``divergence_summary`` of ``prompts`` alone (also for a cell that failed on a real divergence)."""
+    rows = [prompt_totals(prompt) for prompt in prompts]
+    return divergence_summary(lambda name: np.array([row.get(name, 0.0) for row in rows]))
 
 
 def timing_check(prompts: list[PromptRecord], tolerance: float) -> dict[str, Any]:

@@ -22,7 +22,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 2  # 1: records written before ``schema`` was stored (same fields)
+from harness.divergence import Divergence
+
+SCHEMA_VERSION = 3  # 1: records written before ``schema`` was stored (same fields); 3 adds TurnRecord.divergence
 
 
 class RecordError(ValueError):
@@ -76,6 +78,7 @@ class TurnRecord:
     first_divergence: int | None = None
     answer: str | None = None  # the baseline's decoded answer (baseline cells: later turns replay it)
     first: str | None = None  # interleaved pairing: which side ran first ("alternating" over repeats)
+    divergence: Divergence | None = None  # greedy, dtype other than float32: the first divergence, tie or real
 
 
 @dataclass

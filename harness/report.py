@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from harness.errors import ConfigError
-from harness.metrics import summarize
+from harness.metrics import summarize, turn_outcomes
 from harness.records import CellRecord, Environment, PromptRecord
 from harness.results import ResultStore
 from strategies import parse_params, strategy_class
@@ -82,6 +82,7 @@ def cell_rows(records: dict[str, CellRecord]) -> pd.DataFrame:
             "shard": record.cell["shard"],
             "device": record.env.device if record.env else "",
             "device_name": record.device_name,
+            "dtype": record.env.dtype if record.env else "",
             "worker": record.worker or "",
             "error": record.error or "",
             "paired_with": record.paired_with.get("cell_id", ""),
@@ -93,6 +94,8 @@ def cell_rows(records: dict[str, CellRecord]) -> pd.DataFrame:
             row.update(metrics, **time_columns(metrics.pop("time_split", None)),
                        **{f"accept_p{index + 1}": rate for index, rate in enumerate(positions[:4])})
             row.pop("time_split", None)
+        elif record.kind == "strategy" and record.prompts and not record.sampled:
+            row.update(turn_outcomes(record.prompts))  # a cell failed on a real divergence keeps its counts
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -325,7 +328,9 @@ def write_summary(groups: pd.DataFrame, columns: dict[str, str], run_dir: Path) 
 
 
 def correctness_section(cells: pd.DataFrame, sampled: bool) -> list[str]:
-    """Per strategy: cells, failed cells and the mean token match of the cells that ran (n/a under sampling)."""
+    """Per strategy: cells, failed cells, the mean token match of the cells that ran and, under greedy decoding,
+    its turns by outcome: exact, tie-divergent and real divergences (``harness.divergence``), with the mean
+    number of tokens before the first divergence."""
     strategy_cells = cells[cells["kind"] == "strategy"]
     if strategy_cells.empty:
         return []
@@ -338,12 +343,31 @@ def correctness_section(cells: pd.DataFrame, sampled: bool) -> list[str]:
             match = "-"
         else:
             match = _fmt(float(ran["match_rate"].mean()))
-        rows.append({"strategy": strategy, "cells": len(frame), "failed": int((frame["status"] != "ok").sum()),
-                     "match": match, "kind": "lossy" if is_lossy(strategy) else "lossless"})
-    lines = ["## Correctness", "", markdown_table(pd.DataFrame(rows), {
-        "strategy": "strategy", "kind": "kind", "cells": "cells", "failed": "failed",
-        "match": "token match with the dense baseline (mean over cells that ran)",
-    }), ""]
+        row = {"strategy": strategy, "cells": len(frame), "failed": int((frame["status"] != "ok").sum()),
+               "match": match, "kind": "lossy" if is_lossy(strategy) else "lossless"}
+        if not sampled and "exact_turns" in frame:
+            counts = {name: int(frame[name].fillna(0).sum()) for name in (
+                "exact_turns", "tie_turns", "real_divergences", "unclassified_divergences")}
+            divergent = frame["tie_turns"].fillna(0) + frame["real_divergences"].fillna(0) + \
+                frame["unclassified_divergences"].fillna(0)
+            weighted = (frame["tokens_to_divergence"].fillna(0) * divergent).sum()
+            row.update(counts, tokens_to_divergence=_fmt(weighted / divergent.sum()) if divergent.sum() else "-")
+        rows.append(row)
+    columns = {"strategy": "strategy", "kind": "kind", "cells": "cells", "failed": "failed",
+               "match": "token match with the dense baseline (mean over cells that ran)"}
+    if any("exact_turns" in row for row in rows):
+        columns.update({"exact_turns": "exact turns", "tie_turns": "tie-divergent turns",
+                        "real_divergences": "real divergences", "unclassified_divergences": "unclassified",
+                        "tokens_to_divergence": "mean tokens to first divergence"})
+    lines = ["## Correctness", "", markdown_table(pd.DataFrame(rows), columns), ""]
+    if any(row.get("tie_turns") or row.get("real_divergences") for row in rows):
+        lines += ["Outside float32 a several-token verification rounds differently from one-token steps, so a "
+                  "lossless strategy may leave the baseline where the target's top two tokens are tied within the "
+                  "dtype's rounding. Each such turn is re-scored at its first divergence in float32: a *tie* is a "
+                  "gap within the dtype's rounding bound (two units in the last place at that logit, or the dtype's "
+                  "own measured error on the two logits, whichever is larger); anything else is a *real* divergence "
+                  "and fails its cell. *Unclassified*: divergences that are not classified: those of lossy "
+                  "strategies, and float32 mismatches, each of which fails its cell outright.", ""]
     if any(row["kind"] == "lossy" for row in rows):
         lines += ["Lossy strategies decode with a modified target (layer skipping); their token match measures how far "
                   "they drift from the dense model, and a mismatch does not fail their cells.", ""]

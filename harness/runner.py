@@ -10,7 +10,9 @@ device of another name runs its baseline itself. Each side is timed
 target's 1-token forward is timed on a fixed short context: the drift guard
 (``harness.metrics.timing_check``) compares those probes between the sides.
 Greedy cells also check that the strategy's tokens equal the baseline's; in
-float32 a mismatch fails the cell.
+float32 a mismatch fails the cell, and in another dtype each mismatch is
+classified as a numerical tie or a real divergence (``harness.divergence``),
+and a real one fails the cell.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from __future__ import annotations
 import platform
 import time
 import traceback
+from dataclasses import replace
 
 import torch
 
 from harness.config import Cell
+from harness.divergence import classify
 from harness.records import CellRecord, Environment, PromptRecord, SideRecord, TurnRecord, paired_turn
 from harness.metrics import timing_check
 from harness.model_cache import ModelCache
@@ -191,7 +195,7 @@ def run_cell(cell: Cell, cache: ModelCache, worker: str = "local", baseline: Cel
                                         models)
                 record.prompts = [run_strategy_prompt(strategy, p, by_id[p.prompt_id], tokenizer, cell, limit,
                                                       device, models) for p in prompts]
-            check_lossless(cell, record)
+            check_lossless(cell, record, models, cache)
             record.timing = {**timing_check(record.prompts, cell.run.drift_tolerance),
                              "tolerance": cell.run.drift_tolerance}
         record.status = "ok"
@@ -215,15 +219,33 @@ def prompt_limit(cell: Cell, models: ModelSet) -> int:
     return limit
 
 
-def check_lossless(cell: Cell, record: CellRecord) -> None:
-    """Fail a greedy float32 cell whose tokens differ from the baseline's (unless its strategy is lossy)."""
-    if cell.run.sampled or cell.target_spec.dtype != "float32" or strategy_class(cell.strategy).lossy:
+def check_lossless(cell: Cell, record: CellRecord, models: ModelSet, cache: ModelCache) -> None:
+    """Fail a greedy cell of a lossless strategy whose tokens differ from the baseline's: in float32 on any
+    difference; in another dtype on a real divergence, after classifying each divergent turn as a numerical
+    tie or a real divergence (``harness.divergence``; the classification is kept in the turn's record)."""
+    if cell.run.sampled or strategy_class(cell.strategy).lossy:
         return
-    for prompt in record.prompts:
-        for index, turn in enumerate(prompt.turns):
-            if not turn.tokens_match:
-                raise CellFailure(f"greedy output differs from the baseline on prompt {prompt.prompt_id} "
-                                  f"turn {index} at token {turn.first_divergence}")
+    diverged = [(prompt, index, turn) for prompt in record.prompts for index, turn in enumerate(prompt.turns)
+                if not turn.tokens_match]
+    if not diverged:
+        return
+    if cell.target_spec.dtype == "float32":
+        prompt, index, turn = diverged[0]
+        raise CellFailure(f"greedy output differs from the baseline on prompt {prompt.prompt_id} "
+                          f"turn {index} at token {turn.first_divergence}")
+    reference = cache.model(replace(cell.target_spec, dtype="float32"), "target:float32").model
+    eos = min(models.target.eos_token_id) if models.target.eos_token_id else 0
+    for prompt, index, turn in diverged:
+        turn.divergence = classify(reference, models.target.model, turn.prompt_ids, turn.baseline.tokens,
+                                   turn.strategy.tokens, turn.first_divergence, eos)
+    real = [(prompt, index, turn) for prompt, index, turn in diverged if not turn.divergence.is_tie]
+    if real:
+        prompt, index, turn = real[0]
+        found = turn.divergence
+        raise CellFailure(f"{len(real)} of {len(diverged)} divergent turns are real divergences, not "
+                          f"{cell.target_spec.dtype} ties: first on prompt {prompt.prompt_id} turn {index} at token "
+                          f"{found.position}, where the float32 target scores the strategy's token {found.gap:.3f} "
+                          f"away from the baseline's, beyond the rounding bound {found.bound:.3f}")
 
 
 def environment(cache: ModelCache, models: ModelSet, cell: Cell) -> Environment:

@@ -146,3 +146,20 @@ def test_env_json_names_the_build_machine_and_libraries_and_copies_the_inputs(tm
     assert env["command"][1:] == ["run", "sweep.yaml"] and env["cpu"]
     assert set(env["libraries"]) >= {"torch", "transformers", "peft", "ray", "deepspeed", "datasets", "numpy"}
     assert (tmp_path / "run" / "inputs" / "train.yaml").read_text() == "kind: eagle\n"
+
+
+def test_compare_names_each_rows_dtype_and_marks_a_mix_of_dtypes(tmp_path, cache):
+    from harness.compare import leaderboard, write_leaderboard
+
+    prompts = [{"name": "code", "source": "zoo:code", "count": 2}]
+    models = {"target": "zoo:target", "drafts": {"small": "zoo:draft-1l"}, "device": "cpu"}
+    fp32 = run_into(tmp_path / "runs" / "fp32", write_sweep(tmp_path / "a.yaml", prompts=prompts), cache)
+    bf16 = run_into(tmp_path / "runs" / "bf16", write_sweep(tmp_path / "b.yaml", prompts=prompts,
+                                                            models={**models, "dtype": "bfloat16"}), cache)
+    table = leaderboard([fp32, bf16])
+    assert dict(zip(table["run"], table["dtype"])) == {"runs/fp32": "float32 ‡", "runs/bf16": "bfloat16 ‡"}
+    assert set(leaderboard([bf16])["dtype"]) == {"bfloat16"}  # one dtype: named, not marked
+    for by in ("target", "strategy"):
+        assert "dtype" in leaderboard([fp32, bf16], by=by).columns
+    markdown, _ = write_leaderboard([fp32, bf16], tmp_path / "out")
+    assert "different dtypes" in markdown.read_text()

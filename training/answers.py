@@ -11,7 +11,10 @@ prompt plus answer) as a training document.
   behind one of a few fixed instructions (summarise, explain, ask and answer,
   continue, rewrite), rotated over the documents.
 - ``answers:<file>`` / ``answers:hf:<dataset>``: each row's text field is the
-  user message as it is (e.g. first turns of ShareGPT).
+  user message as it is (e.g. first turns of ShareGPT, as EAGLE uses).
+- ``answers:magpie``: the target writes the user messages itself, sampled from
+  its chat template's user prefix and filtered (``training.magpie``); needs no
+  hub and reads no benchmark.
 
 Greedy answers match the greedy benchmark setting. Answers are cached as a
 JSONL file under ``$SPECSWEEP_HOME/artifacts/answers/`` keyed by the target's
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +36,7 @@ from filelock import FileLock
 
 from harness.paths import content_hash, specsweep_home
 from harness.prompts import QA_TEMPLATE
+from training.magpie import MAGPIE_SOURCE, MagpieSettings, generation_copy, self_queries
 
 ANSWERS_PREFIX = "answers:"
 INSTRUCTIONS: tuple[str, ...] = (
@@ -105,14 +109,42 @@ def cached_answers(model: Any, tokenizer: Any, inner_source: str, documents: lis
                    target_identity: Any, log: Callable[[str], None] = print) -> list[str]:
     """The target's transcripts for ``inner_source``, generated once per target and settings, then read from disk."""
     key = content_hash(["answers", target_identity, inner_source, settings.__dict__])[:16]
+
+    def generate() -> list[dict[str, str]]:
+        messages = user_messages(inner_source, documents, settings)
+        return [{"text": text} for text in answer_transcripts(model, tokenizer, messages, settings)]
+
+    return [row["text"] for row in cached_rows(key, inner_source, generate, log)]
+
+
+def cached_self_chat(model: Any, tokenizer: Any, settings: AnswerSettings, magpie: MagpieSettings,
+                     target_identity: Any, log: Callable[[str], None] = print) -> list[str]:
+    """Transcripts of the target answering queries it wrote itself (``answers:magpie``), generated once, then read
+    from disk; each cached row also keeps its query."""
+    key = content_hash(["answers", target_identity, MAGPIE_SOURCE, settings.__dict__, asdict(magpie)])[:16]
+
+    def generate() -> list[dict[str, str]]:
+        writer = generation_copy(model, magpie.dtype)
+        queries, refused = self_queries(writer, tokenizer, magpie, log)
+        log(f"magpie: {len(queries)} distinct queries kept; refused: "
+            + (", ".join(f"{reason} {count}" for reason, count in sorted(refused.items())) or "none"))
+        transcripts = answer_transcripts(writer, tokenizer, queries, settings)
+        return [{"query": query, "text": text} for query, text in zip(queries, transcripts)]
+
+    return [row["text"] for row in cached_rows(key, MAGPIE_SOURCE, generate, log)]
+
+
+def cached_rows(key: str, label: str, generate: Callable[[], list[dict[str, str]]],
+                log: Callable[[str], None]) -> list[dict[str, str]]:
+    """The rows cached under ``answers/<key>.jsonl``, made by ``generate`` the first time (under a file lock)."""
     path = specsweep_home() / "artifacts" / "answers" / f"{key}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if path.exists():
-            return [json.loads(line)["text"] for line in path.read_text().splitlines()]
-        transcripts = answer_transcripts(model, tokenizer, user_messages(inner_source, documents, settings), settings)
+            return [json.loads(line) for line in path.read_text().splitlines()]
+        rows = generate()
         staging = Path(str(path) + ".partial")
-        staging.write_text("".join(json.dumps({"text": text}) + "\n" for text in transcripts))
+        staging.write_text("".join(json.dumps(row) + "\n" for row in rows))
         staging.replace(path)
-    log(f"target answers: {len(transcripts)} transcripts for {inner_source} -> {path}")
-    return transcripts
+    log(f"target answers: {len(rows)} transcripts for {label} -> {path}")
+    return rows

@@ -1,5 +1,6 @@
 """Training text: documents from the zoo's domains, a Hugging Face dataset, a local file, or the target's own
-answers to one of those (``answers:<source>``, see ``training.answers``), cut into token windows."""
+answers to one of those or to queries it wrote itself (``answers:<source>``, ``answers:magpie``; see
+``training.answers``), cut into token windows."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 
 from harness.corpus import DOMAINS, build_corpus
 from harness.errors import ConfigError
-from training.answers import ANSWERS_PREFIX, AnswerSettings, cached_answers, is_answers_source
+from training.answers import ANSWERS_PREFIX, AnswerSettings, cached_answers, cached_self_chat, is_answers_source
+from training.magpie import MAGPIE_SOURCE, MagpieSettings
 
 ANSWERS_FIX = "answers:<source> needs the target model; only kind: draft and kind: eagle configs take it"
 
@@ -23,7 +25,10 @@ def check_sources(sources: tuple[str, ...], where: str, answers_allowed: bool) -
             raise ConfigError(where, f"{source!r} cannot be used here", ANSWERS_FIX)
         if not inner or is_answers_source(inner):
             raise ConfigError(where, f"{source!r} names no text source",
-                              "use answers:zoo:<domain>, answers:hf:<dataset> or answers:<file>")
+                              "use answers:zoo:<domain>, answers:hf:<dataset>, answers:magpie or answers:<file>")
+        if source == MAGPIE_SOURCE:
+            raise ConfigError(where, f"{source!r} is only a source of queries",
+                              f"write {ANSWERS_PREFIX}{MAGPIE_SOURCE}: the target writes the queries and answers them")
 
 
 def source_texts(source: str, field: str, zoo_corpus) -> list[str]:
@@ -56,6 +61,11 @@ def source_documents(source: str, data: Any, zoo_corpus, tokenizer, answer_model
     if answer_model is None:
         raise ConfigError("data.sources", f"{source!r} cannot be used here", ANSWERS_FIX)
     inner = source[len(ANSWERS_PREFIX):]
+    if inner == MAGPIE_SOURCE:
+        magpie = MagpieSettings(count=data.answer_prompts, seed=data.seed)
+        settings = AnswerSettings(prompts=data.answer_prompts, max_new_tokens=data.answer_tokens,
+                                  batch_size=magpie.batch_size, seed=data.seed)
+        return cached_self_chat(answer_model, tokenizer, settings, magpie, target_identity)
     settings = AnswerSettings(prompts=data.answer_prompts, max_new_tokens=data.answer_tokens, seed=data.seed)
     return cached_answers(answer_model, tokenizer, inner, source_texts(inner, data.field, zoo_corpus), settings,
                           target_identity)

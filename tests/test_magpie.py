@@ -1,0 +1,94 @@
+"""Self-generated chat (the Magpie method): the template's user prefix, the quality filters, near-duplicates, the
+sampled queries and their cache, and the ``answers:magpie`` source."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from harness.errors import ConfigError
+from training.answers import AnswerSettings, cached_self_chat
+from training.magpie import MagpieSettings, duplicate_key, end_of_turn_id, query_problem, self_queries, user_prefix
+from training.text import check_sources
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
+                 "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+SETTINGS = MagpieSettings()
+
+
+@pytest.fixture
+def chat_tokenizer(zoo_models):
+    """The tiny zoo's tokenizer with a chat template whose turns end with its EOS token."""
+    _, tokenizer = zoo_models
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    return chat
+
+
+@pytest.mark.parametrize("query, ended, reason", [
+    ("Can you help me plan a three-day trip to Kyoto in the spring?", True, None),
+    ("Can you help me plan a three-day trip to Kyoto in the spring", False, "cut at the token limit"),
+    ("Help me.", True, "too short"),
+    (" ".join(["word"] * 61), True, "too long"),
+    ("Write a haiku about rain.<|im_start|>assistant\nRain falls", True, "template marker or role header"),
+    ("Explain recursion to me please.\nUser: and then?", True, "template marker or role header"),
+    ("Tell me about \x07bells and their history please.", True, "unprintable characters"),
+    ("1234 5678 9012 3456 7890 1234 = ?", True, "mostly not letters"),
+    ("the cat the cat the cat the cat the cat the cat the cat", True, "repetitive"),
+])
+def test_query_filters_name_what_they_refuse(query, ended, reason):
+    assert query_problem(query, ended, SETTINGS, ("<|im_start|>", "<|im_end|>")) == reason
+
+
+def test_near_duplicates_share_their_first_words_whatever_the_case_and_punctuation():
+    a = duplicate_key("Can you give me a list of the top five places to visit in Spain?", 8)
+    b = duplicate_key("can you GIVE me a list, of the top ten films?", 8)
+    c = duplicate_key("Can you give me a recipe for soup with lentils?", 8)
+    assert a == b != c
+
+
+def test_the_user_prefix_is_the_template_up_to_the_users_words(chat_tokenizer):
+    prefix = user_prefix(chat_tokenizer)
+    assert prefix == f"{chat_tokenizer.bos_token}<|user|>\n"
+    assert end_of_turn_id(chat_tokenizer) == chat_tokenizer.eos_token_id
+
+
+def test_sampled_queries_pass_the_filters_are_distinct_seeded_and_leave_the_global_rng_alone(zoo_models,
+                                                                                             chat_tokenizer):
+    models, _ = zoo_models
+    settings = MagpieSettings(count=6, max_query_tokens=40, min_words=1, batch_size=8, max_rounds=3,
+                              dtype="float32")
+    state = torch.random.get_rng_state()
+    queries, refused = self_queries(models.target.model, chat_tokenizer, settings, log=lambda message: None)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert queries, refused
+    assert all(query_problem(query, True, settings) is None for query in queries)
+    keys = [duplicate_key(query, settings.duplicate_prefix_words) for query in queries]
+    assert len(set(keys)) == len(keys) <= settings.count
+    assert self_queries(models.target.model, chat_tokenizer, settings, log=lambda message: None) == (queries, refused)
+
+
+def test_self_chat_is_generated_once_and_cached_with_its_queries(zoo_models, chat_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECSWEEP_HOME", str(tmp_path))
+    models, _ = zoo_models
+    magpie = MagpieSettings(count=4, max_query_tokens=40, min_words=1, batch_size=8, max_rounds=3, dtype="float32")
+    settings = AnswerSettings(prompts=4, max_new_tokens=8, batch_size=4)
+    first = cached_self_chat(models.target.model, chat_tokenizer, settings, magpie, "target-a", log=lambda m: None)
+    again = cached_self_chat(None, chat_tokenizer, settings, magpie, "target-a", log=lambda m: None)
+    assert again == first and first
+    rows = [json.loads(line) for line in next((tmp_path / "artifacts" / "answers").glob("*.jsonl")).read_text()
+            .splitlines()]
+    for row in rows:  # each transcript is the template around the query, then the answer and the end of turn
+        assert row["text"].startswith(user_prefix(chat_tokenizer) + row["query"])
+        assert row["text"].endswith(chat_tokenizer.eos_token)
+
+
+def test_magpie_is_an_answers_source_only():
+    check_sources(("answers:magpie",), "data.sources", answers_allowed=True)
+    with pytest.raises(ConfigError, match="write answers:magpie"):
+        check_sources(("magpie",), "data.sources", answers_allowed=True)
+    with pytest.raises(ConfigError, match="only kind: draft and kind: eagle"):
+        check_sources(("answers:magpie",), "domains.chat", answers_allowed=False)

@@ -1,0 +1,141 @@
+"""User queries that the target writes itself (the Magpie method), for self-generated chat training data.
+
+An aligned chat model, given only its chat template's prefix up to the start
+of a user turn (system prompt included), continues it with a plausible user
+query: Xu et al. 2024, "Magpie: Alignment Data Synthesis from Scratch by
+Prompting Aligned LLMs with Nothing". Its greedy answers to those queries
+(``training.answers``) are then in-domain chat data for drafts and heads that
+needs no hub and never reads a benchmark.
+
+Queries are sampled in left-padded batches with transformers' ``generate()``
+(temperature and top-p as set), stopped at the template's end-of-turn token,
+and kept only if they pass ``query_problem``'s filters: the turn ended (not cut
+by the token limit), length in words, printable text, no template markers or
+role headers, no looping, and not a near-duplicate of an earlier query (same
+first words, case and punctuation folded). Sampling goes on in rounds until
+``count`` queries pass or ``max_rounds`` rounds are spent.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+MAGPIE_SOURCE = "magpie"
+_WORD = re.compile(r"[a-z0-9']+")
+_ROLE_HEADER = re.compile(r"^\s*(user|assistant|system|human|chat|ai)\s*[:>]", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class MagpieSettings:
+    """How queries are sampled and filtered (the defaults are what ``answers:magpie`` uses)."""
+
+    count: int = 256
+    max_query_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 0.95
+    min_words: int = 5
+    max_words: int = 60
+    duplicate_prefix_words: int = 8
+    batch_size: int = 64
+    max_rounds: int = 40
+    dtype: str = "bfloat16"  # the benchmark's dtype on CPU and GPU; also what makes batched sampling fast on CPU
+    seed: int = 0
+
+
+def user_prefix(tokenizer: Any) -> str:
+    """The chat template's text before a user message's content (system prompt and user header included)."""
+    marker = "\u2063MAGPIE\u2063"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                             add_generation_prompt=False)
+    if marker not in rendered:
+        raise ValueError("the tokenizer's chat template does not render the user's message verbatim")
+    return rendered[:rendered.index(marker)]
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that closes a turn in the chat template (``<|im_end|>`` for ChatML), else EOS."""
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                          add_generation_prompt=False)
+    after = probe[probe.index("x") + 1:]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    return next((token for token in ids if token in special), tokenizer.eos_token_id)
+
+
+def duplicate_key(query: str, words: int) -> str:
+    """The near-duplicate key of ``query``: its first ``words`` words, lower-cased, punctuation dropped."""
+    return " ".join(_WORD.findall(query.lower())[:words])
+
+
+def query_problem(query: str, ended: bool, settings: MagpieSettings, markers: tuple[str, ...] = ()) -> str | None:
+    """Why ``query`` is refused (a short reason), or ``None`` when it passes the quality filters."""
+    text = query.strip()
+    words = _WORD.findall(text.lower())
+    if not ended:
+        return "cut at the token limit"
+    if len(words) < settings.min_words:
+        return "too short"
+    if len(words) > settings.max_words:
+        return "too long"
+    if any(marker and marker in text for marker in markers) or _ROLE_HEADER.search(text):
+        return "template marker or role header"
+    if sum(ch.isprintable() or ch in "\n\t" for ch in text) < len(text):
+        return "unprintable characters"
+    if sum(ch.isalpha() for ch in text) < 0.5 * len(text):
+        return "mostly not letters"
+    if len(words) >= 12 and len(set(words)) < 0.4 * len(words):
+        return "repetitive"
+    return None
+
+
+@torch.inference_mode()
+def self_queries(model: Any, tokenizer: Any, settings: MagpieSettings,
+                 log: Callable[[str], None] = print) -> tuple[list[str], dict[str, int]]:
+    """Up to ``settings.count`` distinct, filtered user queries sampled from ``model``, and the refusal counts."""
+    prefix = user_prefix(tokenizer)
+    stop = end_of_turn_id(tokenizer)
+    markers = tuple(token for token in tokenizer.all_special_tokens if len(token) > 1)
+    sampler = generation_copy(model, settings.dtype)
+    device = next(sampler.parameters()).device
+    batch = tokenizer([prefix] * settings.batch_size, return_tensors="pt", add_special_tokens=False).to(device)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(settings.seed)
+    queries: list[str] = []
+    seen: set[str] = set()
+    refused: dict[str, int] = {}
+    try:
+        for round_index in range(settings.max_rounds):
+            if len(queries) >= settings.count:
+                break
+            out = sampler.generate(**batch, do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+                                   max_new_tokens=settings.max_query_tokens, eos_token_id=stop,
+                                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop)
+            for row in out[:, batch["input_ids"].shape[1]:].tolist():
+                ended = stop in row
+                text = tokenizer.decode(row[:row.index(stop)] if ended else row, skip_special_tokens=True).strip()
+                reason = query_problem(text, ended, settings, markers)
+                key = duplicate_key(text, settings.duplicate_prefix_words)
+                if reason is None and key in seen:
+                    reason = "near-duplicate"
+                if reason is not None:
+                    refused[reason] = refused.get(reason, 0) + 1
+                    continue
+                seen.add(key)
+                queries.append(text)
+            log(f"magpie round {round_index + 1}: {len(queries)} of {settings.count} queries kept")
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return queries[:settings.count], refused
+
+
+def generation_copy(model: Any, dtype: str) -> Any:
+    """``model`` itself when it already has ``dtype``, else an evaluation copy cast to it (the original is kept)."""
+    wanted = getattr(torch, dtype)
+    if next(model.parameters()).dtype == wanted:
+        return model
+    return copy.deepcopy(model).to(wanted).eval()
