@@ -59,7 +59,7 @@ def test_the_user_prefix_is_the_template_up_to_the_users_words(chat_tokenizer):
 def test_sampled_queries_pass_the_filters_are_distinct_seeded_and_leave_the_global_rng_alone(zoo_models,
                                                                                              chat_tokenizer):
     models, _ = zoo_models
-    settings = MagpieSettings(count=6, max_query_tokens=40, min_words=1, batch_size=8, max_rounds=3,
+    settings = MagpieSettings(count=6, max_query_tokens=64, min_words=1, batch_size=16, max_rounds=3,
                               dtype="float32")
     state = torch.random.get_rng_state()
     queries, refused = self_queries(models.target.model, chat_tokenizer, settings, log=lambda message: None)
@@ -74,7 +74,7 @@ def test_sampled_queries_pass_the_filters_are_distinct_seeded_and_leave_the_glob
 def test_self_chat_is_generated_once_and_cached_with_its_queries(zoo_models, chat_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECSWEEP_HOME", str(tmp_path))
     models, _ = zoo_models
-    magpie = MagpieSettings(count=4, max_query_tokens=40, min_words=1, batch_size=8, max_rounds=3, dtype="float32")
+    magpie = MagpieSettings(count=4, max_query_tokens=64, min_words=1, batch_size=16, max_rounds=3, dtype="float32")
     settings = AnswerSettings(prompts=4, max_new_tokens=8, batch_size=4)
     first = cached_self_chat(models.target.model, chat_tokenizer, settings, magpie, "target-a", log=lambda m: None)
     again = cached_self_chat(None, chat_tokenizer, settings, magpie, "target-a", log=lambda m: None)
@@ -92,3 +92,23 @@ def test_magpie_is_an_answers_source_only():
         check_sources(("magpie",), "data.sources", answers_allowed=True)
     with pytest.raises(ConfigError, match="only kind: draft and kind: eagle"):
         check_sources(("answers:magpie",), "domains.chat", answers_allowed=False)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpointed_rounds_and_batches(zoo_models, chat_tokenizer):
+    from training.answers import answer_transcripts
+
+    models, _ = zoo_models
+    settings = MagpieSettings(count=40, max_query_tokens=64, min_words=1, batch_size=16, max_rounds=3,
+                              dtype="float32")
+    rounds: list[dict] = []
+    whole = self_queries(models.target.model, chat_tokenizer, settings, lambda message: None, on_round=rounds.append)
+    assert [row["round"] for row in rounds] == [0, 1, 2] and whole[0]
+    resumed = self_queries(models.target.model, chat_tokenizer, settings, lambda message: None, rounds[:1])
+    assert resumed == whole
+
+    messages = ["Explain a tree.", "Write a loop.", "Say hi to the reader.", "Count to three."]
+    answers = AnswerSettings(prompts=len(messages), max_new_tokens=6, batch_size=2)
+    batches: list[list[str]] = []
+    full = answer_transcripts(models.target.model, chat_tokenizer, messages, answers, on_batch=batches.append)
+    assert len(batches) == 2 and sum(batches, []) == full
+    assert answer_transcripts(models.target.model, chat_tokenizer, messages, answers, done=batches[0]) == full

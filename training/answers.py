@@ -26,6 +26,7 @@ would inflate acceptance.
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,8 +80,13 @@ def user_messages(inner_source: str, documents: list[str], settings: AnswerSetti
 
 
 @torch.inference_mode()
-def answer_transcripts(model: Any, tokenizer: Any, messages: list[str], settings: AnswerSettings) -> list[str]:
-    """Each message in ``tokenizer``'s chat template (else the plain question frame), followed by ``model``'s greedy answer."""
+def answer_transcripts(model: Any, tokenizer: Any, messages: list[str], settings: AnswerSettings,
+                       done: list[str] | None = None,
+                       on_batch: Callable[[list[str]], None] | None = None) -> list[str]:
+    """Each message in ``tokenizer``'s chat template (else the plain question frame), followed by ``model``'s greedy answer.
+
+    ``done``: transcripts of the first messages from an interrupted run (whole batches), kept as they are;
+    ``on_batch`` hears each new batch's transcripts (to checkpoint them)."""
     template = getattr(tokenizer, "chat_template", None) or None
     device = next(model.parameters()).device
     side, pad = tokenizer.padding_side, tokenizer.pad_token
@@ -88,8 +94,8 @@ def answer_transcripts(model: Any, tokenizer: Any, messages: list[str], settings
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
-        transcripts = []
-        for start in range(0, len(messages), settings.batch_size):
+        transcripts = list(done or [])
+        for start in range(len(transcripts), len(messages), settings.batch_size):
             chunk = messages[start:start + settings.batch_size]
             prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                      add_generation_prompt=True)
@@ -99,7 +105,10 @@ def answer_transcripts(model: Any, tokenizer: Any, messages: list[str], settings
                                  pad_token_id=tokenizer.pad_token_id)
             answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
             end = tokenizer.eos_token or ""
-            transcripts.extend(prompt + answer.strip() + end for prompt, answer in zip(prompts, answers))
+            batch_transcripts = [prompt + answer.strip() + end for prompt, answer in zip(prompts, answers)]
+            transcripts.extend(batch_transcripts)
+            if on_batch is not None:
+                on_batch(batch_transcripts)
         return transcripts
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad
@@ -110,9 +119,12 @@ def cached_answers(model: Any, tokenizer: Any, inner_source: str, documents: lis
     """The target's transcripts for ``inner_source``, generated once per target and settings, then read from disk."""
     key = content_hash(["answers", target_identity, inner_source, settings.__dict__])[:16]
 
-    def generate() -> list[dict[str, str]]:
+    def generate(checkpoint: Checkpoints) -> list[dict[str, str]]:
         messages = user_messages(inner_source, documents, settings)
-        return [{"text": text} for text in answer_transcripts(model, tokenizer, messages, settings)]
+        answers = checkpoint("answers")
+        texts = answer_transcripts(model, tokenizer, messages, settings, [row["text"] for row in answers.rows()],
+                                   lambda batch: answers.add([{"text": text} for text in batch]))
+        return [{"text": text} for text in texts]
 
     return [row["text"] for row in cached_rows(key, inner_source, generate, log)]
 
@@ -123,28 +135,69 @@ def cached_self_chat(model: Any, tokenizer: Any, settings: AnswerSettings, magpi
     from disk; each cached row also keeps its query."""
     key = content_hash(["answers", target_identity, MAGPIE_SOURCE, settings.__dict__, asdict(magpie)])[:16]
 
-    def generate() -> list[dict[str, str]]:
+    def generate(checkpoint: Checkpoints) -> list[dict[str, str]]:
         writer = generation_copy(model, magpie.dtype)
-        queries, refused = self_queries(writer, tokenizer, magpie, log)
+        rounds, answers = checkpoint("queries"), checkpoint("answers")
+        queries, refused = self_queries(writer, tokenizer, magpie, log, rounds.rows(), lambda row: rounds.add([row]))
         log(f"magpie: {len(queries)} distinct queries kept; refused: "
             + (", ".join(f"{reason} {count}" for reason, count in sorted(refused.items())) or "none"))
-        transcripts = answer_transcripts(writer, tokenizer, queries, settings)
+        transcripts = answer_transcripts(writer, tokenizer, queries, settings, [row["text"] for row in answers.rows()],
+                                         lambda batch: answers.add([{"text": text} for text in batch]))
         return [{"query": query, "text": text} for query, text in zip(queries, transcripts)]
 
     return [row["text"] for row in cached_rows(key, MAGPIE_SOURCE, generate, log)]
 
 
-def cached_rows(key: str, label: str, generate: Callable[[], list[dict[str, str]]],
+class Checkpoint:
+    """A JSON-lines file of rows made so far by a generation that may be interrupted (each ``add`` is synced)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows added so far (a torn last line, from a crash while writing, is dropped)."""
+        if not self.path.exists():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return rows
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write("".join(json.dumps(row) + "\n" for row in rows))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+Checkpoints = Callable[[str], Checkpoint]
+
+
+def cached_rows(key: str, label: str, generate: Callable[[Checkpoints], list[dict[str, str]]],
                 log: Callable[[str], None]) -> list[dict[str, str]]:
-    """The rows cached under ``answers/<key>.jsonl``, made by ``generate`` the first time (under a file lock)."""
+    """The rows cached under ``answers/<key>.jsonl``, made by ``generate`` the first time (under a file lock).
+
+    ``generate`` may keep its progress in named checkpoints beside the cache file, so that a run interrupted
+    part-way (a crashed or stopped training job) goes on from where it stopped; they are removed once the rows
+    are written."""
     path = specsweep_home() / "artifacts" / "answers" / f"{key}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if path.exists():
             return [json.loads(line) for line in path.read_text().splitlines()]
-        rows = generate()
+        checkpoints = {}
+
+        def checkpoint(name: str) -> Checkpoint:
+            return checkpoints.setdefault(name, Checkpoint(path.with_name(f"{key}.{name}.partial.jsonl")))
+
+        rows = generate(checkpoint)
         staging = Path(str(path) + ".partial")
         staging.write_text("".join(json.dumps(row) + "\n" for row in rows))
         staging.replace(path)
+        for used in checkpoints.values():
+            used.path.unlink(missing_ok=True)
     log(f"target answers: {len(rows)} transcripts for {label} -> {path}")
     return rows

@@ -13,7 +13,9 @@ and kept only if they pass ``query_problem``'s filters: the turn ended (not cut
 by the token limit), length in words, printable text, no template markers or
 role headers, no looping, and not a near-duplicate of an earlier query (same
 first words, case and punctuation folded). Sampling goes on in rounds until
-``count`` queries pass or ``max_rounds`` rounds are spent.
+``count`` queries pass or ``max_rounds`` rounds are spent; each round is seeded
+on its own, so an interrupted run resumes from its checkpointed rounds and
+ends with the same queries.
 """
 
 from __future__ import annotations
@@ -94,27 +96,36 @@ def query_problem(query: str, ended: bool, settings: MagpieSettings, markers: tu
 
 
 @torch.inference_mode()
-def self_queries(model: Any, tokenizer: Any, settings: MagpieSettings,
-                 log: Callable[[str], None] = print) -> tuple[list[str], dict[str, int]]:
-    """Up to ``settings.count`` distinct, filtered user queries sampled from ``model``, and the refusal counts."""
+def self_queries(model: Any, tokenizer: Any, settings: MagpieSettings, log: Callable[[str], None] = print,
+                 rounds_done: list[dict[str, Any]] | None = None,
+                 on_round: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[str], dict[str, int]]:
+    """Up to ``settings.count`` distinct, filtered user queries sampled from ``model``, and the refusal counts.
+
+    Round r samples with seed ``settings.seed + r``, so ``rounds_done`` (the rows ``on_round`` was given by an
+    interrupted run: round, kept queries, refusals) are taken as they are and sampling goes on after them.
+    """
     prefix = user_prefix(tokenizer)
     stop = end_of_turn_id(tokenizer)
     markers = tuple(token for token in tokenizer.all_special_tokens if len(token) > 1)
-    sampler = generation_copy(model, settings.dtype)
-    device = next(sampler.parameters()).device
+    device = next(model.parameters()).device
     batch = tokenizer([prefix] * settings.batch_size, return_tensors="pt", add_special_tokens=False).to(device)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(settings.seed)
     queries: list[str] = []
-    seen: set[str] = set()
     refused: dict[str, int] = {}
+    for row in rounds_done or []:
+        queries.extend(row["kept"])
+        for reason, count in row["refused"].items():
+            refused[reason] = refused.get(reason, 0) + count
+    seen = {duplicate_key(query, settings.duplicate_prefix_words) for query in queries}
+    generator_state = torch.random.get_rng_state()
     try:
-        for round_index in range(settings.max_rounds):
+        for round_index in range(len(rounds_done or []), settings.max_rounds):
             if len(queries) >= settings.count:
                 break
-            out = sampler.generate(**batch, do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
-                                   max_new_tokens=settings.max_query_tokens, eos_token_id=stop,
-                                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop)
+            torch.manual_seed(settings.seed + round_index)
+            out = model.generate(**batch, do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+                                 max_new_tokens=settings.max_query_tokens, eos_token_id=stop,
+                                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop)
+            kept, refusals = [], {}
             for row in out[:, batch["input_ids"].shape[1]:].tolist():
                 ended = stop in row
                 text = tokenizer.decode(row[:row.index(stop)] if ended else row, skip_special_tokens=True).strip()
@@ -123,10 +134,15 @@ def self_queries(model: Any, tokenizer: Any, settings: MagpieSettings,
                 if reason is None and key in seen:
                     reason = "near-duplicate"
                 if reason is not None:
-                    refused[reason] = refused.get(reason, 0) + 1
+                    refusals[reason] = refusals.get(reason, 0) + 1
                     continue
                 seen.add(key)
-                queries.append(text)
+                kept.append(text)
+            queries.extend(kept)
+            for reason, count in refusals.items():
+                refused[reason] = refused.get(reason, 0) + count
+            if on_round is not None:
+                on_round({"round": round_index, "kept": kept, "refused": refusals})
             log(f"magpie round {round_index + 1}: {len(queries)} of {settings.count} queries kept")
     finally:
         torch.random.set_rng_state(generator_state)
