@@ -151,7 +151,9 @@ def test_dllm_training_moves_the_activation_ratio_to_its_target_and_loads_as_a_s
     assert 0 <= trace.extras["skipped_layers"] <= trace.extras["routed_layers"] > 0
 
 
-def test_a_dllm_cell_is_lossy_its_mismatch_does_not_fail_it_and_the_report_says_so(dllm_request, tiny_zoo, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_dllm_cell_is_lossy_its_mismatch_does_not_fail_it_and_the_report_says_so(dllm_request, tiny_zoo, tmp_path,
+                                                                                 dtype):
     from harness.config import load_sweep
     from harness.model_cache import ModelCache
     from harness.report import write_report
@@ -159,12 +161,15 @@ def test_a_dllm_cell_is_lossy_its_mismatch_does_not_fail_it_and_the_report_says_
     from harness.runner import run_cell
     from tests.conftest import write_sweep
 
-    sweep = load_sweep(write_sweep(tmp_path / "sweep.yaml", train={"dllm": TINY_DLLM},
+    models = {"target": "zoo:target", "drafts": {"small": "zoo:draft-1l"}, "device": "cpu", "dtype": dtype}
+    sweep = load_sweep(write_sweep(tmp_path / "sweep.yaml", train={"dllm": TINY_DLLM}, models=models,
                                    strategies=[{"name": "dllm", "params": {"dllm": "dllm"}}],
                                    run={"max_new_tokens": 16, "warmup_prompts": 0, "workers": 1, "num_cpus": 1}))
     (cell,) = sweep.cells()
     record = run_cell(cell, ModelCache(tiny_zoo, "cpu"))
     assert record.ok, record.error
+    assert record.env.dtype == dtype
+    assert all(turn.divergence is None for prompt in record.prompts for turn in prompt.turns)  # lossy: unclassified
     ResultStore(tmp_path / "run").append(record)
     (tmp_path / "run" / "sweep.yaml").write_text((tmp_path / "sweep.yaml").read_text())
     report = write_report(tmp_path / "run").read_text()

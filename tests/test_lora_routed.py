@@ -94,3 +94,25 @@ def test_routed_arm_needs_a_router(tmp_path, tiny_zoo):
                        strategies=[{"name": "lora_routed", "params": {"adapters": "adapters", "arm": "routed"}}])
     with pytest.raises(ConfigError, match=r"strategies\[0\]\.router: the routed arm needs a router"):
         load_sweep(path)
+
+
+def test_lora_routed_runs_in_bfloat16_and_every_divergence_is_a_tie(trained, zoo_models, zoo_prompts, tiny_zoo):
+    from harness.divergence import classify
+    from harness.models import ModelSpec, load_model
+    from harness.records import match_fields
+    from strategies import ModelSet, Sampling, build
+    from training.artifacts import load_artifact
+
+    reference, tokenizer = zoo_models
+    target = load_model(ModelSpec("zoo:target", dtype="bfloat16"), tiny_zoo, torch.device("cpu"), "target")
+    models = ModelSet(target=target, tokenizer=tokenizer,
+                      artifacts={name: load_artifact(request, target) for name, request in trained.items()})
+    assert models.artifact("adapters").model.dtype == torch.bfloat16
+    baseline = build("autoregressive", {}, models)
+    strategy = build("lora_routed", {"adapters": "adapters", "router": "router", "arm": "routed", "gamma": 3}, models)
+    for ids in zoo_prompts:
+        expected, trace = baseline.generate(ids, 16, Sampling()), strategy.generate(ids, 16, Sampling())
+        same, position = match_fields(expected.tokens, trace.tokens)
+        if not same:
+            found = classify(reference.target.model, target.model, ids, expected.tokens, trace.tokens, position, 0)
+            assert found.kind == "tie", found

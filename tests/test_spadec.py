@@ -72,20 +72,27 @@ def test_auc_counts_ordered_pairs_and_half_of_the_ties():
 
 @pytest.fixture(scope="module")
 def spadec_parts(tiny_zoo, zoo_models):
-    """SpaDec's parts for the tiny zoo: a tiny D-LLM target, a tiny head on it, a predictor fitted on two prompts
-    per source."""
+    """SpaDec's parts for the tiny zoo (``tiny_spadec_request``), built once for the module."""
+    from training.artifacts import build_artifact, load_artifact
+
+    request = tiny_spadec_request(tiny_zoo)
+    manifest = build_artifact(request, log=lambda message: None)
+    models, _ = zoo_models
+    return manifest, load_artifact(request, models.target)
+
+
+def tiny_spadec_request(tiny_zoo):
+    """The tiny zoo's SpaDec artefact request: a tiny D-LLM target, a tiny head on it, a predictor fitted on two
+    prompts per source."""
     from pathlib import Path
 
     from tests.test_dllm import TINY_DLLM
     from tests.test_eagle import TINY_HEAD
-    from training.artifacts import build_artifact, load_artifact, load_train_config
+    from training.artifacts import load_train_config
 
     config = {"kind": "spadec", "dllm": TINY_DLLM, "head": TINY_HEAD, "prompts": ["zoo:code", "zoo:math"],
               "count": 3, "max_new_tokens": 16, "total_tokens": 8, "depth": 3, "top_k": 2, "steps": 100}
-    request = load_train_config(config, "train.spadec", Path("."), tiny_zoo)
-    manifest = build_artifact(request, log=lambda message: None)
-    models, _ = zoo_models
-    return manifest, load_artifact(request, models.target)
+    return load_train_config(config, "train.spadec", Path("."), tiny_zoo)
 
 
 def test_the_spadec_artefact_fits_a_predictor_on_logged_acceptance(spadec_parts):
@@ -109,3 +116,18 @@ def test_spadec_predictor_on_sends_fewer_nodes_deep_than_off_and_reports_it(spad
     assert on["deep_nodes"] < on["tree_nodes"]
     assert all(trace.new_tokens == 16 and trace.extras["lossy"] for trace in traces.values())
     assert off["predictor_nodes"] > 0 and off["routed_layers"] > 0
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_spadec_decodes_in_bfloat16(spadec_parts, tiny_zoo, zoo_prompts, mode):
+    """The artefact loads onto a bfloat16 target and decodes the full budget (lossy: nothing to match)."""
+    from harness.models import ModelSpec, load_model
+    from strategies import ModelSet, Sampling, build
+    from training.artifacts import load_artifact
+
+    target = load_model(ModelSpec("zoo:target", dtype="bfloat16"), tiny_zoo, torch.device("cpu"), "target")
+    parts = load_artifact(tiny_spadec_request(tiny_zoo), target)
+    models = ModelSet(target=target, artifacts={"spadec": parts})
+    trace = build("spadec", {"spadec": "spadec", "predictor": mode, "total_tokens": 8, "depth": 3, "top_k": 2},
+                  models).generate(zoo_prompts[0], 16, Sampling())
+    assert trace.new_tokens == 16 and trace.extras["lossy"] and trace.extras["tree_nodes"] > 0
