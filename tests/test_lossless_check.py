@@ -27,9 +27,9 @@ def test_unit_in_last_place_is_the_dtypes_spacing(value, dtype, spacing):
 
 def test_the_tie_bound_is_the_larger_of_the_units_and_the_measured_error():
     # logits of 12.0: bfloat16 spacing 1/16, so two units are 0.125
-    assert tie_bound((12.0, 11.9), (12.0, 11.9), torch.bfloat16) == TIE_ULPS / 16
-    # the dtype's own error on the two logits (0.2 + 0.1) is larger than two units
-    assert tie_bound((12.0, 11.9), (12.2, 11.8), torch.bfloat16) == pytest.approx(0.3)
+    assert tie_bound((12.0, 11.9), [(12.0, 11.9)], torch.bfloat16) == TIE_ULPS / 16
+    # the dtype's own error on the two logits (0.2 + 0.1 on its worst path), once for each side, is larger
+    assert tie_bound((12.0, 11.9), [(12.0, 11.9), (12.2, 11.8)], torch.bfloat16) == pytest.approx(0.6)
 
 
 def test_classify_calls_a_clear_second_choice_real_and_a_shared_first_choice_a_tie(zoo_models, zoo_prompts):
