@@ -364,9 +364,10 @@ def correctness_section(cells: pd.DataFrame, sampled: bool) -> list[str]:
         lines += ["Outside float32 a several-token verification rounds differently from one-token steps, so a "
                   "lossless strategy may leave the baseline where the target's top two tokens are tied within the "
                   "dtype's rounding. Each such turn is re-scored at its first divergence in float32: a *tie* is a "
-                  "gap within the dtype's rounding bound (two units in the last place at that logit, or the dtype's "
-                  "own measured error on the two logits, whichever is larger); anything else is a *real* divergence "
-                  "and fails its cell. *Unclassified*: divergences that are not classified: those of lossy "
+                  "float32 gap between the two tokens within the dtype's rounding bound (the larger of two units in "
+                  "the last place at that logit and twice the dtype's largest error on the two logits over its "
+                  "decode paths: the whole prefix, and its last 1, 4 and 8 tokens after a cache of the rest); "
+                  "anything else is a *real* divergence and fails its cell. *Unclassified*: divergences that are not classified: those of lossy "
                   "strategies, and float32 mismatches, each of which fails its cell outright.", ""]
     if any(row["kind"] == "lossy" for row in rows):
         lines += ["Lossy strategies decode with a modified target (layer skipping); their token match measures how far "
