@@ -155,15 +155,16 @@ def build_adapters(config: AdapterTrainConfig, zoo, out_dir: Path, target_key: s
 
 
 class DomainAdapters:
-    """All domain adapters in one ``PeftModel`` over a private copy of the draft; ``activate`` switches them."""
+    """All domain adapters in one ``PeftModel`` over a private copy of the draft (in ``dtype``, the target's);
+    ``activate`` switches them."""
 
-    def __init__(self, directory: Path, config: AdapterTrainConfig, zoo, device) -> None:
+    def __init__(self, directory: Path, config: AdapterTrainConfig, zoo, device, dtype: str = "float32") -> None:
         from peft import PeftModel
 
 
         meta = json.loads((Path(directory) / "adapters.json").read_text())
         self.domains: list[str] = meta["domains"]
-        draft = load_model(config.draft, zoo, device, "draft").model
+        draft = load_model(replace(config.draft, dtype=dtype), zoo, device, "draft").model
         first, *rest = self.domains
         model = PeftModel.from_pretrained(draft, str(Path(directory) / first / first), adapter_name=first)
         for domain in rest:

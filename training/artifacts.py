@@ -52,7 +52,8 @@ def _adapters_kind() -> ArtifactKind:
     from training.adapters import DomainAdapters, build_adapters, parse_adapter_config
 
     return ArtifactKind("adapters", parse_adapter_config, build_adapters,
-                        lambda request, target: DomainAdapters(request.directory, request.config, request.zoo, target.device))
+                        lambda request, target: DomainAdapters(request.directory, request.config, request.zoo, target.device,
+                                                               str(target.dtype).removeprefix("torch.")))
 
 
 def _router_kind() -> ArtifactKind:
