@@ -121,9 +121,7 @@ def cached_answers(model: Any, tokenizer: Any, inner_source: str, documents: lis
 
     def generate(checkpoint: Checkpoints) -> list[dict[str, str]]:
         messages = user_messages(inner_source, documents, settings)
-        answers = checkpoint("answers")
-        texts = answer_transcripts(model, tokenizer, messages, settings, [row["text"] for row in answers.rows()],
-                                   lambda batch: answers.add([{"text": text} for text in batch]))
+        texts = checkpointed_transcripts(model, tokenizer, messages, settings, checkpoint("answers"))
         return [{"text": text} for text in texts]
 
     return [row["text"] for row in cached_rows(key, inner_source, generate, log)]
@@ -137,15 +135,21 @@ def cached_self_chat(model: Any, tokenizer: Any, settings: AnswerSettings, magpi
 
     def generate(checkpoint: Checkpoints) -> list[dict[str, str]]:
         writer = generation_copy(model, magpie.dtype)
-        rounds, answers = checkpoint("queries"), checkpoint("answers")
+        rounds = checkpoint("queries")
         queries, refused = self_queries(writer, tokenizer, magpie, log, rounds.rows(), lambda row: rounds.add([row]))
         log(f"magpie: {len(queries)} distinct queries kept; refused: "
             + (", ".join(f"{reason} {count}" for reason, count in sorted(refused.items())) or "none"))
-        transcripts = answer_transcripts(writer, tokenizer, queries, settings, [row["text"] for row in answers.rows()],
-                                         lambda batch: answers.add([{"text": text} for text in batch]))
+        transcripts = checkpointed_transcripts(writer, tokenizer, queries, settings, checkpoint("answers"))
         return [{"query": query, "text": text} for query, text in zip(queries, transcripts)]
 
     return [row["text"] for row in cached_rows(key, MAGPIE_SOURCE, generate, log)]
+
+
+def checkpointed_transcripts(model: Any, tokenizer: Any, messages: list[str], settings: AnswerSettings,
+                             answers: "Checkpoint") -> list[str]:
+    """``answer_transcripts`` that resumes from the batches saved in ``answers`` and saves each new one there."""
+    return answer_transcripts(model, tokenizer, messages, settings, [row["text"] for row in answers.rows()],
+                              lambda batch: answers.add([{"text": text} for text in batch]))
 
 
 class Checkpoint:
