@@ -67,6 +67,15 @@ def params_label(params: dict[str, Any]) -> str:
     return ", ".join(f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in params.items()) or "-"
 
 
+def config_label(record: CellRecord, resolve: bool = True) -> str:
+    """The cell's parameters, and the content keys of the trained artefacts it used, so that cells run with a
+    retrained head or draft are never pooled with those of the earlier one."""
+    params = resolved_params(record.strategy, record.params) if resolve else record.params
+    artifacts = record.cell.get("artifacts") or {}
+    suffix = "; ".join(f"{name}@{key[:8]}" for name, key in sorted(artifacts.items()))
+    return f"{params_label(params)} [{suffix}]" if suffix else params_label(params)
+
+
 def cell_rows(records: dict[str, CellRecord]) -> pd.DataFrame:
     """One row per cell record, with its metrics."""
     rows = []
@@ -77,7 +86,7 @@ def cell_rows(records: dict[str, CellRecord]) -> pd.DataFrame:
             "status": record.status,
             "target": record.target_name,
             "strategy": record.strategy,
-            "params": params_label(record.params),
+            "params": config_label(record, resolve=False),
             "prompt_set": record.prompt_set,
             "shard": record.cell["shard"],
             "device": record.env.device if record.env else "",
@@ -117,7 +126,7 @@ def grouped_prompts(records: dict[str, CellRecord]) -> dict[tuple, tuple[dict[st
         if not record.ok or record.kind != "strategy":
             continue
         params = resolved_params(record.strategy, record.params)
-        key = (record.target_name, record.strategy, params_label(params), record.prompt_set)
+        key = (record.target_name, record.strategy, config_label(record), record.prompt_set)
         groups.setdefault(key, (params, []))[1].extend(record.prompts)
     return groups
 
@@ -416,8 +425,7 @@ def dllm_match(records: dict[str, CellRecord]) -> dict[tuple, float]:
         key = (record.target_name, record.prompt_set, record.cell["shard"])
         if not record.ok or record.strategy == "dllm" or not is_lossy(record.strategy) or key not in reference:
             continue
-        group = (record.target_name, record.strategy, params_label(resolved_params(record.strategy, record.params)),
-                 record.prompt_set)
+        group = (record.target_name, record.strategy, config_label(record), record.prompt_set)
         for prompt in record.prompts:
             for index, turn in enumerate(prompt.turns):
                 expected = reference[key].get((prompt.prompt_id, index))

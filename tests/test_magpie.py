@@ -11,7 +11,8 @@ import torch
 
 from harness.errors import ConfigError
 from training.answers import AnswerSettings, cached_self_chat
-from training.magpie import MagpieSettings, duplicate_key, end_of_turn_id, query_problem, self_queries, user_prefix
+from training.magpie import (TASK_OPENERS, MagpieSettings, duplicate_key, end_of_turn_id, query_problem, round_openers,
+                             self_queries, user_prefix, variant_settings)
 from training.text import check_sources
 
 CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
@@ -87,7 +88,11 @@ def test_self_chat_is_generated_once_and_cached_with_its_queries(zoo_models, cha
 
 
 def test_magpie_is_an_answers_source_only():
-    check_sources(("answers:magpie",), "data.sources", answers_allowed=True)
+    check_sources(("answers:magpie", "answers:magpie:tasks"), "data.sources", answers_allowed=True)
+    with pytest.raises(ConfigError, match="names no magpie variant.*answers:magpie:tasks"):
+        check_sources(("answers:magpie:code",), "data.sources", answers_allowed=True)
+    with pytest.raises(ConfigError, match="write answers:magpie:tasks"):
+        check_sources(("magpie:tasks",), "data.sources", answers_allowed=True)
     with pytest.raises(ConfigError, match="write answers:magpie"):
         check_sources(("magpie",), "data.sources", answers_allowed=True)
     with pytest.raises(ConfigError, match="only kind: draft and kind: eagle"):
@@ -112,3 +117,34 @@ def test_an_interrupted_run_resumes_from_its_checkpointed_rounds_and_batches(zoo
     full = answer_transcripts(models.target.model, chat_tokenizer, messages, answers, on_batch=batches.append)
     assert len(batches) == 2 and sum(batches, []) == full
     assert answer_transcripts(models.target.model, chat_tokenizer, messages, answers, done=batches[0]) == full
+
+
+def test_openers_rotate_over_the_rows_and_each_round_starts_where_the_last_one_stopped():
+    settings = MagpieSettings(batch_size=3, openers=("A", "B", "C", "D", "E"))
+    assert round_openers(settings, 0) == ["A", "B", "C"]
+    assert round_openers(settings, 1) == ["D", "E", "A"]
+    assert round_openers(MagpieSettings(batch_size=2), 4) == ["", ""]
+    tasks = variant_settings("tasks", 100, 3)
+    assert tasks.openers == TASK_OPENERS and tasks.count == 100 and tasks.seed == 3
+    assert variant_settings("", 100, 3) == MagpieSettings(count=100, seed=3)
+
+
+def test_task_seeded_queries_begin_with_their_opener_and_are_cached_apart_from_plain_ones(zoo_models, chat_tokenizer,
+                                                                                          tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECSWEEP_HOME", str(tmp_path))
+    models, _ = zoo_models
+    openers = ("Write a poem about", "Translate into French:", "Why does")
+    seeded = MagpieSettings(count=6, max_query_tokens=64, min_words=1, batch_size=16, max_rounds=3,
+                            dtype="float32", openers=openers)
+    queries, _ = self_queries(models.target.model, chat_tokenizer, seeded, lambda message: None)
+    assert queries and all(query.startswith(openers) for query in queries)
+
+    settings = AnswerSettings(prompts=3, max_new_tokens=4, batch_size=3)
+    plain = MagpieSettings(count=3, max_query_tokens=64, min_words=1, batch_size=16, max_rounds=3, dtype="float32")
+    for magpie in (plain, MagpieSettings(**{**plain.__dict__, "openers": openers})):
+        cached_self_chat(models.target.model, chat_tokenizer, settings, magpie, "target-a", log=lambda m: None)
+    files = sorted((tmp_path / "artifacts" / "answers").glob("*.jsonl"))
+    assert len(files) == 2
+    starts = [{json.loads(line)["query"].startswith(openers) for line in path.read_text().splitlines()}
+              for path in files]
+    assert sorted(map(sorted, starts)) == [[False], [True]]

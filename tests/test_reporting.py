@@ -163,3 +163,19 @@ def test_compare_names_each_rows_dtype_and_marks_a_mix_of_dtypes(tmp_path, cache
         assert "dtype" in leaderboard([fp32, bf16], by=by).columns
     markdown, _ = write_leaderboard([fp32, bf16], tmp_path / "out")
     assert "different dtypes" in markdown.read_text()
+
+
+def test_cells_run_with_a_retrained_artefact_are_reported_apart_from_the_earlier_ones():
+    from harness.report import group_rows
+
+    def record(cell_id: str, head_key: str, seconds: float) -> CellRecord:
+        cell = {"target": ["t", {"id": "zoo:target"}], "strategy": "eagle", "params": {"head": "head", "gamma": 3},
+                "prompt_set": {"name": "p", "source": "zoo:code"}, "shard": 0, "artifacts": {"head": head_key},
+                "generation": {"max_new_tokens": 4, "temperature": 0.0, "seed": 0}}
+        return CellRecord(cell_id=cell_id, kind="strategy", label=cell_id, status="ok", cell=cell,
+                          prompts=[prompt([turn(10, 2.0, 10, seconds)])])
+
+    rows = group_rows({"old": record("old", "aaaaaaaa11", 2.0), "new": record("new", "bbbbbbbb22", 1.0)})
+    assert len(rows) == 2
+    by_key = {("aaaaaaaa" in params, "bbbbbbbb" in params): speedup for params, speedup in zip(rows.params, rows.speedup)}
+    assert by_key == {(True, False): pytest.approx(1.0), (False, True): pytest.approx(2.0)}

@@ -14,7 +14,8 @@ prompt plus answer) as a training document.
   user message as it is (e.g. first turns of ShareGPT, as EAGLE uses).
 - ``answers:magpie``: the target writes the user messages itself, sampled from
   its chat template's user prefix and filtered (``training.magpie``); needs no
-  hub and reads no benchmark.
+  hub and reads no benchmark. ``answers:magpie:tasks``: the same, each user
+  turn begun with one of ``training.magpie.TASK_OPENERS``.
 
 Greedy answers match the greedy benchmark setting. Answers are cached as a
 JSONL file under ``$SPECSWEEP_HOME/artifacts/answers/`` keyed by the target's
@@ -131,7 +132,8 @@ def cached_self_chat(model: Any, tokenizer: Any, settings: AnswerSettings, magpi
                      target_identity: Any, log: Callable[[str], None] = print) -> list[str]:
     """Transcripts of the target answering queries it wrote itself (``answers:magpie``), generated once, then read
     from disk; each cached row also keeps its query."""
-    key = content_hash(["answers", target_identity, MAGPIE_SOURCE, settings.__dict__, asdict(magpie)])[:16]
+    identity = {name: value for name, value in asdict(magpie).items() if name != "openers" or value}
+    key = content_hash(["answers", target_identity, MAGPIE_SOURCE, settings.__dict__, identity])[:16]
 
     def generate(checkpoint: Checkpoints) -> list[dict[str, str]]:
         writer = generation_copy(model, magpie.dtype)

@@ -16,6 +16,18 @@ first words, case and punctuation folded). Sampling goes on in rounds until
 ``count`` queries pass or ``max_rounds`` rounds are spent; each round is seeded
 on its own, so an interrupted run resumes from its checkpointed rounds and
 ends with the same queries.
+
+A small model's unseeded queries are narrow: SmolLM2-135M-Instruct began 64 %
+of its 1,962 with "I'm" or "Can". The ``tasks`` variant
+(``answers:magpie:tasks``) writes the first words of each user turn itself,
+rotating over ``TASK_OPENERS`` (generic task families of chat assistants:
+writing, role-play, reasoning, arithmetic, code, extraction, science,
+humanities, translation, summaries of a passage the model then writes, factual
+questions, questions over a passage), and lets the model write the rest. This
+is the Magpie paper's control of the query's task by the prompt, done with the
+user turn's opening words instead of a system prompt (a 135M model follows a
+system prompt loosely). The openers are written here; none comes from a
+benchmark.
 """
 
 from __future__ import annotations
@@ -28,6 +40,24 @@ from typing import Any, Callable
 import torch
 
 MAGPIE_SOURCE = "magpie"
+TASK_OPENERS: tuple[str, ...] = (
+    "Write a short story about", "Write a blog post about", "Compose a formal email to", "Write a poem about",
+    "Draft a short speech for", "Write a product description for",
+    "Imagine you are", "Pretend you are a", "Act as a",
+    "Explain step by step why", "Solve this logic puzzle:", "Which is the better choice, and why:",
+    "Calculate", "Solve for x:", "A shop sells", "Sarah has",
+    "Write a Python function that", "Implement a class in Python that", "Fix the bug in this code:",
+    "Write a SQL query that", "Explain what this code does:",
+    "Extract all the names, dates and places from the following text:", "List the key facts in this paragraph:",
+    "Explain how", "What is the difference between", "Describe the process of", "Why does",
+    "Discuss the impact of", "Compare and contrast", "What were the main causes of",
+    "Translate the following sentence into French:", "Translate this into English:", "Translate into Spanish:",
+    "Summarize the following article:\n\n", "Summarize this news report in two sentences:\n\n",
+    "Who", "When did", "Where is", "What year",
+    "Read the passage below and answer the question at the end.\n\n",
+    "Based on the following text, answer:",
+)
+MAGPIE_VARIANTS = ("", "tasks")
 _WORD = re.compile(r"[a-z0-9']+")
 _ROLE_HEADER = re.compile(r"^\s*(user|assistant|system|human|chat|ai)\s*[:>]", re.IGNORECASE | re.MULTILINE)
 
@@ -47,6 +77,17 @@ class MagpieSettings:
     max_rounds: int = 40
     dtype: str = "bfloat16"  # the benchmark's dtype on CPU and GPU; also what makes batched sampling fast on CPU
     seed: int = 0
+    openers: tuple[str, ...] = ()  # first words of the user turns, rotated over the rows; empty: plain Magpie
+
+
+def variant_settings(variant: str, count: int, seed: int) -> MagpieSettings:
+    """The settings of ``answers:magpie`` (variant ``""``) or ``answers:magpie:tasks`` (opener-seeded, with room
+    for a passage in the query)."""
+    if variant not in MAGPIE_VARIANTS:
+        raise ValueError(f"unknown magpie variant {variant!r}")
+    if variant == "tasks":
+        return MagpieSettings(count=count, seed=seed, openers=TASK_OPENERS, max_query_tokens=160, max_words=120)
+    return MagpieSettings(count=count, seed=seed)
 
 
 def user_prefix(tokenizer: Any) -> str:
@@ -108,7 +149,6 @@ def self_queries(model: Any, tokenizer: Any, settings: MagpieSettings, log: Call
     stop = end_of_turn_id(tokenizer)
     markers = tuple(token for token in tokenizer.all_special_tokens if len(token) > 1)
     device = next(model.parameters()).device
-    batch = tokenizer([prefix] * settings.batch_size, return_tensors="pt", add_special_tokens=False).to(device)
     queries: list[str] = []
     refused: dict[str, int] = {}
     for row in rounds_done or []:
@@ -122,15 +162,18 @@ def self_queries(model: Any, tokenizer: Any, settings: MagpieSettings, log: Call
             if len(queries) >= settings.count:
                 break
             torch.manual_seed(settings.seed + round_index)
+            openers = round_openers(settings, round_index)
+            batch = left_padded(tokenizer, [prefix + opener for opener in openers]).to(device)
             out = model.generate(**batch, do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
                                  max_new_tokens=settings.max_query_tokens, eos_token_id=stop,
                                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop)
             kept, refusals = [], {}
-            for row in out[:, batch["input_ids"].shape[1]:].tolist():
+            for opener, row in zip(openers, out[:, batch["input_ids"].shape[1]:].tolist()):
                 ended = stop in row
-                text = tokenizer.decode(row[:row.index(stop)] if ended else row, skip_special_tokens=True).strip()
+                written = tokenizer.decode(row[:row.index(stop)] if ended else row, skip_special_tokens=True)
+                text = (opener + written).strip() if opener else written.strip()
                 reason = query_problem(text, ended, settings, markers)
-                key = duplicate_key(text, settings.duplicate_prefix_words)
+                key = duplicate_key(written if opener else text, settings.duplicate_prefix_words)
                 if reason is None and key in seen:
                     reason = "near-duplicate"
                 if reason is not None:
@@ -147,6 +190,28 @@ def self_queries(model: Any, tokenizer: Any, settings: MagpieSettings, log: Call
     finally:
         torch.random.set_rng_state(generator_state)
     return queries[:settings.count], refused
+
+
+def round_openers(settings: MagpieSettings, round_index: int) -> list[str]:
+    """The opener of each row of round ``round_index`` (all empty for plain Magpie); rows rotate over the openers,
+    and each round starts one opener further on, so every opener is sampled alike."""
+    if not settings.openers:
+        return [""] * settings.batch_size
+    count = len(settings.openers)
+    first = round_index * settings.batch_size
+    return [settings.openers[(first + row) % count] for row in range(settings.batch_size)]
+
+
+def left_padded(tokenizer: Any, texts: list[str]) -> Any:
+    """``texts`` tokenised as one batch, padded on the left (what ``generate()`` continues from)."""
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = side, pad
 
 
 def generation_copy(model: Any, dtype: str) -> Any:

@@ -1,5 +1,5 @@
 """Training text: documents from the zoo's domains, a Hugging Face dataset, a local file, or the target's own
-answers to one of those or to queries it wrote itself (``answers:<source>``, ``answers:magpie``; see
+answers to one of those or to queries it wrote itself (``answers:<source>``, ``answers:magpie[:tasks]``; see
 ``training.answers``), cut into token windows."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from harness.corpus import DOMAINS, build_corpus
 from harness.errors import ConfigError
 from training.answers import ANSWERS_PREFIX, AnswerSettings, cached_answers, cached_self_chat, is_answers_source
-from training.magpie import MAGPIE_SOURCE, MagpieSettings
+from training.magpie import MAGPIE_SOURCE, MAGPIE_VARIANTS, variant_settings
 
 ANSWERS_FIX = "answers:<source> needs the target model; only kind: draft and kind: eagle configs take it"
 
@@ -25,10 +25,14 @@ def check_sources(sources: tuple[str, ...], where: str, answers_allowed: bool) -
             raise ConfigError(where, f"{source!r} cannot be used here", ANSWERS_FIX)
         if not inner or is_answers_source(inner):
             raise ConfigError(where, f"{source!r} names no text source",
-                              "use answers:zoo:<domain>, answers:hf:<dataset>, answers:magpie or answers:<file>")
-        if source == MAGPIE_SOURCE:
+                              "use answers:zoo:<domain>, answers:hf:<dataset>, answers:magpie[:tasks] or answers:<file>")
+        name, _, variant = inner.partition(":")
+        if name == MAGPIE_SOURCE and not is_answers_source(source):
             raise ConfigError(where, f"{source!r} is only a source of queries",
-                              f"write {ANSWERS_PREFIX}{MAGPIE_SOURCE}: the target writes the queries and answers them")
+                              f"write {ANSWERS_PREFIX}{source}: the target writes the queries and answers them")
+        if name == MAGPIE_SOURCE and variant not in MAGPIE_VARIANTS:
+            raise ConfigError(where, f"{source!r} names no magpie variant",
+                              f"use {ANSWERS_PREFIX}{MAGPIE_SOURCE} or {ANSWERS_PREFIX}{MAGPIE_SOURCE}:tasks")
 
 
 def source_texts(source: str, field: str, zoo_corpus) -> list[str]:
@@ -61,8 +65,9 @@ def source_documents(source: str, data: Any, zoo_corpus, tokenizer, answer_model
     if answer_model is None:
         raise ConfigError("data.sources", f"{source!r} cannot be used here", ANSWERS_FIX)
     inner = source[len(ANSWERS_PREFIX):]
-    if inner == MAGPIE_SOURCE:
-        magpie = MagpieSettings(count=data.answer_prompts, seed=data.seed)
+    name, _, variant = inner.partition(":")
+    if name == MAGPIE_SOURCE:
+        magpie = variant_settings(variant, data.answer_prompts, data.seed)
         settings = AnswerSettings(prompts=data.answer_prompts, max_new_tokens=data.answer_tokens,
                                   batch_size=magpie.batch_size, seed=data.seed)
         return cached_self_chat(answer_model, tokenizer, settings, magpie, target_identity)
