@@ -130,6 +130,32 @@ INPUTS = [
     Case("report on an empty cells.jsonl", 2, None, command="report", setup=write_file("cells.jsonl", "")),
     Case("report on a garbled cells.jsonl", 2, None, command="report", setup=write_file("cells.jsonl", "{garbage\n")),
     Case("fsck of a directory without results", 2, None, command="fsck", setup=lambda work: None),
+    # second pass: numbers that are not numbers
+    bad("temperature .nan", run={"temperature": float("nan")}),
+    bad("temperature .inf", run={"temperature": float("inf")}),
+    bad("strategy param .nan", strategies=[{"name": "hf_assisted", "params": {"draft": "small",
+                                                                            "confidence_threshold": float("nan")}}]),
+    bad("a number written as quoted text", run={"temperature": "0.5"}),
+    bad("an integer setting written as 1e3", run={"max_new_tokens": 1000.0}),
+    Case("an exponent without a dot (1e3) is a number", 0, None, args=["--dry-run"],
+         setup=raw_sweep(yaml.safe_dump(base_sweep()).replace("num_cpus: 1", "num_cpus: 1\n  cell_timeout_s: 1e3")
+                         .encode())),
+    # text that is valid but was refused
+    Case("prompt line holding a raw U+2028 inside a string", 0, base_sweep(prompts=[{"name": "x", "source": "p.jsonl"}]),
+         args=["--dry-run"], setup=write_file("p.jsonl", '{"question_id": 1, "turns": ["one\u2028two"]}\n')),
+    Case("malformed prompt line: the error keeps its column", 2, base_sweep(prompts=[{"name": "x", "source": "p.jsonl"}]),
+         setup=write_file("p.jsonl", '{"question_id": 1, "turns": ["a"],}\n')),
+    # paths that escape
+    Case("--run-name that climbs out (../../escape)", 2, base_sweep(), args=["--run-name", "../../escape"]),
+    Case("--run-name that is an absolute path", 2, base_sweep(), args=["--run-name", "/tmp/specsweep-escape"]),
+    # every problem at once
+    bad("one strategy entry with three problems", strategies=[{"name": "speculative", "params": {
+        "draft": "small", "gamma": 0, "schedule": "sometimes", "gama": 2}}]),
+    Case("several bad --set values", 2, base_sweep(), args=["--set", "run.max_new_tokens", "--set", "prompts[7].count=1",
+                                                            "--set", "run.temperature=.nan"]),
+    bad("bad params, grid and runtime_env in one entry", strategies=[{"name": "speculative", "params": [1],
+                                                                      "grid": {"gamma": 3}, "runtime_env": "x"}]),
+    bad("run.cell_timeout_s of 0", run={"cell_timeout_s": 0}),
 ]
 
 
@@ -231,6 +257,69 @@ def other_sweep(work: Path, args: list[str], env: dict) -> tuple[int, str]:
     return done.returncode, done.stderr
 
 
+def isolated_home(corrupt: str | None = None) -> Callable[[Path, dict], dict]:
+    """An environment whose $SPECSWEEP_HOME (in the case's work directory) holds a copy of the tiny zoo, with the
+    first weight file of zoo model ``corrupt`` cut to half its size."""
+    def prepare(work: Path, env: dict) -> dict:
+        from harness.zoo_spec import ZooConfig, zoo_dir
+
+        home = work / "home"
+        source_env = {**os.environ, **env}
+        built = Path(source_env.get("SPECSWEEP_HOME") or Path.home() / ".cache" / "specsweep") / "zoo" / \
+            zoo_dir(ZooConfig.from_dict(TINY_ZOO)).name
+        if not (built / "manifest.json").exists():  # build the tiny zoo in the shared home first
+            subprocess.run([sys.executable, "-m", "harness.cli", "zoo", "build", "--sweep", "sweep.yaml"], cwd=work,
+                           env=env, capture_output=True, check=True)
+        shutil.copytree(built, home / "zoo" / built.name)
+        if corrupt:
+            weights = sorted((home / "zoo" / built.name / corrupt).glob("*.safetensors"))[0]
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        return {**env, "SPECSWEEP_HOME": str(home)}
+    return prepare
+
+
+def in_home(prepare: Callable[[Path, dict], dict], *commands: list[str]) -> Callable[[Path, list[str], dict],
+                                                                                    tuple[int, str]]:
+    """Run ``commands`` (``None`` standing for the case's own arguments) in the prepared environment; the last
+    one's exit code and output count, the earlier ones' exit codes are shown."""
+    def fault(work: Path, args: list[str], env: dict) -> tuple[int, str]:
+        env = prepare(work, env)
+        shown = []
+        for command in commands:
+            done = subprocess.run([sys.executable, "-m", "harness.cli", *(command or args)], cwd=work, env=env,
+                                  text=True, capture_output=True)
+            shown.append(f"{(command or args)[0]}: exit {done.returncode}")
+        logs = "".join(path.read_text() for path in (work / "results").rglob("sweep.log"))
+        lines = [line.split(" INFO ")[-1] for line in (done.stderr + done.stdout + logs).splitlines()
+                 if "corrupt" in line or "error" in line]
+        return done.returncode, "\n".join([*lines[:2], *shown[:-1]]) or done.stderr
+    return fault
+
+
+def failed_cells(work: Path, args: list[str], env: dict) -> tuple[int, str]:
+    """Run the case; its message is each failed cell's recorded error."""
+    done = subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=work, env=env, text=True,
+                          capture_output=True)
+    errors = [f"{record['label']}: {record['error']}" for cells in (work / "results").rglob("cells.jsonl")
+              for record in records(cells.parent) if record["status"] != "ok"]
+    return done.returncode, "\n".join(errors) or done.stderr
+
+
+def with_env(command: list[str] | None = None, **variables: str) -> Callable[[Path, list[str], dict], tuple[int, str]]:
+    """Run ``command`` (else the case's own) with extra environment variables (``{work}`` in a value names the
+    case's work directory)."""
+    def fault(work: Path, args: list[str], env: dict) -> tuple[int, str]:
+        extra = {key: value.format(work=work) for key, value in variables.items()}
+        done = subprocess.run([sys.executable, "-m", "harness.cli", *(command or args)], cwd=work,
+                              env={**env, **extra}, text=True, capture_output=True)
+        return done.returncode, done.stderr
+    return fault
+
+
+HUB_MODEL = {**MODELS, "target": "HuggingFaceTB/SmolLM2-135M-Instruct", "drafts": {}}
+HANGS = base_sweep(plugins=[str(REPO / "tests" / "plugins" / "probes.py")],
+                   strategies=[{"name": "hang"}, {"name": "speculative", "params": {"draft": "small", "gamma": 2}}],
+                   run={"max_new_tokens": 8, "warmup_prompts": 0, "workers": 1, "num_cpus": 1, "cell_timeout_s": 20})
 LONGER = base_sweep(strategies=[{"name": "speculative", "params": {"draft": "small"}, "grid": {"gamma": [1, 2, 3, 4, 5]}}],
                     run={"max_new_tokens": 32, "warmup_prompts": 0, "workers": 1, "num_cpus": 1})
 FAULTS = [
@@ -246,6 +335,34 @@ FAULTS = [
     Case("torn line in cells.jsonl, then resume", 0, base_sweep(), fault=torn_line),
     Case("resume with a different sweep", 2, base_sweep(), fault=other_sweep),
     Case("plain run while a `ray start` cluster runs", 0, base_sweep(), fault=with_ray_start),
+    # second pass: $SPECSWEEP_HOME checked before any work
+    Case("$SPECSWEEP_HOME is a regular file", 3, base_sweep(), setup=write_file("homefile", ""),
+         fault=with_env(SPECSWEEP_HOME="{work}/homefile")),
+    Case("$SPECSWEEP_HOME below a regular file", 3, base_sweep(), setup=write_file("homefile", ""),
+         fault=with_env(SPECSWEEP_HOME="{work}/homefile/cache")),
+    Case("$SPECSWEEP_HOME that cannot be created (/proc)", 3, base_sweep(),
+         fault=with_env(SPECSWEEP_HOME="/proc/specsweep-home")),
+    Case("train with $SPECSWEEP_HOME a regular file", 3, None, setup=write_file("homefile", ""),
+         fault=with_env(["train", "eagle", str(REPO / "configs" / "train" / "eagle_zoo.yaml")],
+                        SPECSWEEP_HOME="{work}/homefile")),
+    # caches that rot
+    Case("zoo weight file cut to half: the run rebuilds the zoo", 0, base_sweep(),
+         fault=in_home(isolated_home("target"), None)),
+    Case("zoo weight file cut to half: fsck names it", 1, base_sweep(),
+         fault=in_home(isolated_home("draft-1l"), ["fsck"])),
+    Case("zoo weight file cut to half: zoo build rebuilds it, then fsck is clean", 0, base_sweep(),
+         fault=in_home(isolated_home("target"), ["zoo", "build", "--sweep", "sweep.yaml"], ["fsck"])),
+    # cells that hang
+    Case("a strategy whose generate never returns (run.cell_timeout_s 20)", 1, HANGS, fault=failed_cells),
+    # hubs that are not there
+    Case("hub model with HF_HUB_OFFLINE=1", 2, base_sweep(models=HUB_MODEL,
+                                                          strategies=[{"name": "prompt_lookup"}]),
+         fault=with_env(HF_HUB_OFFLINE="1")),
+    Case("hub model with no route to the hub", 2, base_sweep(models=HUB_MODEL, strategies=[{"name": "prompt_lookup"}]),
+         fault=with_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="0")),
+    Case("hf: prompt set with HF_HUB_OFFLINE=1", 2,
+         base_sweep(prompts=[{"name": "x", "source": "hf:openai/gsm8k", "split": "test", "field": "question"}]),
+         fault=with_env(HF_HUB_OFFLINE="1")),
 ]
 
 

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -23,7 +22,8 @@ from harness.corpus import DOMAINS
 from harness.errors import ConfigError, InfraError
 from harness.provenance import build_info, build_label, stamp, write_environment
 from harness.results import ResultStore
-from harness.run_dir import RunLock, check_plan, fsck, keep_snapshot, plan_key, prepare, write_plan
+from harness.paths import checked_home, specsweep_home
+from harness.run_dir import RunLock, check_plan, fsck, keep_snapshot, named_run_dir, plan_key, prepare, write_plan
 from harness.sources import PACKAGED_MODELS, PKG_PREFIX, check_source, is_converted, local_directory, packaged_directory
 from harness.zoo_spec import ZooConfig, is_built, zoo_dir
 
@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="give up joining the --address cluster after this long (default 60)")
     run.set_defaults(handler=cmd_run)
 
-    check = commands.add_parser("fsck", help="check a run directory: unreadable lines, failed and missing cells, "
-                                "its lock")
-    check.add_argument("run_dir")
+    check = commands.add_parser("fsck", help="check a run directory (unreadable lines, failed and missing cells, its "
+                                "lock) and the caches under $SPECSWEEP_HOME (checksums of weights and artefacts)")
+    check.add_argument("run_dir", nargs="?", help="a results/<sweep>/<run> directory (omit it to check the caches only)")
     check.set_defaults(handler=cmd_fsck)
 
     report = commands.add_parser("report", help="(re)write cells.csv, report.md and plots of a run directory")
@@ -151,16 +151,17 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if args.dry_run:
         return dry_run(sweep)
-    address = args.address or sweep.run.address or os.environ.get("RAY_ADDRESS")
-    check_before_start(sweep, address)
-    if address:
-        check_reachable(address, args.connect_timeout)
     if args.resume:
         run_dir = Path(args.resume)
         if not run_dir.is_dir():
             raise ConfigError("--resume", f"{run_dir} is not a run directory", "pass an existing results/<sweep>/<run> path")
     else:
-        run_dir = Path(args.results_dir) / sweep.name / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
+        run_dir = named_run_dir(args.results_dir, sweep.name, args.run_name)
+    checked_home()
+    address = args.address or sweep.run.address or os.environ.get("RAY_ADDRESS")
+    check_before_start(sweep, address)
+    if address:
+        check_reachable(address, args.connect_timeout)
     created = prepare(run_dir)
     try:
         with RunLock(run_dir, log=lambda message: print(f"specsweep: note: {message}", file=sys.stderr)):
@@ -244,9 +245,16 @@ def warn_unreadable(store: ResultStore) -> None:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    report = fsck(Path(args.run_dir))
-    print("\n".join(report.lines()))
-    return EXIT_OK if report.clean else EXIT_FAILED_CELLS
+    from harness.cache_check import check_caches  # lazy: the model layer
+
+    clean = True
+    if args.run_dir:
+        report = fsck(Path(args.run_dir))
+        print("\n".join(report.lines()))
+        clean = report.clean
+    caches = check_caches(specsweep_home())
+    print("\n".join(caches.lines()))
+    return EXIT_OK if clean and not caches.corrupt else EXIT_FAILED_CELLS
 
 
 def referenced_files(sweep, sweep_path: Path) -> list[Path]:
@@ -374,6 +382,7 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
         config = load_sweep(args.sweep).zoo
     else:
         config = ZooConfig()
+    checked_home()
     manifest = build_zoo(config, force=args.force)
     print(format_manifest(manifest))
     print(f"models in {zoo_dir(config)}")
@@ -396,6 +405,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         zoo = ZooConfig()
     request = load_train_config(args.config, "config", Path.cwd(), zoo, expected_kind=args.kind)
+    checked_home()
     manifest = build_artifact(request, force=args.force)
     print(json.dumps(manifest["metrics"], indent=2, default=str))
     print(f"artefact: {request.directory}")
@@ -404,6 +414,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_model_fetch(args: argparse.Namespace) -> int:
     source = check_source(args.source, "SOURCE", Path.cwd())
+    checked_home()
     directory = local_directory(source, log=lambda message: print(message, file=sys.stderr))
     print(directory)
     return EXIT_OK
@@ -424,7 +435,8 @@ def cmd_adaptive(args: argparse.Namespace) -> int:
 
     zoo = ZooConfig()
     config = load_adaptive_config(Path(args.config), zoo.model_names)
-    run_dir = Path(args.results_dir) / config.name / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = named_run_dir(args.results_dir, config.name, args.run_name)
+    checked_home()
     with sweep_console(run_dir / "adaptive.log", verbosity=0) as (logger, _):
         run_adaptive(config, zoo, run_dir, log=logger.info)
     print(f"report: {run_dir / 'report.md'}")

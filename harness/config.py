@@ -15,6 +15,7 @@ from typing import Any
 
 from harness.errors import ConfigError, ErrorCollector, unknown_keys
 from harness.models import DEVICES, DTYPES, ModelSpec, parse_model_spec
+from harness.numbers import read_number
 from harness.overrides import apply_overrides, limit_prompts
 from harness.paths import content_hash
 from harness.prompts import PromptSetSpec, parse_prompt_set
@@ -36,6 +37,11 @@ PAIRINGS = ("interleaved", "shared")
 RUNTIME_ENV_CODE = {"pip", "uv", "conda", "py_modules", "working_dir", "py_executable", "container", "image_uri"}
 
 
+CELL_START_S = 600.0  # a cell's default time limit: loading its models and warming up
+SECONDS_PER_TOKEN = 0.5  # ... plus this per token of its budget
+UNCOUNTED_PROMPTS = 256  # the prompts assumed where the driver cannot count them (hf: sets, all of Spec-Bench)
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """How cells are run: generation length, warm-up, seed, temperature, workers and Ray."""
@@ -52,7 +58,10 @@ class RunSettings:
     cache_memory_gb: float | None = None
     pairing: str = "interleaved"  # interleaved: baseline and strategy back to back per turn | shared: one baseline cell
     repeats: int = 1  # time each turn this many times (per side) and keep the median
-    drift_tolerance: float = 0.10  # flag a cell when the target's 1-token step time differs more between its sides
+    drift_tolerance: float = 0.10  # flag a cell when its target's 1-token probe differs more between its sides
+    # (and by more than 3 standard errors of the probe's own noise in the cell)
+    max_cpu_wait: float = 0.10  # flag a cell when its worker's threads waited for a CPU more than this share of the time
+    cell_timeout_s: float | None = None  # a cell running longer fails as timed out (None: scaled to its token budget)
 
     @property
     def sampled(self) -> bool:
@@ -140,6 +149,17 @@ class Cell:
             if self.runtime_env:
                 identity["runtime_env"] = self.runtime_env
         return identity
+
+    def timeout_s(self) -> float:
+        """How long the cell may run: ``run.cell_timeout_s``, else 10 minutes for loading and warm-up plus half a
+        second per token of its budget (both sides, two turns a prompt, every repeat; 256 prompts when the driver
+        cannot count them). Generous on purpose: it catches a cell that hangs, not one that is slow."""
+        if self.run.cell_timeout_s is not None:
+            return self.run.cell_timeout_s
+        prompts = self.prompt_set.count or UNCOUNTED_PROMPTS
+        per_shard = -(-prompts // self.prompt_set.shards) + self.run.warmup_prompts
+        sides = 2 if self.kind == "strategy" and self.run.pairing == "interleaved" else 1
+        return CELL_START_S + SECONDS_PER_TOKEN * sides * 2 * self.run.max_new_tokens * self.run.repeats * per_shard
 
     @property
     def label(self) -> str:
@@ -527,15 +547,18 @@ def _parse_strategy(item: Any, where: str, models: _Models, train: dict[str, Any
     item = _mapping(item, where, "write each strategy as {name: ..., params: {...}, grid: {...}}")
     with problems.check():
         unknown_keys(where, item, STRATEGY_KEYS)
+    parts: dict[str, Any] = {}
+    for key, fix in (("params", "write fixed parameters as a mapping"),
+                     ("grid", "write the grid as parameter -> list of values"),
+                     ("runtime_env", "write a Ray runtime_env mapping, e.g. {pip: [...], env_vars: {...}}")):
+        with problems.check():
+            parts[key] = _mapping(item.get(key, {}), f"{where}.{key}", fix)
     name = item.get("name")
     if not isinstance(name, str):
         raise ConfigError(f"{where}.name", "missing strategy name", "run `specsweep list` to see the strategies")
     strategy_class(name, f"{where}.name")
-    params = _mapping(item.get("params", {}), f"{where}.params", "write fixed parameters as a mapping")
-    grid = _mapping(item.get("grid", {}), f"{where}.grid", "write the grid as parameter -> list of values")
-    runtime_env = _mapping(item.get("runtime_env", {}), f"{where}.runtime_env",
-                           "write a Ray runtime_env mapping, e.g. {pip: [...], env_vars: {...}}")
-    broken = False
+    params, grid, runtime_env = parts.get("params", {}), parts.get("grid", {}), parts.get("runtime_env", {})
+    broken = len(parts) < 3
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             problems.add(ConfigError(f"{where}.grid.{key}", f"expected a non-empty list of values, got {values!r}",
@@ -588,16 +611,20 @@ def _parse_run(raw: Any) -> RunSettings:
         if key not in allowed:
             continue
         expected = {"temperature": (int, float), "cache_memory_gb": (int, float), "drift_tolerance": (int, float),
+                    "cell_timeout_s": (int, float), "max_cpu_wait": (int, float),
                     "address": (str,), "pairing": (str,)}.get(key, (int,))
-        optional = key in ("num_cpus", "address", "max_prompt_tokens", "cache_memory_gb")
+        optional = key in ("num_cpus", "address", "max_prompt_tokens", "cache_memory_gb", "cell_timeout_s")
         if value is None and optional:
             values[key] = None
             continue
-        if isinstance(value, bool) or not isinstance(value, expected):
-            kind = "a number" if float in expected else "a string" if str in expected else "an integer"
-            problems.add(ConfigError(f"run.{key}", f"expected {kind}, got {value!r}"))
+        if str in expected:
+            if not isinstance(value, str):
+                problems.add(ConfigError(f"run.{key}", f"expected a string, got {value!r}"))
+                continue
+            values[key] = value
             continue
-        values[key] = float(value) if float in expected else value
+        with problems.check():
+            values[key] = read_number(value, float if float in expected else int, f"run.{key}")
     run = RunSettings(**values)
     if run.pairing not in PAIRINGS:
         problems.add(ConfigError("run.pairing", f"unknown pairing {run.pairing!r}", f"use one of {', '.join(PAIRINGS)}"))
@@ -608,6 +635,12 @@ def _parse_run(raw: Any) -> RunSettings:
             problems.add(ConfigError(f"run.{key}", f"must be >= {low}, got {getattr(run, key)}"))
     if run.temperature < 0:
         problems.add(ConfigError("run.temperature", f"must be >= 0, got {run.temperature}", "use 0 for greedy decoding"))
+    if not 0 < run.max_cpu_wait < 1:
+        problems.add(ConfigError("run.max_cpu_wait", f"must be between 0 and 1, got {run.max_cpu_wait}",
+                                 "e.g. 0.1: flag a cell whose threads waited for a CPU over 10 % of the time"))
+    if run.cell_timeout_s is not None and run.cell_timeout_s <= 0:
+        problems.add(ConfigError("run.cell_timeout_s", f"must be > 0, got {run.cell_timeout_s}",
+                                 "give seconds, or leave it out for a limit scaled to each cell's token budget"))
     if run.num_cpus is not None and run.num_cpus < 1:
         problems.add(ConfigError("run.num_cpus", f"must be >= 1, got {run.num_cpus}"))
     problems.raise_if_any()

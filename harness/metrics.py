@@ -17,6 +17,8 @@ import numpy as np
 from harness.records import PromptRecord
 
 BOOTSTRAP_SAMPLES = 2000
+MAX_CPU_WAIT = 0.10  # the drift guard: the most run-queue wait (share of runnable time) a side may have
+NOISE_Z = 3.0  # the drift guard: probe drift must exceed this many standard errors of the probe's own noise
 
 
 def prompt_totals(prompt: PromptRecord) -> dict[str, Any]:
@@ -31,11 +33,16 @@ def prompt_totals(prompt: PromptRecord) -> dict[str, Any]:
             totals[f"{side}_tree"] = float(trace.is_tree)
             if trace.probe_s is not None:
                 totals.setdefault(f"{side}_probes", []).append(float(trace.probe_s))
+            for key in ("cpu_run_s", "cpu_wait_s"):
+                if key in trace.extras:
+                    totals[f"{side}_{key}"] = totals.get(f"{side}_{key}", 0.0) + float(trace.extras[key])
             for role, stats in trace.forward.items():
                 kind = "target" if role == "target" else "draft"
                 for key in ("decode_calls", "decode_seconds", "prefill_seconds", "prefill_tokens"):
                     name = f"{side}_{kind}_{key}"
                     totals[name] = totals.get(name, 0.0) + float(stats.get(key, 0.0))
+        if turn.baseline.probe_s and turn.strategy.probe_s and turn.first is not None:  # interleaved: adjacent runs
+            totals.setdefault("probe_pairs", []).append((float(turn.baseline.probe_s), float(turn.strategy.probe_s)))
         totals.setdefault("step_counts", []).extend(turn.strategy.step_counts)
         totals["turns"] = totals.get("turns", 0.0) + 1
         totals["matches"] = totals.get("matches", 0.0) + float(bool(turn.tokens_match))
@@ -143,7 +150,7 @@ def speedup_bound(alpha: float | None, drafted_per_step: float, target_step_s: f
 
 
 def summarize(prompts: list[PromptRecord], seed: int = 0, sampled: bool = False,
-              drift_tolerance: float = 0.10) -> dict[str, Any]:
+              drift_tolerance: float = 0.10, max_cpu_wait: float = MAX_CPU_WAIT) -> dict[str, Any]:
     """The per-group metrics over ``prompts`` (sums run over every turn of every prompt, strategy side unless
     named):
 
@@ -205,7 +212,7 @@ def summarize(prompts: list[PromptRecord], seed: int = 0, sampled: bool = False,
         "time_split": time_split({name: float(column(name).sum()) for name in (
             "strategy_wall_s", "strategy_draft_decode_seconds", "strategy_draft_prefill_seconds",
             "strategy_target_decode_seconds", "strategy_target_prefill_seconds")}),
-        **timing_from_totals(rows, drift_tolerance, speedup),
+        **timing_from_totals(rows, drift_tolerance, speedup, max_cpu_wait),
     }
 
 
@@ -225,46 +232,55 @@ def turn_outcomes(prompts: list[PromptRecord]) -> dict[str, Any]:
     return divergence_summary(lambda name: np.array([row.get(name, 0.0) for row in rows]))
 
 
-def timing_check(prompts: list[PromptRecord], tolerance: float) -> dict[str, Any]:
+def timing_check(prompts: list[PromptRecord], tolerance: float, max_cpu_wait: float = MAX_CPU_WAIT) -> dict[str, Any]:
     """The drift guard over ``prompts``; see ``timing_from_totals``."""
     totals = [prompt_totals(prompt) for prompt in prompts]
     speedup = throughput_ratio(*(np.array([row.get(name, 0.0) for row in totals]) for name in (
         "baseline_new_tokens", "baseline_wall_s", "strategy_new_tokens", "strategy_wall_s")))
-    return timing_from_totals(totals, tolerance, speedup)
+    return timing_from_totals(totals, tolerance, speedup, max_cpu_wait)
 
 
-def timing_from_totals(totals: list[dict[str, Any]], tolerance: float, speedup: float) -> dict[str, Any]:
-    """The drift guard: is this pairing's timing trustworthy? (``totals`` from ``prompt_totals``.)
+def timing_from_totals(totals: list[dict[str, Any]], tolerance: float, speedup: float,
+                       max_cpu_wait: float = MAX_CPU_WAIT) -> dict[str, Any]:
+    """The drift guard: is this cell's timing trustworthy? (``totals`` from ``prompt_totals``.) A cell is
+    ``timing_suspect`` when:
 
-    ``baseline_probe_ms`` / ``strategy_probe_ms`` are the medians, over a side's
-    runs, of the target's median 1-token forward (of 5) on a fixed short context, timed
-    after each run.
-    The cell is ``timing_suspect`` when they differ by more than ``tolerance``
-    (the machine changed speed between the sides), when the target's prompt
-    prefill, the same tokens on both sides and timed inside the runs, took
-    longer or shorter per token on one side by more than twice ``tolerance``
-    (a short measurement, so a wider band; it catches load the probes missed),
-    or when the speedup exceeds
-    its ceiling τ × (baseline 1-token step time ÷ strategy verification-step
-    time): no strategy can beat that, so exceeding it means the sides were timed
-    under different conditions.
+    - **contention**: the worker's threads spent more than ``max_cpu_wait`` of their runnable time waiting for a CPU
+      (Linux's run-queue wait) on either side: something else held the machine, which distorts a method of many
+      small calls more than the baseline, whatever the pairing;
+    - **probe drift**: the target's 1-token probe (the median of 5 forwards, timed after every run) moved between
+      the sides by more than ``tolerance`` and by more than ``NOISE_Z`` standard errors of the probe's own noise in
+      this cell: from the turn-by-turn differences of adjacent probes under interleaved pairing, else from each
+      side's spread (median absolute deviation), so a noisy machine widens the band instead of crying wolf;
+    - **prefill drift** (shared pairing only, where the sides run at different times): the same prompt tokens were
+      prefilled faster or slower per token on one side by more than twice ``tolerance``;
+    - **ceiling**: the speedup exceeds τ × (baseline 1-token step time ÷ strategy verification-step time), which no
+      strategy can beat.
     """
-    base_probes = [probe for row in totals for probe in row.get("baseline_probes", [])]
-    strat_probes = [probe for row in totals for probe in row.get("strategy_probes", [])]
     def total(name: str) -> float:
         return sum(row.get(name, 0.0) for row in totals)
-    step_s = total("baseline_target_decode_seconds") / max(1.0, total("baseline_target_decode_calls"))
-    verify_s = total("strategy_target_decode_seconds") / max(1.0, total("strategy_target_decode_calls"))
-    tau = total("strategy_new_tokens") / max(1.0, total("strategy_steps"))
-    ceiling = tau * step_s / verify_s if verify_s > 0 and step_s > 0 else math.nan
     reasons = []
-    drift = math.nan
+    waits = {}
+    for side in ("baseline", "strategy"):
+        runnable = total(f"{side}_cpu_run_s") + total(f"{side}_cpu_wait_s")
+        waits[side] = total(f"{side}_cpu_wait_s") / runnable if runnable > 0 else math.nan
+    if any(share > max_cpu_wait for share in waits.values()):
+        reasons.append(f"the worker's threads waited for a CPU {waits['strategy']:.0%} of their runnable time on the "
+                       f"strategy side and {waits['baseline']:.0%} on the baseline side (limit {max_cpu_wait:.0%}): "
+                       "other work contended for the machine")
+    base_probes = [probe for row in totals for probe in row.get("baseline_probes", [])]
+    strat_probes = [probe for row in totals for probe in row.get("strategy_probes", [])]
+    pairs = [pair for row in totals for pair in row.get("probe_pairs", [])]
+    drift = noise = band = math.nan
     if base_probes and strat_probes:
         base_ms, strat_ms = 1e3 * float(np.median(base_probes)), 1e3 * float(np.median(strat_probes))
         drift = strat_ms / base_ms - 1
-        if abs(drift) > tolerance:
+        noise = probe_noise(base_probes, strat_probes, pairs)
+        band = max(tolerance, math.expm1(NOISE_Z * noise)) if not math.isnan(noise) else tolerance
+        if abs(drift) > band:
             reasons.append(f"the target's 1-token step took {strat_ms:.2f} ms on the strategy side and "
-                           f"{base_ms:.2f} ms on the baseline side ({drift:+.0%}; tolerance {tolerance:.0%})")
+                           f"{base_ms:.2f} ms on the baseline side ({drift:+.0%}; band {band:.0%}: the larger of "
+                           f"the tolerance and {NOISE_Z:g} standard errors of the probe's own noise)")
     else:
         base_ms = strat_ms = math.nan
     prefill_drift = math.nan
@@ -273,12 +289,33 @@ def timing_from_totals(totals: list[dict[str, Any]], tolerance: float, speedup: 
         base_rate = total("baseline_target_prefill_seconds") / base_prefill
         strat_rate = total("strategy_target_prefill_seconds") / strat_prefill
         prefill_drift = strat_rate / base_rate - 1
-        if abs(prefill_drift) > 2 * tolerance:
+        if not pairs and abs(prefill_drift) > 2 * tolerance:
             reasons.append(f"the target's prompt prefill took {1e6 * strat_rate:.0f} µs/token on the strategy side "
                            f"and {1e6 * base_rate:.0f} µs/token on the baseline side ({prefill_drift:+.0%}; "
                            f"tolerance {2 * tolerance:.0%})")
+    step_s = total("baseline_target_decode_seconds") / max(1.0, total("baseline_target_decode_calls"))
+    verify_s = total("strategy_target_decode_seconds") / max(1.0, total("strategy_target_decode_calls"))
+    tau = total("strategy_new_tokens") / max(1.0, total("strategy_steps"))
+    ceiling = tau * step_s / verify_s if verify_s > 0 and step_s > 0 else math.nan
     if not math.isnan(ceiling) and speedup > ceiling:
         reasons.append(f"speedup {speedup:.2f} exceeds its ceiling τ × step / verify = {ceiling:.2f}")
     return {"baseline_probe_ms": base_ms, "strategy_probe_ms": strat_ms, "step_drift": drift,
-            "prefill_drift": prefill_drift,
+            "probe_noise": noise, "drift_band": band, "prefill_drift": prefill_drift,
+            "baseline_cpu_wait": waits["baseline"], "strategy_cpu_wait": waits["strategy"],
             "speedup_ceiling": ceiling, "timing_suspect": bool(reasons), "timing_note": "; ".join(reasons)}
+
+
+def probe_noise(base_probes: list[float], strat_probes: list[float], pairs: list[tuple[float, float]]) -> float:
+    """The standard error, in log units, of the difference between the sides' probe medians as this cell's own
+    probes measure it: from the differences of adjacent (interleaved) probe pairs when there are at least 3, else
+    from each side's spread about its median (1.4826 × median absolute deviation, pooled; 1.2533 × σ per median).
+    NaN when there are too few probes to say."""
+    if len(pairs) >= 3:
+        differences = np.log([strat / base for base, strat in pairs])
+        return float(np.std(differences, ddof=1) / math.sqrt(len(differences)))
+    if len(base_probes) < 2 or len(strat_probes) < 2:
+        return math.nan
+    logs = [np.log(base_probes), np.log(strat_probes)]
+    deviations = np.concatenate([np.abs(side - np.median(side)) for side in logs])
+    sigma = 1.4826 * float(np.median(deviations))
+    return 1.2533 * sigma * math.sqrt(1 / len(base_probes) + 1 / len(strat_probes))

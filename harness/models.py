@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.checksums import verify_files
 from harness.errors import ConfigError, unknown_key
 from harness.lm import CausalLM
 from harness.paths import specsweep_home
 from harness.sources import check_source, is_converted_source, local_directory
-from harness.zoo_spec import model_path
+from harness.zoo_spec import model_path, verify_zoo
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 ZOO_PREFIX = "zoo:"
+ARTIFACT_MANIFEST = "artifact.json"  # in an artefact directory, written last
 ARTIFACT_PREFIX = "artifact:"  # artifact:<kind>/<key>, a model trained into the artefact cache (e.g. a draft)
 
 
@@ -133,6 +136,7 @@ def pretrained_location(spec: ModelSpec, zoo_config) -> str:
             raise FileNotFoundError(
                 f"zoo model {spec.zoo_name!r} is not built at {path} on node {platform.node()}: on a multi-node "
                 "cluster put $SPECSWEEP_HOME on a shared filesystem, or run `specsweep zoo build` on every node")
+        verify_zoo(zoo_config, spec.zoo_name)
         return str(path)
     if spec.id.startswith(ARTIFACT_PREFIX):
         return str(artifact_model_dir(spec.id))
@@ -147,7 +151,17 @@ def artifact_model_dir(model_id: str) -> Path:
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"trained model {model_id} is not built at {path}: run the sweep (it trains it) "
                                 "or `specsweep train draft CONFIG`")
+    verify_artifact(path.parent, under="model/")
     return path
+
+
+def verify_artifact(directory: Path, under: str = "") -> None:
+    """``CorruptCache`` when a file of the trained artefact in ``directory`` (those under ``under``, if given)
+    differs from the checksums its manifest recorded."""
+    manifest = json.loads((directory / ARTIFACT_MANIFEST).read_text())
+    verify_files(directory, manifest, f"trained artefact {directory.parent.name}/{directory.name}",
+                 f"delete {directory}: the next sweep that uses it retrains it (or `specsweep train "
+                 f"{directory.parent.name} CONFIG --force`)", under=under)
 
 
 def pick_device(requested: str):

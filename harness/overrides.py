@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, ErrorCollector
+from harness.yaml_file import load_value
 
 _PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
@@ -34,35 +35,43 @@ def key_path(key: str) -> list[str | int]:
 
 
 def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
-    """A copy of ``raw`` with each ``KEY=VALUE`` of ``assignments`` set."""
+    """A copy of ``raw`` with each ``KEY=VALUE`` of ``assignments`` set; every bad assignment is reported at once."""
     raw = copy.deepcopy(raw)
+    problems = ErrorCollector()
     for assignment in assignments:
-        key, sep, text = assignment.partition("=")
-        if not sep:
-            raise ConfigError("--set", f"{assignment!r} has no '='", "write KEY=VALUE, e.g. run.max_new_tokens=16")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError("--set", f"cannot read the value of {key!r}: {text!r}", "give a YAML value") from None
-        *parents, last = key_path(key.strip())
-        node: Any = raw
-        for depth, part in enumerate(parents):
-            where = _where(parents[:depth + 1])
-            if isinstance(part, int):
-                if not isinstance(node, list) or part >= len(node):
-                    raise ConfigError("--set", f"{where} does not exist", "index an existing list entry")
-                node = node[part]
-            else:
-                if not isinstance(node, dict):
-                    raise ConfigError("--set", f"{where} is not a mapping", "check the key against the sweep file")
-                node = node.setdefault(part, {})
-        if isinstance(last, int):
-            if not isinstance(node, list) or last >= len(node):
-                raise ConfigError("--set", f"{_where([*parents, last])} does not exist", "index an existing list entry")
-        elif not isinstance(node, dict):
-            raise ConfigError("--set", f"{_where(parents)} is not a mapping", "check the key against the sweep file")
-        node[last] = value
+        with problems.check():
+            _assign(raw, assignment)
+    problems.raise_if_any()
     return raw
+
+
+def _assign(raw: dict[str, Any], assignment: str) -> None:
+    """Set one ``KEY=VALUE`` in ``raw``."""
+    key, sep, text = assignment.partition("=")
+    if not sep:
+        raise ConfigError("--set", f"{assignment!r} has no '='", "write KEY=VALUE, e.g. run.max_new_tokens=16")
+    try:
+        value = load_value(text)
+    except yaml.YAMLError:
+        raise ConfigError("--set", f"cannot read the value of {key!r}: {text!r}", "give a YAML value") from None
+    *parents, last = key_path(key.strip())
+    node: Any = raw
+    for depth, part in enumerate(parents):
+        where = _where(parents[:depth + 1])
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise ConfigError("--set", f"{where} does not exist", "index an existing list entry")
+            node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise ConfigError("--set", f"{where} is not a mapping", "check the key against the sweep file")
+            node = node.setdefault(part, {})
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise ConfigError("--set", f"{_where([*parents, last])} does not exist", "index an existing list entry")
+    elif not isinstance(node, dict):
+        raise ConfigError("--set", f"{_where(parents)} is not a mapping", "check the key against the sweep file")
+    node[last] = value
 
 
 def limit_prompts(raw: dict[str, Any], limit: int) -> dict[str, Any]:

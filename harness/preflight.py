@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from harness.config import Sweep
 from harness.errors import ConfigError
+from harness.hub_probe import check_hub
 from harness.models import ARTIFACT_PREFIX, ModelSpec, load_tokenizer
 from harness.sources import is_converted, is_converted_source, local_directory
 from harness.zoo_spec import ZOO_CONTEXT
@@ -23,11 +24,13 @@ def prepare_models(sweep: Sweep, log: Callable[[str], None]) -> None:
 
 
 def check_before_start(sweep: Sweep, address: str | None) -> None:
-    """The checks that need no model weights, run before the run directory or Ray exists: a CUDA device where
-    there is none, and generation lengths that do not fit a model's context (read from its ``config.json``, or
-    the zoo's settings; a hub model not in the local cache is left to the workers)."""
+    """The checks that need no model weights, run before the run directory or Ray exists: hub models and datasets
+    that are neither cached nor reachable, a CUDA device where there is none, and generation lengths that do not
+    fit a model's context (read from its ``config.json``, or the zoo's settings; a hub model not in the local cache
+    is left to the workers)."""
     import torch  # lazy: torch, only once a sweep is run
 
+    check_hub(sweep)
     if sweep.device == "cuda" and not address and not torch.cuda.is_available():
         raise ConfigError("models.device", "cuda requested but this machine has no GPU",
                           "use device: auto or cpu, or join a GPU cluster with --address")

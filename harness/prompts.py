@@ -24,6 +24,7 @@ from typing import Any
 
 from harness.corpus import DOMAINS, CorpusConfig, heldout_prompts
 from harness.errors import ConfigError, unknown_key
+from harness.jsonl import jsonl_lines
 from harness.paths import content_hash
 
 ZOO_PREFIX = "zoo:"
@@ -272,13 +273,11 @@ def _load_spec_bench(path: str, where: str = "prompts[].source") -> list[Prompt]
     except UnicodeDecodeError as error:
         raise ConfigError(where, f"{path} is not UTF-8 text (byte {error.start})", "save the file as UTF-8") from None
     prompts = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line in jsonl_lines(text):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ConfigError(where, f"{path} line {number} is not JSON ({error.msg})",
+            raise ConfigError(where, f"{path} line {number} is not JSON ({error.msg} at column {error.colno})",
                               "each line must be one JSON object") from None
         turns = row.get("turns") if isinstance(row, dict) else None
         if turns is None or "question_id" not in row or not isinstance(turns, list) or not turns \

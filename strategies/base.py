@@ -11,11 +11,13 @@ import dataclasses
 import types
 import typing
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from harness.errors import ConfigError, ErrorCollector, unknown_key
 from harness.lm import CausalLM
+from harness.numbers import read_number
 from strategies.sampling import Sampling
 
 
@@ -113,16 +115,28 @@ class StrategyParams:
             if name in fields:
                 with problems.check():
                     values[name] = _coerce(value, hints[name], f"{where}.{name}")
-        for name, spec in fields.items():
-            if name not in raw and spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-                problems.add(ConfigError(f"{where}.{name}", "required parameter is missing", "add it to the grid"))
+        missing = [name for name, spec in fields.items() if name not in raw and spec.default is dataclasses.MISSING
+                   and spec.default_factory is dataclasses.MISSING]
+        for name in missing:
+            problems.add(ConfigError(f"{where}.{name}", "required parameter is missing", "add it to the grid"))
+        params = None
+        if not missing:  # the range checks run on what did parse (the rest at their defaults), so all show at once
+            params = cls(**values)
+            with problems.check():
+                params.validate(where)
         problems.raise_if_any()
-        params = cls(**values)
-        params.validate(where)
         return params
 
     def validate(self, where: str) -> None:
-        """Check value ranges; raise ``ConfigError`` naming the field. Subclasses extend this."""
+        """Raise every range problem of ``problems`` at once (one ``ConfigError``, or ``ConfigErrors``)."""
+        collected = ErrorCollector()
+        for problem in self.problems(where):
+            collected.add(problem)
+        collected.raise_if_any()
+
+    def problems(self, where: str) -> Iterator[ConfigError]:
+        """Each value-range problem of these params, as a ``ConfigError`` naming its field. Subclasses extend this."""
+        return iter(())
 
     def uses_drafts(self) -> list[str]:
         """Names of the sweep drafts these params use (checked against the sweep's ``models.drafts``)."""
@@ -183,14 +197,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(where, f"expected true or false, got {value!r}")
         return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(where, f"expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(where, f"expected a number, got {value!r}")
-        return float(value)
+    if hint in (int, float):
+        return read_number(value, hint, where)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(where, f"expected a string, got {value!r}")

@@ -36,6 +36,7 @@ temperature > 0 is rejected.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,37 +69,40 @@ class CascadeParams(StrategyParams):
     counter: str = "model_parameters"
     cost_ratios: dict[str, float] = field(default_factory=dict)
 
-    def validate(self, where: str) -> None:
+    def problems(self, where: str) -> Iterator[ConfigError]:
         size = len(self.drafts) + int(self.use_mag)
         k = self.k_matrix
         if size == 0:
-            raise ConfigError(f"{where}.drafts", "no drafts", "name at least one model draft or set use_mag: true")
+            yield ConfigError(f"{where}.drafts", "no drafts", "name at least one model draft or set use_mag: true")
         if len(k) != size or any(len(row) != len(k) for row in k):
             shape = f"{len(k)}x{'/'.join(str(len(row)) for row in k) or 0}"
-            raise ConfigError(f"{where}.k_matrix", f"must be square {size}x{size} (one row and column per draft"
+            yield ConfigError(f"{where}.k_matrix", f"must be square {size}x{size} (one row and column per draft"
                               f"{', MaG last' if self.use_mag else ''}), got {shape}",
                               "give one row per draft, each with one entry per draft")
-        for i, row in enumerate(k):
-            for j, value in enumerate(row):
-                if value < 0:
-                    raise ConfigError(f"{where}.k_matrix", f"entry [{i}][{j}] is negative ({value})", "use counts >= 0")
-                if j < i and value != 0:
-                    raise ConfigError(f"{where}.k_matrix", f"entry [{i}][{j}] below the diagonal is {value}",
-                                      "entries below the diagonal must be 0 (a draft is only helped by smaller ones)")
-        if sum(k[0]) < 1:
-            raise ConfigError(f"{where}.k_matrix", "row 0 drafts no tokens", "make at least one entry of row 0 positive")
+        else:  # the entries are checked on a matrix of the right shape
+            for i, row in enumerate(k):
+                for j, value in enumerate(row):
+                    if value < 0:
+                        yield ConfigError(f"{where}.k_matrix", f"entry [{i}][{j}] is negative ({value})",
+                                          "use counts >= 0")
+                    if j < i and value != 0:
+                        yield ConfigError(f"{where}.k_matrix", f"entry [{i}][{j}] below the diagonal is {value}",
+                                          "entries below the diagonal must be 0 (a draft is only helped by smaller ones)")
+            if k and sum(k[0]) < 1:
+                yield ConfigError(f"{where}.k_matrix", "row 0 drafts no tokens",
+                                  "make at least one entry of row 0 positive")
         if self.lenience < 1:
-            raise ConfigError(f"{where}.lenience", f"must be >= 1, got {self.lenience}", "1 means exact review")
+            yield ConfigError(f"{where}.lenience", f"must be >= 1, got {self.lenience}", "1 means exact review")
         if self.mag_tokens < 1 or self.mag_max_ngram < 1:
-            raise ConfigError(f"{where}.mag_tokens", "mag_tokens and mag_max_ngram must be >= 1")
+            yield ConfigError(f"{where}.mag_tokens", "mag_tokens and mag_max_ngram must be >= 1")
         if len(set(self.drafts)) != len(self.drafts):
-            raise ConfigError(f"{where}.drafts", f"repeats a draft: {list(self.drafts)}", "list each draft once")
+            yield ConfigError(f"{where}.drafts", f"repeats a draft: {list(self.drafts)}", "list each draft once")
         if self.counter not in COUNTERS:
-            raise ConfigError(f"{where}.counter", f"unknown counter {self.counter!r}", f"choose one of {', '.join(COUNTERS)}")
+            yield ConfigError(f"{where}.counter", f"unknown counter {self.counter!r}", f"choose one of {', '.join(COUNTERS)}")
         if self.counter == "fixed_ratios":
             missing = [name for name in ("target", *self.drafts) if name not in self.cost_ratios]
             if missing:
-                raise ConfigError(f"{where}.cost_ratios", f"no ratio for {missing[0]!r}",
+                yield ConfigError(f"{where}.cost_ratios", f"no ratio for {missing[0]!r}",
                                   "give a cost ratio for target and every draft, e.g. {target: 1, small: 0.05}")
 
     def uses_drafts(self) -> list[str]:

@@ -27,6 +27,7 @@ EAGLE-2's deterministic top-k children (the reference's p/q rule is not; see
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,12 +50,12 @@ class HeadParams(StrategyParams):
     head: str = ""
     head_dir: str = ""
 
-    def validate(self, where: str) -> None:
+    def problems(self, where: str) -> Iterator[ConfigError]:
         if bool(self.head) == bool(self.head_dir):
-            raise ConfigError(f"{where}.head", "give exactly one of head (a train entry) or head_dir (a head directory)",
+            yield ConfigError(f"{where}.head", "give exactly one of head (a train entry) or head_dir (a head directory)",
                               "e.g. head: head with train: {head: train/eagle_zoo.yaml}, or head_dir: /path/to/EAGLE-head")
         if self.head_dir and not Path(self.head_dir).expanduser().is_dir():
-            raise ConfigError(f"{where}.head_dir", f"{self.head_dir} is not a directory",
+            yield ConfigError(f"{where}.head_dir", f"{self.head_dir} is not a directory",
                               "give the absolute path of a saved head (head.json) or a published one (config.json)")
 
     def uses_artifacts(self) -> list[str]:
@@ -67,10 +68,10 @@ class EagleParams(HeadParams):
 
     gamma: int = 4
 
-    def validate(self, where: str) -> None:
-        super().validate(where)
+    def problems(self, where: str) -> Iterator[ConfigError]:
+        yield from super().problems(where)
         if self.gamma < 1:
-            raise ConfigError(f"{where}.gamma", f"must be >= 1, got {self.gamma}", "draft at least one token per step")
+            yield ConfigError(f"{where}.gamma", f"must be >= 1, got {self.gamma}", "draft at least one token per step")
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,11 @@ class Eagle2Params(HeadParams):
     depth: int = 5
     top_k: int = 10
 
-    def validate(self, where: str) -> None:
-        super().validate(where)
+    def problems(self, where: str) -> Iterator[ConfigError]:
+        yield from super().problems(where)
         for name, low in (("total_tokens", 2), ("depth", 1), ("top_k", 1)):
             if getattr(self, name) < low:
-                raise ConfigError(f"{where}.{name}", f"must be >= {low}, got {getattr(self, name)}")
+                yield ConfigError(f"{where}.{name}", f"must be >= {low}, got {getattr(self, name)}")
 
 
 @dataclass

@@ -318,15 +318,15 @@ class HFAssistedParams(StrategyParams):
     schedule: str = "constant"
     confidence_threshold: float = 0.4
 
-    def validate(self, where: str) -> None:
+    def problems(self, where: str) -> Iterator[ConfigError]:
         if self.num_assistant_tokens < 1:
-            raise ConfigError(f"{where}.num_assistant_tokens", f"must be >= 1, got {self.num_assistant_tokens}",
+            yield ConfigError(f"{where}.num_assistant_tokens", f"must be >= 1, got {self.num_assistant_tokens}",
                               "draft at least one token per step")
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"{where}.schedule", f"unknown schedule {self.schedule!r}",
+            yield ConfigError(f"{where}.schedule", f"unknown schedule {self.schedule!r}",
                               f"choose one of {', '.join(SCHEDULES)}")
         if not 0.0 <= self.confidence_threshold <= 1.0:
-            raise ConfigError(f"{where}.confidence_threshold", f"must be in [0, 1], got {self.confidence_threshold}",
+            yield ConfigError(f"{where}.confidence_threshold", f"must be in [0, 1], got {self.confidence_threshold}",
                               "0 turns the early stop off")
 
     def uses_drafts(self) -> list[str]:
@@ -422,12 +422,12 @@ class HFPromptLookupParams(StrategyParams):
     num_tokens: int = 10
     max_ngram: int = 2
 
-    def validate(self, where: str) -> None:
+    def problems(self, where: str) -> Iterator[ConfigError]:
         if self.num_tokens < 1:
-            raise ConfigError(f"{where}.num_tokens", f"must be >= 1, got {self.num_tokens}",
+            yield ConfigError(f"{where}.num_tokens", f"must be >= 1, got {self.num_tokens}",
                               "draft at least one token per match")
         if self.max_ngram < 1:
-            raise ConfigError(f"{where}.max_ngram", f"must be >= 1, got {self.max_ngram}", "match at least 1-grams")
+            yield ConfigError(f"{where}.max_ngram", f"must be >= 1, got {self.max_ngram}", "match at least 1-grams")
 
 
 @register("hf_prompt_lookup")

@@ -14,6 +14,7 @@ Adapters touch only the draft, so the output is the target's own (lossless).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from harness.errors import ConfigError
@@ -34,13 +35,13 @@ class LoraRoutedParams(StrategyParams):
     arm: str = "routed"
     gamma: int = 4
 
-    def validate(self, where: str) -> None:
+    def problems(self, where: str) -> Iterator[ConfigError]:
         if self.arm not in ARMS:
-            raise ConfigError(f"{where}.arm", f"unknown arm {self.arm!r}", f"choose one of {', '.join(ARMS)}")
+            yield ConfigError(f"{where}.arm", f"unknown arm {self.arm!r}", f"choose one of {', '.join(ARMS)}")
         if self.arm == "routed" and not self.router:
-            raise ConfigError(f"{where}.router", "the routed arm needs a router", "name a router from the train section")
+            yield ConfigError(f"{where}.router", "the routed arm needs a router", "name a router from the train section")
         if self.gamma < 1:
-            raise ConfigError(f"{where}.gamma", f"must be >= 1, got {self.gamma}")
+            yield ConfigError(f"{where}.gamma", f"must be >= 1, got {self.gamma}")
 
     def uses_artifacts(self) -> list[str]:
         return [self.adapters] + ([self.router] if self.arm == "routed" else [])

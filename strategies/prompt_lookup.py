@@ -8,6 +8,7 @@ distribution exactly. Greedy decoding keeps tokens while they match the argmax.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from harness.errors import ConfigError
@@ -27,11 +28,11 @@ class PromptLookupParams(StrategyParams):
     max_ngram: int = 3
     min_ngram: int = 1
 
-    def validate(self, where: str) -> None:
+    def problems(self, where: str) -> Iterator[ConfigError]:
         if self.num_tokens < 1:
-            raise ConfigError(f"{where}.num_tokens", f"must be >= 1, got {self.num_tokens}")
+            yield ConfigError(f"{where}.num_tokens", f"must be >= 1, got {self.num_tokens}")
         if not 1 <= self.min_ngram <= self.max_ngram:
-            raise ConfigError(f"{where}.min_ngram", f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, "
+            yield ConfigError(f"{where}.min_ngram", f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, "
                               f"{self.max_ngram}")
 
 

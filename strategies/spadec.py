@@ -19,6 +19,7 @@ predictor path unreachable (it needs ``retrieve_indices``, which is never passed
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -111,9 +112,9 @@ class DLLMParams(StrategyParams):
 
     dllm: str = ""
 
-    def validate(self, where: str) -> None:
+    def problems(self, where: str) -> Iterator[ConfigError]:
         if not self.dllm:
-            raise ConfigError(f"{where}.dllm", "required parameter is missing",
+            yield ConfigError(f"{where}.dllm", "required parameter is missing",
                               "name a train entry of kind dllm, e.g. dllm: dllm with train: {dllm: train/dllm_zoo.yaml}")
 
     def uses_artifacts(self) -> list[str]:
@@ -169,15 +170,15 @@ class SpaDecParams(StrategyParams):
     depth: int = 5
     top_k: int = 10
 
-    def validate(self, where: str) -> None:
+    def problems(self, where: str) -> Iterator[ConfigError]:
         if not self.spadec:
-            raise ConfigError(f"{where}.spadec", "required parameter is missing",
+            yield ConfigError(f"{where}.spadec", "required parameter is missing",
                               "name a train entry of kind spadec, e.g. spadec: spadec with train: {spadec: train/spadec_zoo.yaml}")
         if self.predictor not in PREDICTOR_MODES:
-            raise ConfigError(f"{where}.predictor", f"expected on or off, got {self.predictor!r}")
+            yield ConfigError(f"{where}.predictor", f"expected on or off, got {self.predictor!r}")
         for name, low in (("split", 0), ("total_tokens", 2), ("depth", 1), ("top_k", 1)):
             if getattr(self, name) < low:
-                raise ConfigError(f"{where}.{name}", f"must be >= {low}, got {getattr(self, name)}")
+                yield ConfigError(f"{where}.{name}", f"must be >= {low}, got {getattr(self, name)}")
 
     def uses_artifacts(self) -> list[str]:
         return [self.spadec]

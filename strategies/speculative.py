@@ -12,6 +12,7 @@ Both KV caches are cropped back to the accepted prefix, never recomputed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,11 +40,11 @@ class SpeculativeParams(StrategyParams):
     gamma: int = 4
     schedule: str = "constant"
 
-    def validate(self, where: str) -> None:
+    def problems(self, where: str) -> Iterator[ConfigError]:
         if self.gamma < 1:
-            raise ConfigError(f"{where}.gamma", f"must be >= 1, got {self.gamma}", "draft at least one token per step")
+            yield ConfigError(f"{where}.gamma", f"must be >= 1, got {self.gamma}", "draft at least one token per step")
         if self.schedule not in self.SCHEDULES:
-            raise ConfigError(f"{where}.schedule", f"unknown schedule {self.schedule!r}",
+            yield ConfigError(f"{where}.schedule", f"unknown schedule {self.schedule!r}",
                               f"choose one of {', '.join(self.SCHEDULES)}")
 
     def uses_drafts(self) -> list[str]:

@@ -1,6 +1,6 @@
 """How one decoding run is timed, for sweep cells and the adaptive-drafts loop alike: the device synchronised
-around ``generate``, the wall time set on the trace, then the target's 1-token probe (the drift guard's input,
-outside the wall time)."""
+around ``generate``, the wall time set on the trace, the process's CPU run and run-queue wait over the run, then
+the target's 1-token probe (the drift guard's inputs; the probe is outside the wall time)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from harness.cpu_share import run_and_wait_s, snapshot
 from harness.lm import CausalLM, synchronize
 from strategies.base import Strategy, Trace
 from strategies.sampling import Sampling
@@ -15,13 +16,18 @@ from strategies.sampling import Sampling
 
 def timed_generate(strategy: Strategy, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling,
                    device: torch.device, probe: CausalLM | None = None) -> Trace:
-    """``strategy.generate`` with synchronised wall-clock time in ``trace.wall_s`` and, when ``probe`` is given,
-    its 1-token forward time in ``trace.extras["probe_s"]``."""
+    """``strategy.generate`` with synchronised wall-clock time in ``trace.wall_s``, the process's CPU seconds run and
+    waited in ``trace.extras["cpu_run_s"]``/``["cpu_wait_s"]`` (where Linux reports them) and, when ``probe`` is
+    given, its 1-token forward time in ``trace.extras["probe_s"]``."""
     synchronize(device)
+    threads = snapshot()
     started = time.perf_counter()
     trace = strategy.generate(prompt_ids, max_new_tokens, sampling)
     synchronize(device)
     trace.wall_s = time.perf_counter() - started
+    cpu = run_and_wait_s(threads, snapshot())
+    if cpu is not None:
+        trace.extras = {**trace.extras, "cpu_run_s": cpu[0], "cpu_wait_s": cpu[1]}
     if probe is not None:
         trace.extras = {**trace.extras, "probe_s": probe.time_single_step()}
     return trace

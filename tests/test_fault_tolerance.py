@@ -165,3 +165,30 @@ def test_lost_node_cells_rerun_on_the_other(tmp_path, tiny_zoo):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_a_hung_cell_times_out_alone_and_its_worker_is_replaced(tmp_path, tiny_zoo, fresh_ray):
+    path = many_cells_sweep(tmp_path / "sweep.yaml", plugins=[str(TESTS / "plugins" / "probes.py")],
+                            prompts=[{"name": "code", "source": "zoo:code", "count": 2}],
+                            strategies=[{"name": "hang"}, {"name": "speculative", "params": {"draft": "small", "gamma": 2}}],
+                            run={"max_new_tokens": 6, "warmup_prompts": 0, "workers": 1, "num_cpus": 1,
+                                 "cell_timeout_s": 15})
+    fresh_ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    messages: list[str] = []
+    outcome = run_sweep(load_sweep(path), tmp_path / "run", log=messages.append)
+    records = {record.cell["strategy"]: record for record in ResultStore(tmp_path / "run").records()}
+    assert set(cell_id_counts(tmp_path / "run").values()) == {1}
+    assert outcome.failed == 1 and outcome.ok == 1
+    assert records["hang"].error == "timed out after 15 s (run.cell_timeout_s)"
+    assert records["speculative"].ok
+    assert any("starting a replacement worker" in message for message in messages)
+
+
+def test_the_default_cell_time_limit_scales_with_the_token_budget(tiny_zoo, tmp_path):
+    small = load_sweep(many_cells_sweep(tmp_path / "a.yaml", run={"max_new_tokens": 8, "pairing": "interleaved"}))
+    large = load_sweep(many_cells_sweep(tmp_path / "b.yaml", run={"max_new_tokens": 64, "pairing": "interleaved"}))
+    fixed = load_sweep(many_cells_sweep(tmp_path / "c.yaml", run={"cell_timeout_s": 30}))
+    a, b, c = (sweep.cells("cpu")[0] for sweep in (small, large, fixed))
+    assert 600 < a.timeout_s() < b.timeout_s()
+    assert b.timeout_s() - 600 == pytest.approx(8 * (a.timeout_s() - 600))
+    assert c.timeout_s() == 30

@@ -89,3 +89,38 @@ def test_the_drift_guard_flags_a_prefill_that_slowed_on_one_side_only():
     assert slowed["prefill_drift"] == pytest.approx(0.5)
     steady = cell(0.115)
     assert not steady["timing_suspect"] and steady["prefill_drift"] == pytest.approx(0.15)
+
+
+def interleaved(pairs: list[tuple[float, float]], base_cpu: tuple[float, float] = (1.0, 0.0),
+                strat_cpu: tuple[float, float] = (1.0, 0.0)) -> list[PromptRecord]:
+    """One prompt per (baseline probe, strategy probe) pair, run back to back, with each side's CPU run and wait."""
+    prompts = []
+    for base_probe, strat_probe in pairs:
+        base, strat = trace(8, 1.0, probe=base_probe), trace(8, 0.8, probe=strat_probe)
+        base["extras"] = {"cpu_run_s": base_cpu[0], "cpu_wait_s": base_cpu[1]}
+        strat["extras"] = {"cpu_run_s": strat_cpu[0], "cpu_wait_s": strat_cpu[1]}
+        prompts.append(PromptRecord.from_json({"prompt_id": "p", "category": None, "turns": [
+            {"baseline": base, "strategy": strat, "tokens_match": True, "first": "baseline"}]}))
+    return prompts
+
+
+def test_the_drift_guard_flags_a_side_that_waited_for_the_cpu():
+    steady = [(0.001, 0.001)] * 6
+    quiet = summarize(interleaved(steady, base_cpu=(1.0, 0.02), strat_cpu=(1.0, 0.03)))
+    assert not quiet["timing_suspect"] and quiet["strategy_cpu_wait"] == pytest.approx(0.03 / 1.03)
+    contended = summarize(interleaved(steady, base_cpu=(1.0, 0.02), strat_cpu=(0.7, 0.3)), max_cpu_wait=0.10)
+    assert contended["timing_suspect"]
+    assert "waited for a CPU 30% of their runnable time on the strategy side and 2% on the baseline side" in \
+        contended["timing_note"]
+    assert not summarize(interleaved(steady, strat_cpu=(0.7, 0.3)), max_cpu_wait=0.5)["timing_suspect"]
+
+
+def test_the_probe_drift_band_widens_with_the_probes_own_noise():
+    # The same +17.5 % median drift: flagged when the probes agree turn by turn, not when they scatter by ±25 %.
+    tight = [(1e-3, s * 1e-3) for s in (1.17, 1.18, 1.175, 1.17, 1.18, 1.175)]
+    loose = [(1e-3, s * 1e-3) for s in (1.15, 0.9, 1.4, 0.85, 1.3, 1.2)]
+    flagged, unflagged = summarize(interleaved(tight)), summarize(interleaved(loose))
+    assert flagged["step_drift"] == pytest.approx(0.175) == unflagged["step_drift"]
+    assert flagged["drift_band"] == pytest.approx(0.10) and flagged["timing_suspect"]
+    assert "1-token step" in flagged["timing_note"]
+    assert unflagged["drift_band"] > 0.175 and not unflagged["timing_suspect"]

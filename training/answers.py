@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 from filelock import FileLock
 
+from harness.jsonl import jsonl_lines
 from harness.paths import content_hash, specsweep_home
 from harness.prompts import QA_TEMPLATE
 from training.magpie import MAGPIE_SOURCE, MagpieSettings, generation_copy, self_queries
@@ -165,7 +166,7 @@ class Checkpoint:
         if not self.path.exists():
             return []
         rows = []
-        for line in self.path.read_text().splitlines():
+        for _, line in jsonl_lines(self.path.read_text()):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
@@ -193,7 +194,7 @@ def cached_rows(key: str, label: str, generate: Callable[[Checkpoints], list[dic
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if path.exists():
-            return [json.loads(line) for line in path.read_text().splitlines()]
+            return [json.loads(line) for _, line in jsonl_lines(path.read_text())]
         checkpoints = {}
 
         def checkpoint(name: str) -> Checkpoint:

@@ -21,11 +21,12 @@ from typing import Any, Callable
 
 from harness.corpus import DOMAINS
 from harness.errors import ConfigError
-from harness.models import ARTIFACT_PREFIX, ModelSpec
+from harness.checksums import FILES_KEY, CorruptCache, file_digests
+from harness.models import ARTIFACT_MANIFEST, ARTIFACT_PREFIX, ModelSpec, verify_artifact
 from harness.paths import content_hash, specsweep_home
 from harness.yaml_file import read_yaml
 
-MANIFEST = "artifact.json"
+MANIFEST = ARTIFACT_MANIFEST
 ZOO_REFERENCE = re.compile(r'"((?:answers:)?zoo:[\w-]+)"')  # a zoo model or zoo text named in a config's identity
 
 
@@ -206,9 +207,15 @@ def for_target(request: ArtifactRequest, target: ModelSpec) -> ArtifactRequest:
 
 
 def build_artifact(request: ArtifactRequest, log: Callable[[str], None] = print, force: bool = False) -> dict[str, Any]:
-    """Build ``request`` into its directory unless it is already there; return its manifest."""
+    """Build ``request`` into its directory unless it is already there (and its files match their checksums);
+    return its manifest."""
     if request.built() and not force:
-        return request.manifest()
+        try:
+            verify_artifact(request.directory)
+            return request.manifest()
+        except CorruptCache as error:
+            log(f"{error}: retraining it")
+            (request.directory / MANIFEST).unlink()
     if request.uses_zoo_models():
         from training.zoo import build_zoo, is_built  # lazy: builds only when a zoo model is missing
 
@@ -220,7 +227,8 @@ def build_artifact(request: ArtifactRequest, log: Callable[[str], None] = print,
                          f"{request.kind}-{request.key()}", log=log)
     target = getattr(request.config, "target", None)
     manifest = {"kind": request.kind, "key": request.key(), "target": target.as_dict() if target else None,
-                "seconds": time.time() - started, "host": platform.node(), "metrics": metrics}
+                "seconds": time.time() - started, "host": platform.node(), "metrics": metrics,
+                FILES_KEY: file_digests(request.directory, skip={MANIFEST})}
     (request.directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     log(f"built {request.label()} in {manifest['seconds']:.0f} s -> {request.directory}")
     return manifest
@@ -231,4 +239,5 @@ def load_artifact(request: ArtifactRequest, target) -> Any:
     if not request.built():
         raise FileNotFoundError(f"artefact {request.label()} is not built at {request.directory} on node "
                                 f"{platform.node()}: on a multi-node cluster put $SPECSWEEP_HOME on a shared filesystem")
+    verify_artifact(request.directory)
     return artifact_kind(request.kind).load(request, target)

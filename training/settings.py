@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from harness.errors import ConfigError, ErrorCollector, unknown_key
 from harness.models import ModelSpec, parse_model_spec
+from harness.numbers import read_number
 from training.launch import LaunchSettings
 from training.text import check_sources
 
@@ -96,7 +97,7 @@ def _parse_field(cls: type, name: str, value: Any, path: str, default: Any,
     if isinstance(default, tuple):
         return string_list(value, path)
     if isinstance(default, (int, float)) and not isinstance(default, bool):
-        return number(value, type(default), path)
+        return read_number(value, type(default), path)
     raise TypeError(f"{cls.__name__}.{name}: no parser for a field with default {default!r}")
 
 
@@ -147,13 +148,6 @@ def string_list(raw: Any, where: str) -> tuple[str, ...]:
         raise ConfigError(where, f"expected a list of strings, got {raw!r}",
                           "e.g. text sources: zoo:<domain>, hf:<dataset>[:<split>] or a .jsonl/.txt/.parquet path")
     return tuple(items)
-
-
-def number(raw: Any, kind: type, where: str) -> int | float:
-    """``raw`` as ``kind`` (int or float); booleans and, for int, fractions are refused."""
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or (kind is int and not isinstance(raw, int)):
-        raise ConfigError(where, f"expected {'an integer' if kind is int else 'a number'}, got {raw!r}")
-    return kind(raw)
 
 
 def mapping(raw: Any, where: str) -> dict[str, Any]:

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from harness.corpus import DOMAINS, Document, build_corpus
-from harness.zoo_spec import ZOO_CONTEXT, Schedule, ZooConfig, ZooModelConfig, is_built, model_path, zoo_dir
+from harness.checksums import FILES_KEY, CorruptCache, file_digests
+from harness.zoo_spec import (ZOO_CONTEXT, ZOO_MANIFEST, Schedule, ZooConfig, ZooModelConfig, is_built, model_path,
+                               verify_zoo, zoo_dir)
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -205,11 +207,18 @@ def reusable_base(config: ZooConfig) -> ZooConfig | None:
 
 
 def build_zoo(config: ZooConfig, log: Callable[[str], None] = print, force: bool = False) -> dict[str, Any]:
-    """Build (or reuse) the zoo for ``config``; return its manifest with per-model metrics."""
+    """Build (or reuse) the zoo for ``config``; return its manifest with per-model metrics. A built zoo whose files
+    differ from their recorded checksums is rebuilt."""
     out = zoo_dir(config)
-    manifest_path = out / "manifest.json"
+    manifest_path = out / ZOO_MANIFEST
     if manifest_path.exists() and not force:
-        return json.loads(manifest_path.read_text())
+        try:
+            verify_zoo(config)
+            return json.loads(manifest_path.read_text())
+        except CorruptCache as error:
+            log(f"{error}: rebuilding it")
+            manifest_path.unlink()
+            force = True
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
@@ -268,6 +277,7 @@ def build_zoo(config: ZooConfig, log: Callable[[str], None] = print, force: bool
         "models": metrics,
         "train_tokens": {domain: len(stream) for domain, stream in train_streams.items()},
         "build_seconds": round(time.perf_counter() - started, 1),
+        FILES_KEY: file_digests(out, skip={ZOO_MANIFEST}),
     }
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -48,3 +48,23 @@ class EnvProbe(Autoregressive):
         trace = super().generate(prompt_ids, max_new_tokens, sampling)
         trace.extras["env"] = os.environ.get(self.params.variable)
         return trace
+
+
+@dataclass(frozen=True)
+class HangParams(StrategyParams):
+    """``hang_s``: how long ``generate`` sleeps before decoding (long enough to stand for "never returns")."""
+
+    hang_s: float = 3600.0
+
+
+@register("hang")
+class Hang(Autoregressive):
+    """Autoregressive decoding whose ``generate`` first sleeps ``hang_s`` seconds: a strategy that hangs."""
+
+    Params = HangParams
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
+        import time
+
+        time.sleep(self.params.hang_s)
+        return super().generate(prompt_ids, max_new_tokens, sampling)
