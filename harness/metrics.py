@@ -1,5 +1,5 @@
-"""Per-prompt and per-group metrics as PROTOCOL.md defines them: paired speedups, intervals, bounds, and the
-drift guard that flags timings a reviewer should not trust.
+"""Per-prompt and per-group metrics (each defined in ``summarize``'s docstring): paired speedups, intervals,
+bounds, and the drift guard that flags timings a reviewer should not trust.
 
 Speedup is a ratio of throughputs: (strategy tokens / strategy seconds) / (baseline tokens / baseline seconds),
 pooled over the prompts of a group. Under greedy decoding both sides generate the same tokens, so this equals

@@ -31,7 +31,8 @@ class Step:
 
 @dataclass
 class Trace:
-    """What one strategy did on one prompt (see PROTOCOL.md for the definitions)."""
+    """What one strategy did on one prompt: its tokens, its steps (drafted and accepted counts), the forward
+    statistics of each model it used, its cost in parameter units, and its wall time (set by the runner)."""
 
     tokens: list[int]
     steps: list[Step]

@@ -222,8 +222,9 @@ def test_an_unreachable_cluster_is_one_line_and_exit_3(tmp_path, capsys, tiny_zo
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupt_stops_with_exit_130_a_partial_report_and_no_ray_left(tmp_path, tiny_zoo, sig):
-    path = write_sweep(tmp_path / "sweep.yaml",
-                       strategies=[{"name": "speculative", "params": {"draft": "small"}, "grid": {"gamma": [1, 2, 3, 4]}}],
+    # a speculative cell finishes; a strategy that hangs is still in flight when the signal comes
+    path = write_sweep(tmp_path / "sweep.yaml", plugins=[str(TESTS / "plugins" / "probes.py")],
+                       strategies=[{"name": "speculative", "params": {"draft": "small", "gamma": 2}}, {"name": "hang"}],
                        prompts=[{"name": "code", "source": "zoo:code", "count": 2}],
                        run={"max_new_tokens": 24, "warmup_prompts": 0, "workers": 1, "num_cpus": 1})
     run_dir = tmp_path / "results" / "tiny" / "r"
@@ -240,7 +241,8 @@ def test_an_interrupt_stops_with_exit_130_a_partial_report_and_no_ray_left(tmp_p
     _, err = driver.communicate(timeout=120)
     kept = recorded(run_dir)
     assert driver.returncode == 130, err
-    assert f"interrupted: {len(kept)} of 4 cells recorded; resume with specsweep run {path} --resume {run_dir}" in err
+    assert f"interrupted: {len(kept)} of 2 cells recorded; resume with specsweep run {path} --resume {run_dir}" in err
+    assert "hang" not in {record.cell["strategy"] for record in kept}
     assert "Traceback" not in err and (run_dir / "report.md").exists()
     deadline = time.monotonic() + 30
     while ray_processes() - before and time.monotonic() < deadline:

@@ -218,7 +218,13 @@ def test_hf_assisted_may_use_a_draft_with_another_tokenizer(tmp_path, tiny_zoo):
     path = write_sweep(tmp_path / "sweep.yaml", models={"target": "zoo:target", "drafts": {"small": str(draft)},
                                                         "device": "cpu"},
                        strategies=[{"name": "hf_assisted", "params": {"draft": "small"}}])
-    check_tokenizers(load_sweep(path))  # no error
+    sweep = load_sweep(path)
+    check_tokenizers(sweep)  # hf_assisted translates between the vocabularies: accepted
+    refused = write_sweep(tmp_path / "refused.yaml", models={"target": "zoo:target", "drafts": {"small": str(draft)},
+                                                             "device": "cpu"},
+                          strategies=[{"name": "speculative", "params": {"draft": "small"}}])
+    with pytest.raises(ConfigError, match="models.drafts.small: its tokenizer differs from target 'target'"):
+        check_tokenizers(load_sweep(refused))  # the same draft under a strategy that needs one vocabulary
 
 
 # ---------------------------------------------------------------------------- published EAGLE heads
