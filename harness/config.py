@@ -592,10 +592,8 @@ def _check_point(name: str, point: dict[str, Any], where: str, models: _Models, 
             field_name = next((key for key, value in checked.as_dict().items() if value == artifact), "params")
             problems.add(ConfigError(f"{where}.{field_name}", f"artefact {artifact!r} is not in the sweep's train section",
                                      f"choose one of {', '.join(train) or '(none defined: add train: {name: <config>})'}"))
-    check_sampling = getattr(checked, "check_sampling", None)
-    if check_sampling:
-        with problems.check():
-            check_sampling(run.temperature, where)
+    with problems.check():
+        checked.check_sampling(run.temperature, where)
     problems.raise_if_any()
 
 

@@ -88,7 +88,7 @@ def check_tokenizers(sweep: Sweep) -> None:
         return vocabularies[key]
 
     for index, strategy in enumerate(sweep.strategies):
-        allows_other = getattr(strategy_class(strategy.name), "supports_other_tokenizers", False)
+        allows_other = strategy_class(strategy.name).supports_other_tokenizers
         if allows_other:
             continue
         used = {name for point in strategy.points()

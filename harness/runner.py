@@ -43,7 +43,7 @@ def model_set_for(cell: Cell, cache: ModelCache) -> ModelSet:
     """Load (or reuse) the cell's target and the drafts its params name."""
     target = cache.model(cell.target_spec, "target")
     drafts = {name: cache.model(spec, f"draft:{name}") for name, spec in cell.drafts.items()}
-    shared_vocabulary = not getattr(strategy_class(cell.strategy), "supports_other_tokenizers", False)
+    shared_vocabulary = not strategy_class(cell.strategy).supports_other_tokenizers
     for name, draft in drafts.items():
         if shared_vocabulary and draft.vocab_size != target.vocab_size:
             raise CellFailure(f"draft {name!r} has vocabulary {draft.vocab_size}, target {target.vocab_size}: "

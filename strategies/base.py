@@ -139,6 +139,9 @@ class StrategyParams:
         """Each value-range problem of these params, as a ``ConfigError`` naming its field. Subclasses extend this."""
         return iter(())
 
+    def check_sampling(self, temperature: float, where: str) -> None:
+        """``ConfigError`` when these params cannot decode at ``temperature`` (every method can, unless it says)."""
+
     def uses_drafts(self) -> list[str]:
         """Names of the sweep drafts these params use (checked against the sweep's ``models.drafts``)."""
         return []
@@ -213,6 +216,7 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     Params: ClassVar[type[StrategyParams]] = StrategyParams
     lossy: ClassVar[bool] = False  # decodes with a modified target (layer skipping): not held to the baseline's tokens
+    supports_other_tokenizers: ClassVar[bool] = False  # drafts may have another vocabulary (it translates between them)
 
     def __init__(self, params: StrategyParams, models: ModelSet) -> None:
         self.params = params

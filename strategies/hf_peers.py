@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 
 from harness.errors import ConfigError
-from harness.lm import CausalLM, synchronize
+from harness.lm import CausalLM, ForwardStats, synchronize
 from strategies.base import ModelSet, Step, Strategy, StrategyParams, Trace, truncate
 from strategies.registry import register
 from strategies.sampling import Sampling
@@ -100,18 +100,12 @@ class ForwardCounter:
         self.calls.append(ForwardCall(length=length, start=start, seconds=time.perf_counter() - began))
 
     def stats(self, parameters: int) -> dict[str, float]:
-        """The counts in ``CausalLM.stats.as_dict()``'s shape plus ``parameters``: the first call is the prefill."""
-        prefill, decode = self.calls[:1], self.calls[1:]
-        return {
-            "calls": len(self.calls),
-            "prefill_calls": len(prefill),
-            "prefill_seconds": sum(call.seconds for call in prefill),
-            "prefill_tokens": sum(call.length for call in prefill),
-            "decode_calls": len(decode),
-            "decode_seconds": sum(call.seconds for call in decode),
-            "decode_tokens": sum(call.length for call in decode),
-            "parameters": parameters,
-        }
+        """The calls counted as ``CausalLM.stats`` counts its own (the first call is the prefill), plus
+        ``parameters``."""
+        counted = ForwardStats()
+        for index, call in enumerate(self.calls):
+            counted.count(prefill=index == 0, seconds=call.seconds, tokens=call.length)
+        return {**counted.as_dict(), "parameters": parameters}
 
 
 def cached_length(kwargs: dict[str, Any]) -> int | None:
