@@ -1,7 +1,8 @@
 """The append-only result store of a run: one JSON line per finished cell in ``cells.jsonl``.
 
-Records are strict JSON (a NaN or infinite float is written as ``null``). Each is written with a single ``write`` of one complete line followed by
-``fsync``, so a crash can at worst leave a torn last line. Readers skip a line
+Records are strict JSON (a NaN or infinite float is written as ``null``). Each is
+written with a single ``write`` of one complete line followed by ``fsync``, so a
+crash can at worst leave a torn last line. Readers skip a line
 that does not parse as a record and count it in ``unreadable``, so callers can
 say how many there were.
 """

@@ -227,8 +227,7 @@ class Dispatcher:
 
     def __init__(self, sweep: Sweep, store: ResultStore, log: Callable[[str], None],
                  plan: tuple[int, dict[str, Any], str],
-                 on_record: Callable[["Dispatcher", CellRecord], None] | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 on_record: Callable[["Dispatcher", CellRecord], None] | None = None) -> None:
         import ray
 
         self.ray = ray
@@ -236,7 +235,6 @@ class Dispatcher:
         self.store = store
         self.log = log
         self.on_record = on_record
-        self.clock = clock  # what cell time limits are measured with
         self.count, self.options, self.device = plan
         self.remote_cls = ray.remote(Worker)
         self.slots: dict[str, WorkerSlot] = {}
@@ -320,7 +318,7 @@ class Dispatcher:
                 raise InfraError("no worker is running or starting", "see sweep.log, then resume")
             ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=1.0)
             progress.refresh(self.busy_workers())
-            self._check_cell_timeouts(waiting, queue, outcome, progress, envs)
+            self._check_cell_timeouts(waiting, queue, outcome, progress)
             if not ready:
                 self._check_start_timeouts(queue, waiting, outcome, progress)
                 continue
@@ -344,16 +342,16 @@ class Dispatcher:
                 if slot is not None:
                     slot.state, slot.node = "idle", info.get("node", "")
             else:
-                received = self.clock()
+                received = time.perf_counter()
                 try:
                     record = self.ray.get(ref)
                 except self.ray.exceptions.RayError as error:
                     self._worker_lost(name, cell, error, attempts, queue, outcome, progress)
                     continue
                 self._released(record, cell, waiting, queue, outcome, progress)
-                stored = self.clock()
+                stored = time.perf_counter()
                 self._store(record, outcome, progress)
-                now = self.clock()
+                now = time.perf_counter()
                 outcome.timings.append({"driver_s": received - submitted, "worker_s": float(record.seconds or 0.0),
                                         "store_s": now - stored, "submitted": submitted, "stored": now})
                 if slot is not None:
@@ -424,7 +422,7 @@ class Dispatcher:
                 continue
             attempts[cell.cell_id] = attempts.get(cell.cell_id, 0) + 1
             baseline = self.baselines.get(cell.baseline_id) if cell.kind == "strategy" else None
-            self.pending[slot.handle.run.remote(cell, baseline)] = ("run", name, cell, self.clock())
+            self.pending[slot.handle.run.remote(cell, baseline)] = ("run", name, cell, time.perf_counter())
             slot.state, slot.cell = "busy", cell
 
     @staticmethod
@@ -488,15 +486,17 @@ class Dispatcher:
                                                   f"{type(error).__name__}: {str(error)[:500]}"), outcome, progress)
 
     def _check_cell_timeouts(self, waiting: dict[str, list[Cell]], queue: deque[Cell], outcome: SweepOutcome,
-                             progress: Progress, envs: dict[str, dict]) -> None:
+                             progress: Progress) -> None:
         """Record each cell running past its time limit (``Cell.timeout_s``) as failed, "timed out", and replace
         its worker (a hung call cannot be interrupted inside the actor)."""
-        now = self.clock()
+        now = time.perf_counter()
         for ref, (event, name, cell, submitted) in list(self.pending.items()):
-            if event != "run" or now - submitted <= cell.timeout_s():
+            if event != "run":
+                continue
+            limit = cell.timeout_s()
+            if now - submitted <= limit:
                 continue
             del self.pending[ref]
-            limit = cell.timeout_s()
             source = "run.cell_timeout_s" if cell.run.cell_timeout_s is not None else \
                 "the default scaled to its token budget; set run.cell_timeout_s to change it"
             self.log(f"{name}: {cell.label} timed out after {limit:.0f} s; starting a replacement worker")

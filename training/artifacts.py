@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+from harness.checksums import FILES_KEY, CorruptCache, file_digests
 from harness.corpus import DOMAINS
 from harness.errors import ConfigError
-from harness.checksums import FILES_KEY, CorruptCache, file_digests
 from harness.models import ARTIFACT_MANIFEST, ARTIFACT_PREFIX, ModelSpec, verify_artifact
 from harness.paths import content_hash, specsweep_home
 from harness.yaml_file import read_yaml
