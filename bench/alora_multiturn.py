@@ -47,10 +47,10 @@ def speculative_turn(alora, draft_alora, target_cache, draft_cache, invocation: 
                      adapter_tokens: int, gamma: int) -> tuple[list[int], float]:
     """The adapter turn by speculative decoding (specsweep's decode loop), both models continuing their base-turn
     caches: the target extends its cache by the invocation, the draft feeds it with its first proposal."""
-    from harness.lm import CausalLM
+    from harness.core.lm import CausalLM
     from strategies.engine import decode
+    from strategies.methods.speculative import DraftModelProposer
     from strategies.sampling import Sampling
-    from strategies.speculative import DraftModelProposer
     from training.alora import Activated
 
     target, draft = CausalLM(Activated(alora), "target+alora"), CausalLM(Activated(draft_alora), "draft+alora")
@@ -112,11 +112,11 @@ def main() -> None:
     parser.add_argument("--gamma", type=int, default=4)
     args = parser.parse_args()
 
-    from harness.corpus import heldout_prompts
-    from harness.models import load_tokenizer
+    from harness.core.corpus import heldout_prompts
+    from harness.core.models import load_tokenizer
+    from harness.core.zoo_spec import ZooConfig
     from training.alora import invocation_ids, load_variant
     from training.artifacts import build_artifact, load_train_config
-    from harness.zoo_spec import ZooConfig
 
     torch.set_num_threads(2)
     zoo = ZooConfig()

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harness.prompts import SPEC_BENCH_FILE
+from harness.core.prompts import SPEC_BENCH_FILE
 from strategies.eagle_head import HEAD_CONFIG, load_head
 
 

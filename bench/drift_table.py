@@ -11,8 +11,8 @@ import argparse
 import math
 from pathlib import Path
 
-from harness.metrics import MAX_CPU_WAIT, summarize
-from harness.results import ResultStore
+from harness.core.metrics import MAX_CPU_WAIT, summarize
+from harness.core.results import ResultStore
 
 
 def cell_summaries(run_dir: Path) -> dict[str, tuple[str, dict]]:

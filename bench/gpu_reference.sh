@@ -44,7 +44,7 @@ print('device', torch.cuda.get_device_name(0))"
         nproc
     } > "$out/env.txt" 2>&1
     cat "$out/env.txt"
-    timeout "${SWEEP_TIMEOUT:-430}" python3 -m harness.cli run configs/real_smollm2_gpu.yaml \
+    timeout "${SWEEP_TIMEOUT:-430}" python3 -m harness.driver.cli run configs/real_smollm2_gpu.yaml \
         --results-dir /tmp/results --run-name gpu-bf16 2>&1 | grep -v PlacementGroupCleaner > "$out/sweep.log"
     echo "sweep exit ${PIPESTATUS[0]}"
     tail -40 "$out/sweep.log"

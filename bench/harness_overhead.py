@@ -27,8 +27,8 @@ def measure(sweep_path: str, workers: int, cpus: int) -> dict[str, float]:
     """Run the sweep once with ``workers`` CPU workers sharing ``cpus`` CPUs; return timing figures."""
     import ray
 
-    from harness.config import load_sweep
-    from harness.scheduler import run_sweep
+    from harness.driver.config import load_sweep
+    from harness.driver.scheduler import run_sweep
 
     sweep = load_sweep(sweep_path)
     sweep = dataclasses.replace(sweep, run=dataclasses.replace(sweep.run, workers=workers, num_cpus=cpus))

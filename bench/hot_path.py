@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from harness.lm import CausalLM, synchronize
+from harness.core.lm import CausalLM, synchronize
 from strategies import ModelSet, Sampling, build
 
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -217,10 +217,10 @@ def main() -> None:
                   "hf_inputs {hf_inputs_ms:.2f} ms, no_cudnn {no_cudnn_ms:.2f} ms".format(**row))
     rows = table(pairs, prompts, args)
     if args.without_forward_sync:
-        import harness.lm
-        import strategies.hf_peers
+        import harness.core.lm
+        import strategies.methods.hf_peers
 
-        harness.lm.synchronize = strategies.hf_peers.synchronize = lambda device: None
+        harness.core.lm.synchronize = strategies.methods.hf_peers.synchronize = lambda device: None
         print("\nagain, without the per-forward timer syncs:")
         table(pairs, prompts, args)
     if args.profile:

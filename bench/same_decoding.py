@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from harness.results import ResultStore
+from harness.core.results import ResultStore
 from strategies import parse_params
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from harness.lm import CausalLM
+from harness.core.lm import CausalLM
 
 
 def widths_table(model_dir: Path, dtypes: list[str], widths: list[int], context: int,

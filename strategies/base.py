@@ -2,7 +2,7 @@
 
 A strategy is registered by name with a params dataclass (a ``StrategyParams``
 subclass) that validates itself; it sees models only through
-:class:`harness.lm.CausalLM`, gathered in a :class:`ModelSet`.
+:class:`harness.core.lm.CausalLM`, gathered in a :class:`ModelSet`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ import typing
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
-from harness.errors import ConfigError, ErrorCollector, unknown_key
-from harness.lm import CausalLM
-from harness.numbers import read_number
+from harness.core.errors import ConfigError, ErrorCollector, unknown_key
+from harness.core.lm import CausalLM
+from harness.core.metrics import acceptance_rate, mean_accepted
+from harness.core.numbers import read_number
+from harness.core.records import PromptRecord
+from harness.core.tables import ReportView
 from strategies.sampling import Sampling
 
 
@@ -59,13 +62,13 @@ class Trace:
 
     @property
     def tau(self) -> float:
-        """Mean tokens per verification step (1.0 for autoregressive decoding)."""
-        return self.new_tokens / max(1, len(self.steps))
+        """τ of this trace (``harness.core.metrics.mean_accepted``)."""
+        return mean_accepted(self.new_tokens, len(self.steps))
 
     @property
     def alpha(self) -> float | None:
-        """Accepted draft tokens / drafted tokens, or None when nothing was drafted."""
-        return self.accepted / self.drafted if self.drafted else None
+        """α of this trace (``harness.core.metrics.acceptance_rate``)."""
+        return acceptance_rate(self.accepted, self.drafted)
 
 
 @dataclass
@@ -217,6 +220,9 @@ class Strategy(ABC):
     Params: ClassVar[type[StrategyParams]] = StrategyParams
     lossy: ClassVar[bool] = False  # decodes with a modified target (layer skipping): not held to the baseline's tokens
     supports_other_tokenizers: ClassVar[bool] = False  # drafts may have another vocabulary (it translates between them)
+    # The method's own section of the report, if it has one (a function of the run's ReportView returning markdown
+    # lines); methods that share a section name the same function, and the report writes it once.
+    report_section: ClassVar[Callable[[ReportView], list[str]] | None] = None
 
     def __init__(self, params: StrategyParams, models: ModelSet) -> None:
         self.params = params
@@ -226,6 +232,12 @@ class Strategy(ABC):
     @abstractmethod
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
         """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` (stopping at EOS)."""
+
+    @classmethod
+    def pooled_stats(cls, prompts: list[PromptRecord]) -> dict[str, Any]:
+        """This method's own statistics over a group's prompts (pooled from its turns' extras), as report columns;
+        none unless the method declares them."""
+        return {}
 
     def cost_units(self, forward: dict[str, dict[str, float]]) -> float:
         """Parameter-count cost (CS Drafting's ``model_parameters`` counter): Σ calls × parameters."""

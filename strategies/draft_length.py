@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from harness.lm import CausalLM
+from harness.core.lm import CausalLM
 
 CALIBRATION_CONTEXT = 64  # tokens before the timed forwards
 CALIBRATION_REPEATS = 5

@@ -22,7 +22,7 @@ Published EAGLE-1/2 heads (the reference layout: ``config.json`` plus
 columns are swapped on load.
 
 The forward signature matches a Hugging Face causal LM's (plus ``features``),
-so :class:`harness.lm.CausalLM` gives the head the same KV-cache handling,
+so :class:`harness.core.lm.CausalLM` gives the head the same KV-cache handling,
 tree masks and timing as any model.
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.lm import CausalLM, cache_argument, scatter_subset
+from harness.core.lm import CausalLM, cache_argument, scatter_subset
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head.json"

@@ -16,11 +16,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar
 
-from harness.lm import CausalLM, StepOutput
+from harness.core.lm import CausalLM, StepOutput
 from strategies.base import Step, Strategy, Trace
 from strategies.sampling import Sampling
 from strategies.verification import Proposal, Verification, verify
-
 
 Verifier = Callable[[CausalLM, list[int], Proposal, Sampling, bool], Verification]  # (target, sequence, draft, ...)
 

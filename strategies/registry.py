@@ -1,14 +1,26 @@
-"""Strategies registered by name, as lm-evaluation-harness registers tasks and models."""
+"""Strategies registered by name, as lm-evaluation-harness registers tasks and models: lazily.
+
+A built-in method is one module of ``strategies.methods`` whose classes register themselves with ``@register``.
+Nothing is imported until a name is looked up: ``eagle2`` imports ``strategies/methods/eagle2.py`` if there is one,
+and otherwise every method module once, so a module may register several names (``eagle`` and ``eagle2``).
+"""
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import importlib
+import importlib.util
+import pkgutil
+import sys
 from typing import Any, Callable, TypeVar
 
-from harness.errors import ConfigError
+from harness.core.errors import ConfigError
+from strategies import methods
 from strategies.base import ModelSet, Strategy, StrategyParams
 
 _REGISTRY: dict[str, type[Strategy]] = {}
+_ALL_METHODS_IMPORTED: list[bool] = []  # one entry once every method module has been imported
 
 S = TypeVar("S", bound=type[Strategy])
 
@@ -27,11 +39,6 @@ def register(name: str) -> Callable[[S], S]:
 
 def import_plugin(name: str) -> None:
     """Import a plugin module (a dotted name or a ``.py`` path) whose strategies register themselves."""
-    import hashlib
-    import importlib
-    import importlib.util
-    import sys
-
     if name.endswith(".py"):
         module_name = f"specsweep_plugin_{hashlib.sha1(name.encode()).hexdigest()[:12]}"
         if module_name in sys.modules:
@@ -50,19 +57,41 @@ def import_plugin(name: str) -> None:
         importlib.import_module(name)
 
 
+def _method_modules() -> list[str]:
+    return [info.name for info in pkgutil.iter_modules(methods.__path__)]
+
+
+def _import_all_methods() -> None:
+    if not _ALL_METHODS_IMPORTED:
+        for module in _method_modules():
+            importlib.import_module(f"{methods.__name__}.{module}")
+        _ALL_METHODS_IMPORTED.append(True)
+
+
+def _lookup(name: str) -> type[Strategy] | None:
+    """The class registered as ``name``, importing its method module on first use."""
+    if name not in _REGISTRY and isinstance(name, str):
+        if name in _method_modules():
+            importlib.import_module(f"{methods.__name__}.{name}")
+        if name not in _REGISTRY:
+            _import_all_methods()
+    return _REGISTRY.get(name)
+
+
 def is_registered(name: str) -> bool:
-    """Whether a strategy is registered as ``name``."""
-    return name in _REGISTRY
+    """Whether a strategy is registered as ``name`` (a built-in method or an imported plugin)."""
+    return _lookup(name) is not None
 
 
 def available() -> dict[str, type[Strategy]]:
-    """Registered strategies by name, sorted."""
+    """Every registered strategy by name, sorted (imports every built-in method)."""
+    _import_all_methods()
     return dict(sorted(_REGISTRY.items()))
 
 
 def strategy_class(name: str, where: str = "strategies[].name") -> type[Strategy]:
     """The class registered as ``name``; ``ConfigError`` listing the choices if there is none."""
-    if name not in _REGISTRY:
+    if _lookup(name) is None:
         close = difflib.get_close_matches(str(name), sorted(_REGISTRY), n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(where, f"unknown strategy {name!r}", f"{hint}choose one of {', '.join(sorted(_REGISTRY))}")

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from harness.tree import node_depths
+from harness.core.tree import node_depths
 
 
 def depth_weight(depth: int) -> float:

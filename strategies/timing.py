@@ -5,26 +5,28 @@ the target's 1-token probe (the drift guard's inputs; the probe is outside the w
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
-from harness.cpu_share import run_and_wait_s, snapshot
-from harness.lm import CausalLM, synchronize
+from harness.core.cpu_share import run_and_wait_s, snapshot
+from harness.core.lm import CausalLM, synchronize
 from strategies.base import Strategy, Trace
 from strategies.sampling import Sampling
 
 
 def timed_generate(strategy: Strategy, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling,
-                   device: torch.device, probe: CausalLM | None = None) -> Trace:
-    """``strategy.generate`` with synchronised wall-clock time in ``trace.wall_s``, the process's CPU seconds run and
+                   device: torch.device, probe: CausalLM | None = None,
+                   clock: Callable[[], float] = time.perf_counter) -> Trace:
+    """``strategy.generate`` with synchronised wall time by ``clock`` in ``trace.wall_s``, the process's CPU seconds run and
     waited in ``trace.extras["cpu_run_s"]``/``["cpu_wait_s"]`` (where Linux reports them) and, when ``probe`` is
     given, its 1-token forward time in ``trace.extras["probe_s"]``."""
     synchronize(device)
     threads = snapshot()
-    started = time.perf_counter()
+    started = clock()
     trace = strategy.generate(prompt_ids, max_new_tokens, sampling)
     synchronize(device)
-    trace.wall_s = time.perf_counter() - started
+    trace.wall_s = clock() - started
     cpu = run_and_wait_s(threads, snapshot())
     if cpu is not None:
         trace.extras = {**trace.extras, "cpu_run_s": cpu[0], "cpu_wait_s": cpu[1]}

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.lm import CausalLM
-from harness.tree import greedy_path, tree_inputs
+from harness.core.lm import CausalLM
+from harness.core.tree import greedy_path, tree_inputs
 from strategies.sampling import Sampling
 
 

@@ -28,7 +28,7 @@ def specsweep_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_zoo(specsweep_home):
     """The tiny zoo's config, built (once) under the session's ``$SPECSWEEP_HOME``."""
-    from harness.zoo_spec import ZooConfig
+    from harness.core.zoo_spec import ZooConfig
     from training.zoo import build_zoo
 
     config = ZooConfig.from_dict(TINY_ZOO)
@@ -39,7 +39,7 @@ def tiny_zoo(specsweep_home):
 @pytest.fixture(scope="session")
 def zoo_models(tiny_zoo):
     """The tiny zoo's target, drafts and tokenizer, loaded in float32 on the CPU."""
-    from harness.models import ModelSpec, load_model, load_tokenizer
+    from harness.core.models import ModelSpec, load_model, load_tokenizer
     from strategies import ModelSet
 
     device = torch.device("cpu")
@@ -52,7 +52,7 @@ def zoo_models(tiny_zoo):
 @pytest.fixture(scope="session")
 def zoo_prompts(tiny_zoo, zoo_models) -> list[list[int]]:
     """Token ids of held-out prompts from three zoo domains."""
-    from harness.corpus import heldout_prompts
+    from harness.core.corpus import heldout_prompts
 
     _, tokenizer = zoo_models
     texts = []

@@ -13,7 +13,7 @@ TINY_ALORA = {
 
 @pytest.fixture(scope="module")
 def alora_artifact(tiny_zoo):
-    from harness.paths import specsweep_home
+    from harness.core.paths import specsweep_home
     from training.artifacts import build_artifact, load_train_config
 
     request = load_train_config(TINY_ALORA, "alora", specsweep_home(), tiny_zoo)
@@ -22,7 +22,7 @@ def alora_artifact(tiny_zoo):
 
 
 def test_alora_prefix_logits_equal_the_base_model_and_differ_after_invocation(alora_artifact, zoo_models, tiny_zoo):
-    from harness.corpus import heldout_prompts
+    from harness.core.corpus import heldout_prompts
     from training.alora import invocation_ids, load_variant
 
     models, tokenizer = zoo_models

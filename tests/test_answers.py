@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.errors import ConfigError
-from harness.prompts import QA_TEMPLATE
+from harness.core.errors import ConfigError
+from harness.core.prompts import QA_TEMPLATE
 from training.answers import AnswerSettings, answer_transcripts, cached_answers, user_messages
 from training.text import check_sources, token_windows
 

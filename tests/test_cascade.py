@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.cli import main
+from harness.driver.cli import main
 from strategies import Sampling, build
 from strategies.ngram import BigramTable, find_continuation, mag_propose
 from tests.conftest import write_sweep
@@ -24,8 +24,8 @@ def cascade_models(zoo_models, tiny_zoo):
     """The zoo models with the MaG bigram table built as the driver builds it: an artefact of kind bigram."""
     from dataclasses import replace
 
-    from harness.paths import specsweep_home
-    from strategies.cascade import MAG_TABLE
+    from harness.core.paths import specsweep_home
+    from strategies.methods.cascade import MAG_TABLE
     from training.artifacts import build_artifact, load_artifact, load_train_config
 
     models, tokenizer = zoo_models
@@ -155,8 +155,8 @@ def test_cascade_rejects_sampling(tmp_path, capsys):
 
 
 def test_the_mag_table_is_one_artefact_per_target_built_by_the_driver(tmp_path, tiny_zoo):
-    from harness.config import load_sweep
-    from strategies.cascade import MAG_TABLE
+    from harness.driver.config import load_sweep
+    from strategies.methods.cascade import MAG_TABLE
 
     path = write_sweep(tmp_path / "sweep.yaml", strategies=[
         {"name": "cascade", "params": {"drafts": ["small"], "use_mag": True},

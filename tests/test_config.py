@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.cli import main
-from harness.config import load_sweep
+from harness.driver.cli import main
+from harness.driver.config import load_sweep
 from tests.conftest import TINY_ZOO, write_sweep
 
 SPEC_BENCH_LINE = '{"question_id": 1, "category": "writing", "turns": ["Write a haiku.", "Now another."]}\n'
@@ -43,13 +43,13 @@ def test_bad_sweep_gives_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case
     overrides, expected = BAD_CASES[case]
     import transformers
 
-    import harness.scheduler
+    import harness.driver.scheduler
 
     def too_early(*args, **kwargs):
         raise AssertionError("the sweep started (Ray, workers, models) before validation finished")
 
     # Models load in Ray workers, so the guard sits where a sweep starts, and on any model load in this process.
-    monkeypatch.setattr(harness.scheduler, "run_sweep", too_early)
+    monkeypatch.setattr(harness.driver.scheduler, "run_sweep", too_early)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", too_early)
     path = write_sweep(tmp_path / "sweep.yaml", **overrides)
     code = main(["run", str(path), "--results-dir", str(tmp_path / "results")])
@@ -93,7 +93,7 @@ def test_grid_expansion_and_stable_ids(tmp_path):
 
 
 def test_spec_bench_prompts_load_and_shard(tmp_path):
-    from harness.prompts import load_prompts, shard
+    from harness.core.prompts import load_prompts, shard
 
     data = tmp_path / "question.jsonl"
     data.write_text("".join(SPEC_BENCH_LINE.replace('"question_id": 1', f'"question_id": {i}')

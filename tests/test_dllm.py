@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.dllm import LayerRouters, SkippingLM, route_tokens
-from harness.lm import CausalLM
-from harness.tree import tree_inputs
+from harness.core.dllm import LayerRouters, SkippingLM, route_tokens
+from harness.core.lm import CausalLM
+from harness.core.tree import tree_inputs
 
 
 def routers_for(model: torch.nn.Module, start: int = 1, skip_layers: tuple[int, ...] = ()) -> LayerRouters:
@@ -154,11 +154,11 @@ def test_dllm_training_moves_the_activation_ratio_to_its_target_and_loads_as_a_s
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_dllm_cell_is_lossy_its_mismatch_does_not_fail_it_and_the_report_says_so(dllm_request, tiny_zoo, tmp_path,
                                                                                  dtype):
-    from harness.config import load_sweep
-    from harness.model_cache import ModelCache
-    from harness.report import write_report
-    from harness.results import ResultStore
-    from harness.runner import run_cell
+    from harness.core.results import ResultStore
+    from harness.driver.config import load_sweep
+    from harness.driver.model_cache import ModelCache
+    from harness.driver.report import write_report
+    from harness.driver.runner import run_cell
     from tests.conftest import write_sweep
 
     models = {"target": "zoo:target", "drafts": {"small": "zoo:draft-1l"}, "device": "cpu", "dtype": dtype}

@@ -3,12 +3,11 @@ lossless greedy decoding with a trained head, and exact tree sampling."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import yaml
 
-from harness.errors import ConfigError
+from harness.core.errors import ConfigError
 from tests.conftest import write_sweep
 
 TINY_HEAD = {
@@ -26,8 +25,8 @@ TINY_HEAD = {
 @pytest.fixture(scope="module")
 def eagle_run(tmp_path_factory, tiny_zoo):
     """A sweep over eagle and eagle2 cells that need one untrained head: run it once for the module."""
-    from harness.config import load_sweep
-    from harness.scheduler import run_sweep
+    from harness.driver.config import load_sweep
+    from harness.driver.scheduler import run_sweep
 
     directory = tmp_path_factory.mktemp("eagle")
     (directory / "head.yaml").write_text(yaml.safe_dump(TINY_HEAD))
@@ -52,7 +51,7 @@ def head_request(sweep):
 
 
 def test_sweep_trains_the_missing_head_exactly_once_and_runs_every_cell(eagle_run):
-    from harness.scheduler import run_sweep
+    from harness.driver.scheduler import run_sweep
 
     sweep, outcome, directory = eagle_run
     assert len(outcome.trained) == 1
@@ -147,7 +146,7 @@ def test_a_one_child_tree_drafts_exactly_the_chain(trained_models, zoo_prompts):
 
 
 def test_tree_selection_keeps_ancestors_and_orders_parents_first():
-    from strategies.eagle import DraftTree
+    from strategies.methods.eagle import DraftTree
 
     tree = DraftTree([7], [-1], [0.0], [0])
     a = tree.add(1, 0, -0.1)
@@ -163,7 +162,7 @@ def test_tree_selection_keeps_ancestors_and_orders_parents_first():
 
 def test_tree_sampling_reproduces_the_target_distribution():
     """Over many draws, the first token after the root follows p exactly, whatever the drafted children."""
-    from strategies.eagle import DraftTree
+    from strategies.methods.eagle import DraftTree
     from strategies.sampling import Sampling
     from strategies.verification import accept_tree
 
@@ -186,7 +185,7 @@ def test_tree_sampling_reproduces_the_target_distribution():
 
 
 def test_sweep_rejects_a_head_not_in_the_train_section(tmp_path, tiny_zoo):
-    from harness.config import load_sweep
+    from harness.driver.config import load_sweep
 
     path = write_sweep(tmp_path / "sweep.yaml", strategies=[{"name": "eagle", "params": {"head": "missing"}}])
     with pytest.raises(ConfigError, match=r"strategies\[0\]\.head: artefact 'missing' is not in the sweep's train"):
@@ -194,7 +193,7 @@ def test_sweep_rejects_a_head_not_in_the_train_section(tmp_path, tiny_zoo):
 
 
 def test_training_config_errors_name_the_field(tmp_path, tiny_zoo):
-    from harness.config import load_sweep
+    from harness.driver.config import load_sweep
 
     bad = {**TINY_HEAD, "stepz": 3}
     (tmp_path / "head.yaml").write_text(yaml.safe_dump(bad))
@@ -208,7 +207,7 @@ def test_training_config_errors_name_the_field(tmp_path, tiny_zoo):
 
 
 def test_cli_train_refuses_a_config_of_another_kind(tmp_path, capsys):
-    from harness.cli import main
+    from harness.driver.cli import main
 
     (tmp_path / "head.yaml").write_text(yaml.safe_dump(TINY_HEAD))
     assert main(["train", "adapter", str(tmp_path / "head.yaml")]) == 2
@@ -217,11 +216,11 @@ def test_cli_train_refuses_a_config_of_another_kind(tmp_path, capsys):
 
 def spadec_decode(models, prompt: list[int], limit: int, predictor=None):
     """SpaDec over the zoo target with every router executing: eagle2's proposer, the layer-skipping verifier."""
-    from harness.dllm import SkippingLM
+    from harness.core.dllm import SkippingLM
     from strategies import Sampling
-    from strategies.eagle import Eagle2Params, TreeHeadProposer
     from strategies.engine import decode
-    from strategies.spadec import SpaDecVerifier, default_split
+    from strategies.methods.eagle import Eagle2Params, TreeHeadProposer
+    from strategies.methods.spadec import SpaDecVerifier, default_split
     from tests.test_dllm import routers_for
 
     model = models.target.model

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import load_sweep
-from harness.results import ResultStore
-from harness.scheduler import run_sweep
+from harness.core.results import ResultStore
+from harness.driver.config import load_sweep
+from harness.driver.scheduler import run_sweep
 from tests.conftest import TESTS, write_sweep
 
 REPO = TESTS.parent
@@ -65,7 +65,7 @@ def test_killed_worker_is_replaced_and_its_cell_rerun(tmp_path, tiny_zoo, fresh_
 
 
 def test_raising_strategy_fails_only_its_cell(tmp_path, tiny_zoo, zoo_models, fresh_ray):
-    from harness.prompts import conversation_ids, load_prompts, shard
+    from harness.core.prompts import conversation_ids, load_prompts, shard
 
     _, tokenizer = zoo_models
     path = many_cells_sweep(tmp_path / "sweep.yaml", plugins=[str(TESTS / "plugins" / "probes.py")],
@@ -106,7 +106,7 @@ def test_killed_driver_resumes_without_rerunning_cells(tmp_path, tiny_zoo, specs
     path = many_cells_sweep(tmp_path / "sweep.yaml", run={"max_new_tokens": 24, "warmup_prompts": 1, "workers": 1,
                                                            "num_cpus": 1, "pairing": "shared"})
     run_dir = tmp_path / "results" / "tiny" / "r"
-    command = [sys.executable, "-m", "harness.cli", "run", str(path), "--results-dir", str(tmp_path / "results"),
+    command = [sys.executable, "-m", "harness.driver.cli", "run", str(path), "--results-dir", str(tmp_path / "results"),
                "--run-name", "r"]
     env = {**os.environ, "SPECSWEEP_HOME": str(specsweep_home), "PYTHONPATH": str(REPO)}
     driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
@@ -178,7 +178,7 @@ def test_a_hung_cell_times_out_alone_and_its_worker_is_replaced(tmp_path, tiny_z
     outcome = run_sweep(load_sweep(path), tmp_path / "run", log=messages.append)
     records = {record.cell["strategy"]: record for record in ResultStore(tmp_path / "run").records()}
     assert set(cell_id_counts(tmp_path / "run").values()) == {1}
-    assert outcome.failed == 1 and outcome.ok == 1
+    assert outcome.failed == 1 and outcome.ok == 1, [(r.cell["strategy"], r.error) for r in records.values()]
     assert records["hang"].error == "timed out after 15 s (run.cell_timeout_s)"
     assert records["speculative"].ok
     assert any("starting a replacement worker" in message for message in messages)

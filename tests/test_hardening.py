@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.cli import main
-from harness.records import CellRecord
-from harness.results import ResultStore
-from harness.run_dir import RunLock
+from harness.core.records import CellRecord
+from harness.core.results import ResultStore
+from harness.driver.cli import main
+from harness.driver.run_dir import RunLock
 from tests.conftest import TESTS, write_sweep
 
 REPO = TESTS.parent
@@ -29,12 +29,12 @@ def no_start(monkeypatch):
     """Fail the test if a sweep starts (Ray, workers, models): bad input must be refused before that."""
     import transformers
 
-    import harness.scheduler
+    import harness.driver.scheduler
 
     def too_early(*args, **kwargs):
         raise AssertionError("the sweep started before validation finished")
 
-    monkeypatch.setattr(harness.scheduler, "run_sweep", too_early)
+    monkeypatch.setattr(harness.driver.scheduler, "run_sweep", too_early)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", too_early)
 
 
@@ -122,7 +122,7 @@ def test_report_on_an_empty_or_garbled_cells_file_says_which(tmp_path, capsys):
 # ----------------------------------------------------------------------------- duplicates
 
 def test_duplicate_cells_are_merged_with_a_notice(tmp_path, capsys):
-    from strategies.speculative import SpeculativeParams
+    from strategies.methods.speculative import SpeculativeParams
 
     default = SpeculativeParams(draft="small").gamma
     write_sweep(tmp_path / "sweep.yaml", strategies=[
@@ -230,7 +230,7 @@ def test_an_interrupt_stops_with_exit_130_a_partial_report_and_no_ray_left(tmp_p
     run_dir = tmp_path / "results" / "tiny" / "r"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     before = ray_processes()
-    driver = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(path), "--results-dir",
+    driver = subprocess.Popen([sys.executable, "-m", "harness.driver.cli", "run", str(path), "--results-dir",
                                str(tmp_path / "results"), "--run-name", "r"], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 240

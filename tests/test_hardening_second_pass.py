@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.checksums import CorruptCache, corrupt_files, file_digests, verify_files
-from harness.cli import main
-from harness.errors import ConfigError, InfraError
-from harness.hub_probe import check_hub
-from harness.numbers import read_number
-from harness.overrides import apply_overrides
-from harness.paths import checked_home
-from harness.records import CellRecord
-from harness.results import ResultStore
-from harness.yaml_file import parse_yaml
+from harness.core.checksums import CorruptCache, corrupt_files, file_digests, verify_files
+from harness.core.errors import ConfigError, InfraError
+from harness.core.numbers import read_number
+from harness.core.paths import checked_home
+from harness.core.records import CellRecord
+from harness.core.results import ResultStore
+from harness.core.yaml_file import parse_yaml
+from harness.driver.cli import main
+from harness.driver.hub_probe import check_hub
+from harness.driver.overrides import apply_overrides
 from tests.conftest import write_sweep
 from tests.test_hardening import no_start, one_line, run  # noqa: F401 - a fixture and helpers shared with the first pass
 
@@ -76,8 +76,8 @@ def test_a_prompt_line_holding_a_raw_line_separator_reads_and_a_bad_one_keeps_it
     prompts.write_text('{"question_id": 1, "turns": ["one\u2028two\u0085three"]}\n', encoding="utf-8")
     write_sweep(tmp_path / "sweep.yaml", prompts=[{"name": "x", "source": str(prompts)}])
     assert run(tmp_path, capsys, "--dry-run")[0] == 0
-    from harness.prompts import load_prompts
-    from harness.config import load_sweep
+    from harness.core.prompts import load_prompts
+    from harness.driver.config import load_sweep
 
     (prompt,) = load_prompts(load_sweep(tmp_path / "sweep.yaml").prompt_sets[0])
     assert prompt.turns == ("one\u2028two\u0085three",)
@@ -156,8 +156,8 @@ def test_a_cut_zoo_weight_file_is_named_rebuilt_by_zoo_build_and_found_by_fsck(t
                                                                              capsys):
     import shutil
 
-    from harness.models import ModelSpec, pretrained_location
-    from harness.zoo_spec import zoo_dir
+    from harness.core.models import ModelSpec, pretrained_location
+    from harness.core.zoo_spec import zoo_dir
     from training.zoo import build_zoo
 
     home = tmp_path / "home"
@@ -184,7 +184,7 @@ def test_a_cut_zoo_weight_file_is_named_rebuilt_by_zoo_build_and_found_by_fsck(t
 # ----------------------------------------------------------------------------- hubs that are not there
 
 def hub_sweep(tmp_path: Path, **overrides):
-    from harness.config import load_sweep
+    from harness.driver.config import load_sweep
 
     settings = dict(models={"target": "HuggingFaceTB/SmolLM2-135M-Instruct", "drafts": {}, "device": "cpu"},
                     strategies=[{"name": "prompt_lookup"}])

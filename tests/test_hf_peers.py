@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.errors import ConfigError
-from harness.lm import CausalLM
+from harness.core.errors import ConfigError
+from harness.core.lm import CausalLM
 from strategies import ModelSet, Sampling, build, parse_params, strategy_class
-from strategies.hf_peers import ForwardCall, generation_config_for, steps_from_calls, tokenizers_differ
+from strategies.methods.hf_peers import ForwardCall, generation_config_for, steps_from_calls, tokenizers_differ
 
 MAX_NEW = 24
 STATS_KEYS = {"calls", "prefill_calls", "prefill_seconds", "prefill_tokens", "decode_calls", "decode_seconds",

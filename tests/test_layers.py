@@ -1,4 +1,5 @@
-"""The import layers of pyproject.toml's import-linter contracts hold (function-level imports included)."""
+"""The import layers of pyproject.toml's import-linter contract hold (function-level imports included): the folders
+harness/core, strategies, training and harness/driver, each importing only from itself and the folders before it."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def test_a_strategy_importing_training_breaks_the_contract(tmp_path):
          "raise SystemExit(lint_imports(config_filename='pyproject.toml', no_cache=True, no_logo=True))"],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "strategies import only the bottom layer BROKEN" in result.stdout
+    assert "layers: driver > training > strategies > core BROKEN" in result.stdout
+    assert "strategies.ngram -> training.zoo" in result.stdout
 
 
 def test_function_level_imports_of_specsweep_modules_say_why_they_are_lazy():
@@ -56,3 +58,37 @@ def test_function_level_imports_of_specsweep_modules_say_why_they_are_lazy():
                 if "# lazy:" not in nearby:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_registries_import_a_method_only_when_it_is_named():
+    """lm-eval's lazy registry: naming ``speculative`` imports its module and not the others; an artefact kind's
+    training module is imported when the kind is named; unknown names list every choice."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from harness.core.errors import ConfigError\n"
+        "from strategies import strategy_class\n"
+        "from training.artifacts import artifact_kind\n"
+        "assert strategy_class('speculative').name == 'speculative'\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('strategies.methods.', 'training.')))\n"
+        "print(loaded)\n"
+        "assert artifact_kind('bigram').name == 'bigram' and 'training.eagle' not in sys.modules\n"
+        "try:\n"
+        "    strategy_class('eagel')\n"
+        "except ConfigError as error:\n"
+        "    print(error)\n"
+        "try:\n"
+        "    artifact_kind('eagel')\n"
+        "except ConfigError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    loaded, strategy_error, kind_error = result.stdout.strip().splitlines()
+    assert "'strategies.methods.speculative'" in loaded and "hf_peers" not in loaded and "cascade" not in loaded
+    assert "unknown strategy 'eagel'" in strategy_error and "did you mean 'eagle'?" in strategy_error
+    assert "eagle2" in strategy_error and "hf_prompt_lookup" in strategy_error
+    assert "unknown artefact kind 'eagel'" in kind_error and "did you mean 'eagle'?" in kind_error
+    assert "spadec" in kind_error

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.errors import ConfigError
+from harness.core.errors import ConfigError
 from tests.conftest import write_sweep
 
 DOMAINS = {"code": ["zoo:code"], "prose": ["zoo:prose"], "legal": ["zoo:legal"], "math": ["zoo:math"]}
@@ -20,7 +20,7 @@ TINY_ROUTER = {"kind": "router", "domains": DOMAINS, "prompts_per_domain": 150, 
 
 @pytest.fixture(scope="module")
 def trained(tiny_zoo):
-    from harness.paths import specsweep_home
+    from harness.core.paths import specsweep_home
     from training.artifacts import build_artifact, load_train_config
 
     requests = {}
@@ -69,7 +69,7 @@ def test_adapters_switch_without_reloading(routed_models, zoo_prompts):
 
 @pytest.mark.parametrize("arm", ["none", "routed", "oracle", "wrong"])
 def test_lora_routed_greedy_equals_autoregressive(routed_models, zoo_models, tiny_zoo, arm):
-    from harness.corpus import heldout_prompts
+    from harness.core.corpus import heldout_prompts
     from strategies import Sampling, build
 
     _, tokenizer = zoo_models
@@ -88,7 +88,7 @@ def test_lora_routed_greedy_equals_autoregressive(routed_models, zoo_models, tin
 
 
 def test_routed_arm_needs_a_router(tmp_path, tiny_zoo):
-    from harness.config import load_sweep
+    from harness.driver.config import load_sweep
 
     path = write_sweep(tmp_path / "sweep.yaml", train={"adapters": TINY_ADAPTERS},
                        strategies=[{"name": "lora_routed", "params": {"adapters": "adapters", "arm": "routed"}}])
@@ -97,9 +97,9 @@ def test_routed_arm_needs_a_router(tmp_path, tiny_zoo):
 
 
 def test_lora_routed_runs_in_bfloat16_and_every_divergence_is_a_tie(trained, zoo_models, zoo_prompts, tiny_zoo):
-    from harness.divergence import classify
-    from harness.models import ModelSpec, load_model
-    from harness.records import match_fields
+    from harness.core.divergence import classify
+    from harness.core.models import ModelSpec, load_model
+    from harness.core.records import match_fields
     from strategies import ModelSet, Sampling, build
     from training.artifacts import load_artifact
 

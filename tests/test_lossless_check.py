@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from harness.cli import main
-from harness.divergence import TIE_ULPS, classify, tie_bound, unit_in_last_place
-from harness.results import ResultStore
+from harness.core.divergence import TIE_ULPS, classify, tie_bound, unit_in_last_place
+from harness.core.results import ResultStore
+from harness.driver.cli import main
 from tests.conftest import TESTS, write_sweep
 from tests.test_eagle import TINY_HEAD
 

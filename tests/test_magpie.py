@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from harness.errors import ConfigError
+from harness.core.errors import ConfigError
 from training.answers import AnswerSettings, cached_self_chat
 from training.magpie import (TASK_OPENERS, MagpieSettings, duplicate_key, end_of_turn_id, query_problem, round_openers,
                              self_queries, user_prefix, variant_settings)

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from harness.metrics import accepted_histogram, position_acceptance, speedup_bound, summarize, time_split
-from harness.records import PromptRecord
+from harness.core.metrics import accepted_histogram, position_acceptance, speedup_bound, summarize, time_split
+from harness.core.records import PromptRecord
 
 
 def trace(tokens: int, wall: float, steps: list[list[int]] | None = None, target_seconds: float = 0.0,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from harness.model_cache import ModelCache, model_bytes
-from harness.models import ModelSpec
+from harness.core.models import ModelSpec
+from harness.driver.model_cache import ModelCache, model_bytes
 
 
 def test_models_load_once_and_lru_is_evicted_over_budget(tiny_zoo):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from harness.errors import ConfigError
+from harness.core.errors import ConfigError
 from tests.conftest import write_sweep
 
 CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -18,7 +18,7 @@ CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% en
 
 
 def prompt_set(**raw):
-    from harness.prompts import parse_prompt_set
+    from harness.core.prompts import parse_prompt_set
 
     return parse_prompt_set({"name": "p", "source": "specbench", **raw}, "prompts[0]", Path("."))
 
@@ -37,7 +37,7 @@ def templated_tokenizer(zoo_models):
 
 
 def test_a_multi_turn_prompt_goes_through_the_chat_template(templated_tokenizer):
-    from harness.prompts import conversation_ids, template_label
+    from harness.core.prompts import conversation_ids, template_label
 
     spec = prompt_set(system_prompt="Be brief.")
     conversation = ["Write a haiku.", "Leaves fall.", "Now another."]
@@ -50,7 +50,7 @@ def test_a_multi_turn_prompt_goes_through_the_chat_template(templated_tokenizer)
 
 
 def test_template_none_leaves_the_prompt_as_plain_text(templated_tokenizer):
-    from harness.prompts import QA_TEMPLATE, conversation_ids, template_label
+    from harness.core.prompts import QA_TEMPLATE, conversation_ids, template_label
 
     spec = prompt_set(template="none")
     ids = conversation_ids(templated_tokenizer, spec, ["Write a haiku."], 10**6)
@@ -59,7 +59,7 @@ def test_template_none_leaves_the_prompt_as_plain_text(templated_tokenizer):
 
 
 def test_a_template_file_replaces_the_tokenizers_and_enters_the_cell_identity(tmp_path, zoo_models):
-    from harness.prompts import conversation_ids, parse_prompt_set, template_label
+    from harness.core.prompts import conversation_ids, parse_prompt_set, template_label
 
     _, tokenizer = zoo_models  # the zoo tokenizer has no template of its own
     (tmp_path / "mine.jinja").write_text(CHATML)
@@ -84,7 +84,7 @@ def test_template_errors_name_the_field(tmp_path):
 
 
 def test_specbench_is_built_in_with_category_filters():
-    from harness.prompts import SPEC_BENCH_CATEGORIES, load_prompts
+    from harness.core.prompts import SPEC_BENCH_CATEGORIES, load_prompts
 
     everything = load_prompts(prompt_set())
     assert len(everything) == 480
@@ -111,14 +111,14 @@ def test_specbench_is_built_in_with_category_filters():
     ({"id": "gguf:missing.gguf"}, r"\.id: .*missing.gguf"),
 ])
 def test_model_spec_errors_name_the_field(raw, message):
-    from harness.models import parse_model_spec
+    from harness.core.models import parse_model_spec
 
     with pytest.raises(ConfigError, match=r"models\.targets\.target" + message):
         parse_model_spec(raw, "models.targets.target", "float32", ("target",), Path("."))
 
 
 def test_new_spec_fields_keep_old_cell_ids_and_enter_new_ones():
-    from harness.models import parse_model_spec
+    from harness.core.models import parse_model_spec
 
     plain = parse_model_spec("zoo:target", "t", "float32", ("target",), Path("."))
     assert plain.as_dict() == {"id": "zoo:target", "dtype": "float32", "revision": None}
@@ -128,7 +128,7 @@ def test_new_spec_fields_keep_old_cell_ids_and_enter_new_ones():
 
 
 def test_an_early_exit_draft_is_the_targets_first_layers_and_drafts_losslessly(tiny_zoo, zoo_models, zoo_prompts):
-    from harness.models import ModelSpec, load_model
+    from harness.core.models import ModelSpec, load_model
     from strategies import ModelSet, Sampling, build
 
     models, _ = zoo_models
@@ -152,8 +152,8 @@ def test_an_early_exit_draft_is_the_targets_first_layers_and_drafts_losslessly(t
 
 
 def test_a_vocabulary_subset_draft_drafts_only_from_the_subset_and_stays_lossless(tiny_zoo, zoo_models, zoo_prompts):
-    from harness.lm import CausalLM
-    from harness.models import ModelSpec, load_model
+    from harness.core.lm import CausalLM
+    from harness.core.models import ModelSpec, load_model
     from strategies import ModelSet, Sampling, build
 
     models, _ = zoo_models
@@ -178,7 +178,7 @@ def other_tokenizer_draft(tiny_zoo, directory: Path) -> Path:
     """The zoo's 1-layer draft with a tokenizer of the same size whose two ordinary tokens swap ids."""
     import json
 
-    from harness.models import ModelSpec, pretrained_location
+    from harness.core.models import ModelSpec, pretrained_location
 
     source = Path(pretrained_location(ModelSpec("zoo:draft-1l"), tiny_zoo))
     directory.mkdir()
@@ -195,8 +195,8 @@ def other_tokenizer_draft(tiny_zoo, directory: Path) -> Path:
 def test_a_draft_with_another_tokenizer_of_the_same_size_is_refused_before_ray_starts(tmp_path, tiny_zoo):
     import ray
 
-    from harness.config import load_sweep
-    from harness.scheduler import run_sweep
+    from harness.driver.config import load_sweep
+    from harness.driver.scheduler import run_sweep
 
     draft = other_tokenizer_draft(tiny_zoo, tmp_path / "other")
     path = write_sweep(tmp_path / "sweep.yaml", models={"target": "zoo:target", "drafts": {"small": str(draft)},
@@ -211,8 +211,8 @@ def test_a_draft_with_another_tokenizer_of_the_same_size_is_refused_before_ray_s
 
 
 def test_hf_assisted_may_use_a_draft_with_another_tokenizer(tmp_path, tiny_zoo):
-    from harness.config import load_sweep
-    from harness.preflight import check_tokenizers
+    from harness.driver.config import load_sweep
+    from harness.driver.preflight import check_tokenizers
 
     draft = other_tokenizer_draft(tiny_zoo, tmp_path / "other")
     path = write_sweep(tmp_path / "sweep.yaml", models={"target": "zoo:target", "drafts": {"small": str(draft)},
@@ -313,9 +313,9 @@ TINY_DRAFT = {
 def test_a_sweep_distils_a_train_draft_once_and_decodes_losslessly_with_it(tmp_path, tiny_zoo):
     import json
 
-    from harness.config import load_sweep
-    from harness.models import VOCAB_SUBSET_FILE
-    from harness.scheduler import run_sweep
+    from harness.core.models import VOCAB_SUBSET_FILE
+    from harness.driver.config import load_sweep
+    from harness.driver.scheduler import run_sweep
 
     (tmp_path / "draft.yaml").write_text(yaml.safe_dump(TINY_DRAFT))
     path = write_sweep(tmp_path / "sweep.yaml", name="tiny-draft", train={"distilled": "draft.yaml"},
@@ -338,7 +338,7 @@ def test_a_sweep_distils_a_train_draft_once_and_decodes_losslessly_with_it(tmp_p
 
 
 def test_a_train_draft_must_name_a_draft_entry(tmp_path, tiny_zoo):
-    from harness.config import load_sweep
+    from harness.driver.config import load_sweep
 
     path = write_sweep(tmp_path / "sweep.yaml", models={"target": "zoo:target", "drafts": {"small": "train:nope"}})
     with pytest.raises(ConfigError, match=r"models\.drafts\.small\.id: 'train:nope' names no draft"):

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.config import load_sweep
-from harness.errors import ConfigError
-from harness.metrics import summarize
-from harness.model_cache import ModelCache
-from harness.records import CellRecord, PromptRecord
-from harness.results import ResultStore
-from harness.runner import run_cell
+from harness.core.errors import ConfigError
+from harness.core.metrics import summarize
+from harness.core.records import CellRecord, PromptRecord
+from harness.core.results import ResultStore
+from harness.driver.config import load_sweep
+from harness.driver.model_cache import ModelCache
+from harness.driver.runner import run_cell
 from tests.conftest import write_sweep
 
 
@@ -56,7 +56,7 @@ def test_set_overrides_and_limit_reach_the_expanded_cells(tmp_path, tiny_zoo):
 def test_dry_run_prints_the_cells_and_starts_no_ray(tmp_path, tiny_zoo, capsys):
     import ray
 
-    from harness.cli import main
+    from harness.driver.cli import main
 
     path = write_sweep(tmp_path / "sweep.yaml")
     assert main(["run", str(path), "--dry-run", "--results-dir", str(tmp_path / "results")]) == 0
@@ -86,7 +86,7 @@ def run_into(run_dir: Path, sweep_path: Path, cache: ModelCache, device_name: st
 
 
 def test_a_two_target_report_has_per_target_rows_and_no_average_across_targets(tmp_path, cache):
-    from harness.report import write_report
+    from harness.driver.report import write_report
 
     path = write_sweep(tmp_path / "two.yaml", name="two-targets",
                        models={"targets": {"big": "zoo:target", "mid": "zoo:draft-2l"},
@@ -104,7 +104,7 @@ def test_a_two_target_report_has_per_target_rows_and_no_average_across_targets(t
 
 
 def test_report_escapes_table_cells_and_counts_no_match_when_every_cell_failed(tmp_path):
-    from harness.report import write_report
+    from harness.driver.report import write_report
 
     cell = {"target": ["t", {"id": "zoo:target"}], "strategy": "speculative", "params": {"draft": "a|b"},
             "prompt_set": {"name": "p", "source": "zoo:code"}, "shard": 0,
@@ -120,7 +120,7 @@ def test_report_escapes_table_cells_and_counts_no_match_when_every_cell_failed(t
 
 
 def test_compare_lists_each_run_and_marks_rows_from_other_devices(tmp_path, cache):
-    from harness.compare import leaderboard, write_leaderboard
+    from harness.driver.compare import leaderboard, write_leaderboard
 
     path = write_sweep(tmp_path / "sweep.yaml", prompts=[{"name": "code", "source": "zoo:code", "count": 2}])
     first = run_into(tmp_path / "runs" / "a", path, cache, device_name="GPU model A")
@@ -136,7 +136,7 @@ def test_compare_lists_each_run_and_marks_rows_from_other_devices(tmp_path, cach
 
 
 def test_env_json_names_the_build_machine_and_libraries_and_copies_the_inputs(tmp_path, monkeypatch):
-    from harness.provenance import build_info, write_environment
+    from harness.driver.provenance import build_info, write_environment
 
     monkeypatch.chdir(tmp_path)  # the commit comes from the package's checkout, not the current directory
     config = tmp_path / "train.yaml"
@@ -149,7 +149,7 @@ def test_env_json_names_the_build_machine_and_libraries_and_copies_the_inputs(tm
 
 
 def test_compare_names_each_rows_dtype_and_marks_a_mix_of_dtypes(tmp_path, cache):
-    from harness.compare import leaderboard, write_leaderboard
+    from harness.driver.compare import leaderboard, write_leaderboard
 
     prompts = [{"name": "code", "source": "zoo:code", "count": 2}]
     models = {"target": "zoo:target", "drafts": {"small": "zoo:draft-1l"}, "device": "cpu"}
@@ -166,7 +166,7 @@ def test_compare_names_each_rows_dtype_and_marks_a_mix_of_dtypes(tmp_path, cache
 
 
 def test_cells_run_with_a_retrained_artefact_are_reported_apart_from_the_earlier_ones():
-    from harness.report import group_rows
+    from harness.driver.report import group_rows
 
     def record(cell_id: str, head_key: str, seconds: float) -> CellRecord:
         cell = {"target": ["t", {"id": "zoo:target"}], "strategy": "eagle", "params": {"head": "head", "gamma": 3},

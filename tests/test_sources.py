@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness import sources
-from harness.errors import ConfigError
+from harness.core import sources
+from harness.core.errors import ConfigError
 
 gguf = pytest.importorskip("gguf")
 
@@ -277,7 +277,7 @@ def test_check_source_errors_name_the_field(tmp_path):
 
 
 def test_cli_model_commands(tiny_gguf, home, capsys):
-    from harness.cli import EXIT_BAD_INPUT, EXIT_OK, main
+    from harness.driver.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
     assert main(["model", "list"]) == EXIT_OK
     listing = capsys.readouterr().out

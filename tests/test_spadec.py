@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from harness.metrics import roc_auc
+from harness.core.metrics import roc_auc
 from strategies.spadec_selection import AcceptancePredictor, depth_weight, prune_below_mean, select_path
 
 
@@ -121,7 +121,7 @@ def test_spadec_predictor_on_sends_fewer_nodes_deep_than_off_and_reports_it(spad
 @pytest.mark.parametrize("mode", ["off", "on"])
 def test_spadec_decodes_in_bfloat16(spadec_parts, tiny_zoo, zoo_prompts, mode):
     """The artefact loads onto a bfloat16 target and decodes the full budget (lossy: nothing to match)."""
-    from harness.models import ModelSpec, load_model
+    from harness.core.models import ModelSpec, load_model
     from strategies import ModelSet, Sampling, build
     from training.artifacts import load_artifact
 

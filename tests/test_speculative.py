@@ -7,11 +7,11 @@ import itertools
 import pytest
 import torch
 
-from harness.lm import CausalLM
+from harness.core.lm import CausalLM
 from strategies import ModelSet, Sampling, build
 from strategies.draft_length import AcceptanceEstimate, CostModelLength, best_draft_length, expected_tokens
 from strategies.engine import decode
-from strategies.speculative import DraftModelProposer, SpeculativeParams
+from strategies.methods.speculative import DraftModelProposer, SpeculativeParams
 from strategies.verification import accept_chain as verify
 from tests.conftest import assert_stopped_in_the_last_step, check_stops_at_the_first_eos
 

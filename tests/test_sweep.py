@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main
-from harness.records import (SCHEMA_VERSION, CellRecord, Environment, PromptRecord, RecordError, SideRecord,
-                             TurnRecord)
-from harness.results import ResultStore
+from harness.core.records import (SCHEMA_VERSION, CellRecord, Environment, PromptRecord, RecordError, SideRecord,
+                                  TurnRecord)
+from harness.core.results import ResultStore
+from harness.driver.cli import main
 from tests.conftest import TESTS, write_sweep
 
 
@@ -63,7 +63,7 @@ def test_failing_strategy_is_recorded_and_sweep_goes_on(tmp_path, tiny_zoo, ray_
 
     The broken draft has the target's tokenizer (so the check before Ray passes) but no weights.
     """
-    from harness.models import ModelSpec, pretrained_location
+    from harness.core.models import ModelSpec, pretrained_location
 
     broken = tmp_path / "broken-draft"
     broken.mkdir()
@@ -104,7 +104,7 @@ def test_a_record_reads_back_as_the_same_type_and_a_newer_schema_is_refused(tmp_
     record = CellRecord(cell_id="x", kind="strategy", label="x", cell={"strategy": "s"}, status="ok",
                         env=Environment(device="cpu", parameters={"target": 5}),
                         prompts=[PromptRecord("p", "code", [TurnRecord(baseline=SideRecord(tokens=[1, 2]),
-                                                                       strategy=SideRecord(tokens=[1, 2], alpha=0.5),
+                                                                       strategy=SideRecord(tokens=[1, 2], drafted=2, accepted=1),
                                                                        tokens_match=True)])])
     store = ResultStore(tmp_path)
     store.append(record)
@@ -119,6 +119,10 @@ def test_a_record_reads_back_as_the_same_type_and_a_newer_schema_is_refused(tmp_
                                                      "turns": [{"baseline": {"wall_s": "slow"}}]}]})
     del stored["schema"]  # written before the field existed: the same shape
     assert CellRecord.from_json(stored) == record
+    old_side = {**stored["prompts"][0]["turns"][0]["strategy"], "tau": 1.0, "alpha": 0.5}  # stored up to schema 3
+    old = {**stored, "schema": 3, "prompts": [{**stored["prompts"][0], "turns": [
+        {**stored["prompts"][0]["turns"][0], "strategy": old_side}]}]}
+    assert CellRecord.from_json(old) == record
 
 
 SPEC_BENCH_ROWS = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from harness.scheduler import jobs_that_fit
+from harness.driver.scheduler import jobs_that_fit
 from training.launch import LaunchSettings
 
 

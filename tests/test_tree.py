@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.tree import ancestor_mask, greedy_path, node_depths, tree_inputs
+from harness.core.tree import ancestor_mask, greedy_path, node_depths, tree_inputs
 
 #        0
 #      /   \

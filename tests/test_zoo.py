@@ -1,5 +1,5 @@
-"""The zoo build: a domain-limited draft added to a built zoo trains on top of it, as a full build would; what an
-artefact's key takes from the zoo."""
+"""The zoo build: only the models a sweep needs; a domain-limited draft added later, or to a built zoo, trains on top
+of it as a full build would; what an artefact's key takes from the zoo."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from harness.errors import ConfigError
+from harness.core.errors import ConfigError
+from harness.core.zoo_spec import ZooConfig, built_models, is_built, model_path
 from tests.conftest import TINY_ZOO
-from harness.zoo_spec import ZooConfig, model_path
 from training.artifacts import load_train_config
 from training.zoo import build_zoo, reusable_base
 
@@ -46,6 +46,28 @@ def test_a_domain_limited_draft_builds_on_top_of_a_built_zoo_with_full_build_wei
         full = weights(extended, name)
         assert full.keys() == incremental[name].keys()
         assert all((full[key] == incremental[name][key]).all() for key in full), name
+
+
+def test_a_build_for_some_models_leaves_out_unnamed_domain_drafts_and_adds_them_later_with_full_build_weights(
+        tmp_path, monkeypatch):
+    config = ZooConfig.from_dict({**MICRO, "drafts": [*MICRO["drafts"], GENERAL]})
+    monkeypatch.setenv("SPECSWEEP_HOME", str(tmp_path / "partial"))
+    manifest = build_zoo(config, log=lambda message: None, only=["target", "draft-1l"])
+    assert list(manifest["models"]) == ["target", "draft-1l"] and built_models(config) == ("target", "draft-1l")
+    assert is_built(config, ["draft-1l"]) and not is_built(config) and not is_built(config, ["draft-general"])
+    assert not (model_path(config, "draft-general")).exists()
+    messages: list[str] = []
+    build_zoo(config, log=messages.append, only=["draft-general"])
+    assert "(adding draft-general)" in messages[0]
+    assert not any("target step" in message or "draft-1l step" in message for message in messages)
+    assert is_built(config) and built_models(config) == config.model_names
+    partial = {name: weights(config, name) for name in config.model_names}
+
+    monkeypatch.setenv("SPECSWEEP_HOME", str(tmp_path / "full"))
+    build_zoo(config, log=lambda message: None)
+    for name in config.model_names:
+        full = weights(config, name)
+        assert all((full[key] == partial[name][key]).all() for key in full), name
 
 
 def test_an_unlimited_draft_is_never_built_on_top(tmp_path, monkeypatch):

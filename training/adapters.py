@@ -19,9 +19,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from harness.errors import ConfigError
-from harness.lm import CausalLM
-from harness.models import ModelSpec, load_model, load_tokenizer
+from harness.core.errors import ConfigError
+from harness.core.lm import CausalLM
+from harness.core.models import ModelSpec, load_model, load_tokenizer
+from training.artifacts import ArtifactKind
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
 from training.settings import LoraSettings, TrainSettings, parse_domains, parse_settings
 from training.text import token_windows
@@ -185,3 +186,8 @@ class DomainAdapters:
             self.model.base_model.enable_adapter_layers()
             self.model.set_adapter(domain)
         self.active = domain
+
+
+KIND = ArtifactKind("adapters", parse_adapter_config, build_adapters,
+                    lambda request, target: DomainAdapters(request.directory, request.config, request.zoo, target.device,
+                                                           str(target.dtype).removeprefix("torch.")))

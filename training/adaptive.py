@@ -24,14 +24,14 @@ from typing import Any, Callable
 
 import torch
 
-from harness.corpus import DOMAINS, build_corpus, heldout_prompts
-from harness.errors import ConfigError
-from harness.lm import CausalLM
-from harness.metrics import summarize
-from harness.models import ModelSpec, load_model, load_tokenizer, pick_device
-from harness.records import PromptRecord, SideRecord, paired_turn
-from harness.paths import content_hash, specsweep_home
-from harness.yaml_file import read_yaml
+from harness.core.corpus import DOMAINS, build_corpus, heldout_prompts
+from harness.core.errors import ConfigError
+from harness.core.lm import CausalLM
+from harness.core.metrics import summarize
+from harness.core.models import ModelSpec, load_model, load_tokenizer, pick_device
+from harness.core.paths import content_hash, specsweep_home
+from harness.core.records import PromptRecord, SideRecord, paired_turn
+from harness.core.yaml_file import read_yaml
 from strategies import ModelSet, Sampling, build
 from strategies.timing import timed_generate
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
@@ -168,8 +168,9 @@ def run_adaptive(config: AdaptiveConfig, zoo, run_dir: Path, log: Callable[[str]
     """Run the rounds; write rounds.csv, failures.jsonl, report.md and alpha.png to ``run_dir``; return the rows."""
     from peft import PeftModel  # lazy: peft, only for the retrained drafts
 
-    if not is_built(zoo):
-        build_zoo(zoo, log=log)
+    names = [spec.zoo_name for spec in (config.target, config.draft) if spec.zoo_name]
+    if not is_built(zoo, names):
+        build_zoo(zoo, log=log, only=names)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device("auto")
     target = load_model(config.target, zoo, device, "target")
@@ -191,7 +192,7 @@ def run_adaptive(config: AdaptiveConfig, zoo, run_dir: Path, log: Callable[[str]
             base = timed_generate(baseline, prompt, config.max_new_tokens, Sampling(), device, probe=target)
             trace = timed_generate(speculative(), prompt, config.max_new_tokens, Sampling(), device, probe=target)
             measured.append(PromptRecord(str(index), config.domain, [paired_turn(prompt, SideRecord.of(base), trace)]))
-        held = summarize(measured)  # the same metrics as every sweep cell (harness.metrics)
+        held = summarize(measured)  # the same metrics as every sweep cell (harness.core.metrics)
         row = {"round": round_index, "adapter": adapter or "none", "heldout_alpha": held["alpha"],
                "heldout_tau": held["tau"], "heldout_speedup": held["speedup"], "failures": 0, "retrained": False}
         log(f"round {round_index}: held-out alpha {_fmt(row['heldout_alpha'], 3)}, tau {row['heldout_tau']:.2f}, "

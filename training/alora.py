@@ -21,9 +21,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from harness.errors import ConfigError
-from harness.models import ModelSpec, load_model, load_tokenizer
+from harness.core.errors import ConfigError
+from harness.core.models import ModelSpec, load_model, load_tokenizer
 from training.adapters import DomainText
+from training.artifacts import ArtifactKind
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
 from training.settings import LoraSettings, TrainSettings, parse_settings
 from training.text import token_windows
@@ -164,3 +165,12 @@ class Activated(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any):
         return self.model(input_ids=input_ids, alora_offsets=[input_ids.shape[1]] * input_ids.shape[0], **kwargs)
+
+
+def load_variants(request: Any, target: Any) -> dict[str, Any]:
+    """Every variant of a built aLoRA artefact, loaded onto the target's device."""
+    return {variant: load_variant(request.directory, request.config, request.zoo, variant, target.device)
+            for variant in VARIANTS}
+
+
+KIND = ArtifactKind("alora", parse_alora_config, build_alora, load_variants)

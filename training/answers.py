@@ -36,9 +36,9 @@ from typing import Any, Callable
 import torch
 from filelock import FileLock
 
-from harness.jsonl import jsonl_lines
-from harness.paths import content_hash, specsweep_home
-from harness.prompts import QA_TEMPLATE
+from harness.core.jsonl import jsonl_lines
+from harness.core.paths import content_hash, specsweep_home
+from harness.core.prompts import QA_TEMPLATE
 from training.magpie import MAGPIE_SOURCE, MagpieSettings, generation_copy, self_queries
 
 ANSWERS_PREFIX = "answers:"

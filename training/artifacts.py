@@ -10,7 +10,11 @@ taken for a finished one).
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import importlib.util
 import json
+import pkgutil
 import platform
 import re
 import time
@@ -18,13 +22,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-
-from harness.checksums import FILES_KEY, CorruptCache, file_digests
-from harness.corpus import DOMAINS
-from harness.errors import ConfigError
-from harness.models import ARTIFACT_MANIFEST, ARTIFACT_PREFIX, ModelSpec, verify_artifact
-from harness.paths import content_hash, specsweep_home
-from harness.yaml_file import read_yaml
+from harness.core.checksums import FILES_KEY, CorruptCache, file_digests
+from harness.core.corpus import DOMAINS
+from harness.core.errors import ConfigError
+from harness.core.models import ARTIFACT_MANIFEST, ARTIFACT_PREFIX, ModelSpec, verify_artifact
+from harness.core.paths import content_hash, specsweep_home
+from harness.core.yaml_file import read_yaml
+from training.zoo import build_zoo, is_built
 
 MANIFEST = ARTIFACT_MANIFEST
 ZOO_REFERENCE = re.compile(r'"((?:answers:)?zoo:[\w-]+)"')  # a zoo model or zoo text named in a config's identity
@@ -32,7 +36,11 @@ ZOO_REFERENCE = re.compile(r'"((?:answers:)?zoo:[\w-]+)"')  # a zoo model or zoo
 
 @dataclass(frozen=True)
 class ArtifactKind:
-    """How to parse, build and load one kind of artefact."""
+    """How to parse, build and load one kind of artefact.
+
+    Kind ``x`` lives in ``training/x.py``, which declares it as its module-level ``KIND``; the module (and with it
+    its training stack: peft, Ray Train, DeepSpeed) is imported the first time the kind is named.
+    """
 
     name: str
     parse: Callable[[dict[str, Any], str, Path, tuple[str, ...]], Any]
@@ -40,75 +48,28 @@ class ArtifactKind:
     load: Callable[[Any, Any], Any]  # (ArtifactRequest, target CausalLM) -> the loaded artefact
 
 
-def _eagle_kind() -> ArtifactKind:
-    # lazy: each kind's module loads its training stack (peft, Ray Train, DeepSpeed) only when used
-    from strategies.eagle_head import load_head_lm
-    from training.eagle import build_head, parse_eagle_config  # lazy: as above
-
-    return ArtifactKind("eagle", parse_eagle_config, build_head, lambda request, target: load_head_lm(request.directory, target))
+def _declared_kind(module_name: str) -> ArtifactKind | None:
+    kind = getattr(importlib.import_module(f"{__package__}.{module_name}"), "KIND", None)
+    return kind if isinstance(kind, ArtifactKind) else None
 
 
-def _adapters_kind() -> ArtifactKind:
-    # lazy: peft, Ray Train, DeepSpeed
-    from training.adapters import DomainAdapters, build_adapters, parse_adapter_config
-
-    return ArtifactKind("adapters", parse_adapter_config, build_adapters,
-                        lambda request, target: DomainAdapters(request.directory, request.config, request.zoo, target.device,
-                                                               str(target.dtype).removeprefix("torch.")))
-
-
-def _router_kind() -> ArtifactKind:
-    from training.router import build_router, load_router, parse_router_config  # lazy: Ray Train
-
-    return ArtifactKind("router", parse_router_config, build_router, lambda request, target: load_router(request.directory))
-
-
-def _alora_kind() -> ArtifactKind:
-    # lazy: peft, Ray Train, DeepSpeed
-    from training.alora import VARIANTS, build_alora, load_variant, parse_alora_config
-
-    def load(request: "ArtifactRequest", target: Any) -> dict[str, Any]:
-        return {variant: load_variant(request.directory, request.config, request.zoo, variant, target.device)
-                for variant in VARIANTS}
-
-    return ArtifactKind("alora", parse_alora_config, build_alora, load)
-
-
-def _bigram_kind() -> ArtifactKind:
-    from training.bigram import build_bigram, load_bigram, parse_bigram_config  # lazy: transformers
-
-    return ArtifactKind("bigram", parse_bigram_config, build_bigram, lambda request, target: load_bigram(request.directory))
-
-
-def _draft_kind() -> ArtifactKind:
-    from training.draft import MODEL_DIR, build_draft, parse_draft_config  # lazy: Ray Train, DeepSpeed
-
-    return ArtifactKind("draft", parse_draft_config, build_draft, lambda request, target: request.directory / MODEL_DIR)
-
-
-def _dllm_kind() -> ArtifactKind:
-    from training.dllm import build_dllm, load_dllm, parse_dllm_config  # lazy: peft, Ray Train, DeepSpeed
-
-    return ArtifactKind("dllm", parse_dllm_config, build_dllm,
-                        lambda request, target: load_dllm(request.directory, target.device, target.dtype))
-
-
-def _spadec_kind() -> ArtifactKind:
-    from training.spadec import build_spadec, load_spadec, parse_spadec_config  # lazy: peft, Ray Train, DeepSpeed
-
-    return ArtifactKind("spadec", parse_spadec_config, build_spadec, load_spadec)
-
-
-KINDS: dict[str, Callable[[], ArtifactKind]] = {
-    "eagle": _eagle_kind, "adapters": _adapters_kind, "router": _router_kind, "alora": _alora_kind,
-    "draft": _draft_kind, "bigram": _bigram_kind, "dllm": _dllm_kind, "spadec": _spadec_kind}
+def kind_names() -> list[str]:
+    """Every artefact kind the training package declares (imports each training module)."""
+    modules = [info.name for info in pkgutil.iter_modules([str(Path(__file__).parent)])]
+    return sorted(name for name in modules if _declared_kind(name) is not None)
 
 
 def artifact_kind(name: str, where: str = "kind") -> ArtifactKind:
-    """The registered kind ``name``; ``ConfigError`` listing the choices if there is none."""
-    if name not in KINDS:
-        raise ConfigError(where, f"unknown artefact kind {name!r}", f"choose one of {', '.join(sorted(KINDS))}")
-    return KINDS[name]()
+    """The kind ``name``, from the training module of that name; ``ConfigError`` listing the choices if none."""
+    found = None
+    if re.fullmatch(r"[a-z][a-z0-9_]*", name) and importlib.util.find_spec(f"{__package__}.{name}") is not None:
+        found = _declared_kind(name)
+    if found is None or found.name != name:
+        names = kind_names()
+        close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(where, f"unknown artefact kind {name!r}", f"{hint}choose one of {', '.join(names)}")
+    return found
 
 
 @dataclass(frozen=True)
@@ -117,7 +78,7 @@ class ArtifactRequest:
 
     kind: str
     config: Any  # the kind's config (a ``TrainSettings`` dataclass); ``config.target``, if any, is its target
-    zoo: Any  # harness.zoo_spec.ZooConfig (zoo targets and zoo text depend on it)
+    zoo: Any  # harness.core.zoo_spec.ZooConfig (zoo targets and zoo text depend on it)
 
     def zoo_references(self) -> tuple[set[str], bool]:
         """The zoo names the config mentions anywhere, nested configs included (zoo models by name, zoo text by
@@ -188,7 +149,7 @@ def parse_train_config(source: str | Path | dict[str, Any], where: str, base_dir
     raw = dict(raw)
     kind_name = raw.pop("kind", expected_kind)
     if not isinstance(kind_name, str):
-        raise ConfigError(f"{where}.kind", "missing", f"add kind: one of {', '.join(sorted(KINDS))}")
+        raise ConfigError(f"{where}.kind", "missing", f"add kind: one of {', '.join(kind_names())}")
     if expected_kind and kind_name != expected_kind:
         raise ConfigError(f"{where}.kind", f"the file trains {kind_name!r}, not {expected_kind!r}",
                           f"run `specsweep train {kind_name} ...`")
@@ -217,10 +178,9 @@ def build_artifact(request: ArtifactRequest, log: Callable[[str], None] = print,
             log(f"{error}: retraining it")
             (request.directory / MANIFEST).unlink()
     if request.uses_zoo_models():
-        from training.zoo import build_zoo, is_built  # lazy: builds only when a zoo model is missing
-
-        if not is_built(request.zoo):
-            build_zoo(request.zoo, log=log)
+        names = request.zoo_references()[0] & set(request.zoo.model_names)
+        if not is_built(request.zoo, names):
+            build_zoo(request.zoo, log=log, only=names)
     kind = artifact_kind(request.kind)
     started = time.time()
     metrics = kind.build(request.config, request.zoo, request.directory, request.target_key(),

@@ -16,10 +16,11 @@ from typing import Any, Callable
 import torch
 from transformers import AutoConfig
 
-from harness.corpus import DOMAINS, CorpusConfig, build_corpus
-from harness.errors import ConfigError
-from harness.models import ModelSpec, load_tokenizer, pretrained_location
+from harness.core.corpus import DOMAINS, CorpusConfig, build_corpus
+from harness.core.errors import ConfigError
+from harness.core.models import ModelSpec, load_tokenizer, pretrained_location
 from strategies.ngram import BigramTable
+from training.artifacts import ArtifactKind
 from training.launch import LaunchSettings
 from training.settings import TrainSettings, parse_settings
 
@@ -126,3 +127,6 @@ def build_bigram(config: BigramConfig, zoo, out_dir: Path, target_key: str, name
 def load_bigram(directory: Path) -> BigramTable:
     """The table a ``bigram`` artefact holds."""
     return BigramTable(tuple(json.loads((directory / TABLE_FILE).read_text())))
+
+
+KIND = ArtifactKind("bigram", parse_bigram_config, build_bigram, lambda request, target: load_bigram(request.directory))

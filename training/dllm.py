@@ -1,15 +1,15 @@
 """D-LLM targets: a target fine-tuned to skip layers per token (Jiang et al. 2024), kind ``dllm``.
 
-Execution routers (``harness.dllm.LayerRouters``, from layer ``start`` on) and a LoRA on the target are trained
+Execution routers (``harness.core.dllm.LayerRouters``, from layer ``start`` on) and a LoRA on the target are trained
 together on text the machine has, through the Ray Train + DeepSpeed launcher. The forward is D-LLM's
-(``harness.dllm.route_tokens``): straight-through Gumbel-softmax decisions per token and layer, the layer's output
+(``harness.core.dllm.route_tokens``): straight-through Gumbel-softmax decisions per token and layer, the layer's output
 mixed by them, skipped tokens masked out of later tokens' attention at that layer. The loss is
 
     CE(next token) + penalty * |activation ratio - ratio|
 
 with D-LLM's defaults penalty 5 and ratio 0.5 (the share of routed token-layers that execute). The artefact is the
 target with the LoRA merged (``model/``, a Hugging Face directory) and the routers (``routers.pt`` with
-``routers.json``); ``load_dllm`` turns it into a ``harness.dllm.SkippingLM``.
+``routers.json``); ``load_dllm`` turns it into a ``harness.core.dllm.SkippingLM``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from harness.dllm import LayerRouters, SkippingLM, route_tokens
-from harness.errors import ConfigError
-from harness.models import ModelSpec, load_model, load_tokenizer
+from harness.core.dllm import LayerRouters, SkippingLM, route_tokens
+from harness.core.errors import ConfigError
+from harness.core.models import ModelSpec, load_model, load_tokenizer
+from training.artifacts import ArtifactKind
 from training.eagle_data import FeatureDataConfig
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
 from training.settings import (LoraSettings, TrainSettings, check_ranges, mapping, parse_lora, parse_settings,
@@ -172,3 +173,7 @@ def load_dllm(directory: Path, device: torch.device, dtype: torch.dtype) -> Skip
     routers.load_state_dict(torch.load(directory / ROUTERS_FILE, map_location="cpu", weights_only=True))
     model = AutoModelForCausalLM.from_pretrained(str(directory / MODEL_DIR), dtype=dtype).to(device)
     return SkippingLM(model, "dllm-target", routers)
+
+
+KIND = ArtifactKind("dllm", parse_dllm_config, build_dllm,
+                    lambda request, target: load_dllm(request.directory, target.device, target.dtype))

@@ -31,8 +31,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from harness.errors import ConfigError
-from harness.models import VOCAB_SUBSET_FILE, ModelSpec, keep_first_layers, load_model, load_tokenizer
+from harness.core.errors import ConfigError
+from harness.core.models import VOCAB_SUBSET_FILE, ModelSpec, keep_first_layers, load_model, load_tokenizer
+from training.artifacts import ArtifactKind
 from training.eagle_data import FeatureDataConfig
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
 from training.settings import TrainSettings, check_ranges, mapping, parse_settings, warmup_cosine
@@ -192,3 +193,6 @@ def build_draft(config: DraftTrainConfig, zoo, out_dir: Path, target_key: str, n
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Distil a draft for ``config`` into ``out_dir`` (a Hugging Face directory under ``model/``); return its metrics."""
     return launch(train_loop, config, zoo, name, out_dir, log, target_key=target_key)
+
+
+KIND = ArtifactKind("draft", parse_draft_config, build_draft, lambda request, target: request.directory / MODEL_DIR)

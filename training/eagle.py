@@ -27,9 +27,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from harness.errors import ConfigError
-from harness.models import ModelSpec, load_model, load_tokenizer
-from strategies.eagle_head import EagleHead, head_config, save_head
+from harness.core.errors import ConfigError
+from harness.core.models import ModelSpec, load_model, load_tokenizer
+from strategies.eagle_head import EagleHead, head_config, load_head_lm, save_head
+from training.artifacts import ArtifactKind
 from training.draft import frequent_tokens
 from training.eagle_data import FeatureDataConfig, build_features, features_dir
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
@@ -218,3 +219,7 @@ def build_head(config: EagleTrainConfig, zoo, out_dir: Path, target_key: str, na
     """Train a head for ``config`` and write it (safetensors + ``head.json``) to ``out_dir``; return its metrics."""
     return launch(train_loop, config, zoo, name, out_dir, log,
                   features_dir=str(features_dir(config.target, target_key, config.data)), target_key=target_key)
+
+
+KIND = ArtifactKind("eagle", parse_eagle_config, build_head,
+                    lambda request, target: load_head_lm(request.directory, target))

@@ -23,9 +23,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from harness.errors import ConfigError
-from harness.models import ModelSpec
-from harness.paths import content_hash, specsweep_home
+from harness.core.errors import ConfigError
+from harness.core.models import ModelSpec
+from harness.core.paths import content_hash, specsweep_home
 from training.settings import parse_settings
 from training.text import check_sources, token_windows
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.errors import ConfigError, unknown_key
-from harness.paths import specsweep_home
+from harness.core.errors import ConfigError, unknown_key
+from harness.core.paths import specsweep_home
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from harness.corpus import DOMAINS, build_corpus, heldout_prompts
-from harness.errors import ConfigError
+from harness.core.corpus import DOMAINS, build_corpus, heldout_prompts
+from harness.core.errors import ConfigError
+from training.artifacts import ArtifactKind
 from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
 from training.settings import TrainSettings, parse_domains, parse_settings
 from training.text import source_texts
@@ -186,3 +187,6 @@ def load_router(directory: Path) -> BagOfWordsRouter:
     router = BagOfWordsRouter(meta["vocabulary"], meta["domains"], tuple(meta["hidden"]))
     router.load_state_dict(load_file(str(Path(directory) / "router.safetensors")))
     return router.eval()
+
+
+KIND = ArtifactKind("router", parse_router_config, build_router, lambda request, target: load_router(request.directory))

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.errors import ConfigError, ErrorCollector, unknown_key
-from harness.models import ModelSpec, parse_model_spec
-from harness.numbers import read_number
+from harness.core.errors import ConfigError, ErrorCollector, unknown_key
+from harness.core.models import ModelSpec, parse_model_spec
+from harness.core.numbers import read_number
 from training.launch import LaunchSettings
 from training.text import check_sources
 

@@ -24,18 +24,18 @@ from typing import Any, Callable
 
 import torch
 
-from harness.corpus import DOMAINS, heldout_prompts
-from harness.dllm import SkippingLM
-from harness.errors import ConfigError
-from harness.metrics import roc_auc
-from harness.models import ModelSpec, load_tokenizer, pick_device
-from strategies.eagle import Eagle2Params, TreeHeadProposer
+from harness.core.corpus import DOMAINS, heldout_prompts
+from harness.core.dllm import SkippingLM
+from harness.core.errors import ConfigError
+from harness.core.metrics import roc_auc
+from harness.core.models import ModelSpec, load_tokenizer, pick_device
 from strategies.eagle_head import load_head_lm
 from strategies.engine import decode
+from strategies.methods.eagle import Eagle2Params, TreeHeadProposer
+from strategies.methods.spadec import PredictorLog, SpaDecVerifier, default_split
 from strategies.sampling import Sampling
-from strategies.spadec import PredictorLog, SpaDecVerifier, default_split
 from strategies.spadec_selection import AcceptancePredictor
-from training.artifacts import ArtifactRequest, build_artifact, parse_train_config
+from training.artifacts import ArtifactKind, ArtifactRequest, build_artifact, parse_train_config
 from training.dllm import DLLMTrainConfig, load_dllm
 from training.eagle import EagleTrainConfig
 from training.launch import LaunchSettings
@@ -176,3 +176,6 @@ def load_spadec(request: Any, target: Any) -> SpaDecParts:
     predictor = AcceptancePredictor(settings["hidden_size"])
     predictor.load_state_dict(torch.load(request.directory / PREDICTOR_FILE, map_location="cpu", weights_only=True))
     return SpaDecParts(skipping, head, predictor.to(skipping.device, skipping.dtype).eval(), settings["split"])
+
+
+KIND = ArtifactKind("spadec", parse_spadec_config, build_spadec, load_spadec)

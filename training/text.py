@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from harness.corpus import DOMAINS, build_corpus
-from harness.errors import ConfigError
+from harness.core.corpus import DOMAINS, build_corpus
+from harness.core.errors import ConfigError
 from training.answers import ANSWERS_PREFIX, AnswerSettings, cached_answers, cached_self_chat, is_answers_source
 from training.magpie import MAGPIE_SOURCE, MAGPIE_VARIANTS, variant_settings
 

@@ -1,7 +1,7 @@
 """The embedded zoo: a tokenizer, a Llama target and distilled Llama drafts, trained offline.
 
 No hub is reachable at run time, so specsweep builds its own small model family
-on the corpus of :mod:`harness.corpus`. Each build is keyed by a hash of its
+on the corpus of :mod:`harness.core.corpus`. Each build is keyed by a hash of its
 :class:`ZooConfig` and saved with ``save_pretrained`` under
 ``$SPECSWEEP_HOME/zoo/<hash>/<model>``, where ``AutoModelForCausalLM`` and
 ``AutoTokenizer`` load it like any Hugging Face checkpoint.
@@ -13,15 +13,16 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from harness.corpus import DOMAINS, Document, build_corpus
-from harness.checksums import FILES_KEY, CorruptCache, file_digests
-from harness.zoo_spec import (ZOO_CONTEXT, ZOO_MANIFEST, Schedule, ZooConfig, ZooModelConfig, is_built, model_path,
-                               verify_zoo, zoo_dir)
+from harness.core.checksums import FILES_KEY, CorruptCache, file_digests
+from harness.core.corpus import DOMAINS, Document, build_corpus
+from harness.core.zoo_spec import (ZOO_CONTEXT, ZOO_MANIFEST, Schedule, ZooConfig, ZooModelConfig, is_built,
+                                   model_path, needed_models, verify_zoo, zoo_dir)
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -206,55 +207,66 @@ def reusable_base(config: ZooConfig) -> ZooConfig | None:
     return None
 
 
-def build_zoo(config: ZooConfig, log: Callable[[str], None] = print, force: bool = False) -> dict[str, Any]:
-    """Build (or reuse) the zoo for ``config``; return its manifest with per-model metrics. A built zoo whose files
-    differ from their recorded checksums is rebuilt."""
+def build_zoo(config: ZooConfig, log: Callable[[str], None] = print, force: bool = False,
+              only: Iterable[str] | None = None) -> dict[str, Any]:
+    """Build (or reuse) the zoo for ``config``, or only what the models ``only`` need (``needed_models``): a sweep
+    that names no domain-limited draft does not train one. Models missing from an earlier build are trained into
+    it. Returns the manifest with per-model metrics. A built zoo whose files differ from their recorded checksums
+    is rebuilt."""
     out = zoo_dir(config)
     manifest_path = out / ZOO_MANIFEST
+    wanted = needed_models(config, only)
+    existing: dict[str, Any] = {}
     if manifest_path.exists() and not force:
         try:
             verify_zoo(config)
-            return json.loads(manifest_path.read_text())
+            existing = json.loads(manifest_path.read_text())
         except CorruptCache as error:
             log(f"{error}: rebuilding it")
             manifest_path.unlink()
             force = True
+        if existing and set(wanted) <= set(existing["models"]):
+            return existing
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    base = None if force else reusable_base(config)
-    log(f"building zoo {config.key()} in {out}" + (f" on top of {base.key()}" if base else ""))
+    base = None if force or existing else reusable_base(config)
+    built = base or (config if existing else None)  # a build whose models this one starts from
+    log(f"building zoo {config.key()} in {out}" + (f" on top of {base.key()}" if base else "")
+        + (f" (adding {', '.join(name for name in wanted if name not in existing['models'])})" if existing else ""))
     corpus = build_corpus(config.corpus)
-    if base is None:
+    if built is None:
         train_texts = [doc.text for domain in DOMAINS for doc in corpus[domain][0]]
         tokenizer = train_tokenizer(train_texts, config.vocab_size)
     else:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(model_path(base, base.target.name))
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(model_path(built, built.target.name))
     log(f"  tokenizer: {len(tokenizer)} tokens ({time.perf_counter() - started:.0f} s)")
     train_streams = {domain: encode_documents(tokenizer, corpus[domain][0]) for domain in DOMAINS}
     heldout_streams = {domain: encode_documents(tokenizer, corpus[domain][1]) for domain in DOMAINS}
     sampler = WindowSampler(train_streams, config.seq_len, config.seed)
     eval_windows = WindowSampler(heldout_streams, config.seq_len, config.seed + 1).batch(config.eval_windows)
 
-    if base is None:
+    if built is None:
         target = make_model(config.target, tokenizer, config)
         train(target, sampler, config.pretrain, next_token_loss, log, config.target.name)
         models = {config.target.name: target}
     else:
-        models = {name: LlamaForCausalLM.from_pretrained(model_path(base, name), dtype=torch.float32)
-                  for name in base.model_names}
+        names = existing["models"] if existing else built.model_names
+        models = {name: LlamaForCausalLM.from_pretrained(model_path(built, name), dtype=torch.float32)
+                  for name in names}
         target = models[config.target.name]
+    saved = set(existing.get("models", ()))
     for parameter in target.parameters():
         parameter.requires_grad_(False)
     for index, shape in enumerate(config.drafts):
-        if shape.name in models:
+        if shape.name in models or shape.name not in wanted:
             continue
         if shape.domains:
             # A draft limited to some domains has its own seeds and sampler: the other drafts train exactly as they
-            # would without it, and it comes out the same whether built with them or on top of them.
+            # would without it, and it comes out the same whether built with them, on top of them or later.
             torch.manual_seed(config.seed + 100 + index)
             source = WindowSampler({domain: train_streams[domain] for domain in shape.domains}, config.seq_len,
                                    config.seed + 100 + index)
@@ -268,15 +280,17 @@ def build_zoo(config: ZooConfig, log: Callable[[str], None] = print, force: bool
 
     metrics = evaluate(models, eval_windows, config.target.name)
     for name, model in models.items():
+        if name in saved:
+            continue
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(out / name, safe_serialization=True)
         tokenizer.save_pretrained(out / name)
     manifest = {
         "key": config.key(),
         "config": dataclasses.asdict(config),
-        "models": metrics,
+        "models": {name: metrics[name] for name in config.model_names if name in metrics},
         "train_tokens": {domain: len(stream) for domain, stream in train_streams.items()},
-        "build_seconds": round(time.perf_counter() - started, 1),
+        "build_seconds": round(existing.get("build_seconds", 0.0) + time.perf_counter() - started, 1),
         FILES_KEY: file_digests(out, skip={ZOO_MANIFEST}),
     }
     manifest_path.write_text(json.dumps(manifest, indent=2))

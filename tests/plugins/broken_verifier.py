@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.divergence import last_logits
+from harness.core.divergence import last_logits
+from strategies.methods.speculative import Speculative, SpeculativeParams
 from strategies.registry import register
-from strategies.speculative import Speculative, SpeculativeParams
 from strategies.verification import verify
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from strategies.autoregressive import Autoregressive
 from strategies.base import StrategyParams, Trace
+from strategies.methods.autoregressive import Autoregressive
 from strategies.registry import register
 from strategies.sampling import Sampling
 

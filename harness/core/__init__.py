@@ -1,0 +1,1 @@
+"""The bottom layer: models, decode primitives, prompts, records and metrics; imports nothing above it."""

@@ -1,0 +1,1 @@
+"""The driver: configuration, scheduling, Ray workers, reports and the command line; the top layer."""

@@ -1,0 +1,110 @@
+"""A leaderboard across run directories (``specsweep compare``), Spec-Bench style.
+
+Rows are a method (strategy and its resolved params) on a target in one run; ``--by`` chooses the columns:
+
+- ``category`` (default): the speedup per prompt category (Spec-Bench's tasks when the prompts carry its
+  categories, else per prompt set), then mean accepted tokens (τ) and the overall speedup;
+- ``target``: the overall speedup per target (rows are methods);
+- ``strategy``: the best overall speedup of each strategy (rows are targets).
+
+Every speedup is the run's own paired throughput ratio (``harness.core.metrics``). Runs measured on different
+device models are not comparable in wall time: when the rows span more than one device name, each row names
+its device and is marked. Every row names the dtype its target ran in (a bfloat16 run and a float32 run of
+one model measure different machines' arithmetic), and rows in more than one dtype are marked too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.core.errors import ConfigError
+from harness.core.metrics import summarize
+from harness.core.records import PromptRecord
+from harness.core.results import ResultStore
+from harness.core.tables import markdown_table
+from harness.driver.report import SPEC_BENCH_COLUMNS, grouped_prompts, is_spec_bench_source
+
+BY = ("category", "target", "strategy")
+
+
+def run_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """One row per (target, strategy, params) of a run: overall and per-category speedups, τ, device name."""
+    records = ResultStore(run_dir).latest()
+    if not records:
+        raise ConfigError("compare", f"{run_dir} has no cell results", "pass results/<sweep>/<run> directories")
+    devices = {r.device_name for r in records.values()}
+    device = " / ".join(sorted(d for d in devices if d)) or "?"
+    dtype = " / ".join(sorted({r.env.dtype for r in records.values() if r.env and r.env.dtype})) or "?"
+    sampled = any(r.sampled for r in records.values())
+    sources = {r.prompt_set: r.prompt_source for r in records.values()}
+    pooled: dict[tuple, list[PromptRecord]] = {}
+    for (target, strategy, params, prompt_set), (_, prompts) in grouped_prompts(records).items():
+        spec_bench = is_spec_bench_source(sources[prompt_set])
+        pooled.setdefault((target, strategy, params), []).extend(
+            dataclasses.replace(prompt, category=(spec_bench and spec_bench_task(prompt.category)) or prompt_set)
+            for prompt in prompts)
+    rows = []
+    for (target, strategy, params), prompts in pooled.items():
+        overall = summarize(prompts, sampled=sampled)
+        row = {"run": f"{run_dir.parent.name}/{run_dir.name}", "device": device, "dtype": dtype, "target": target,
+               "strategy": strategy, "params": params, "τ": overall["tau"], "overall": overall["speedup"],
+               "suspect": overall["timing_suspect"]}
+        for category in sorted({prompt.category for prompt in prompts}):
+            row[f"category:{category}"] = summarize([p for p in prompts if p.category == category])["speedup"]
+        rows.append(row)
+    return rows
+
+
+def spec_bench_task(category: str | None) -> str | None:
+    """Spec-Bench's task column for a prompt category (MT-bench categories pool into one), else None."""
+    return next((task for task, members in SPEC_BENCH_COLUMNS.items() if category in members), None)
+
+
+def leaderboard(run_dirs: list[Path], by: str = "category") -> pd.DataFrame:
+    """The comparison table of ``run_dirs`` with columns chosen by ``by``."""
+    if by not in BY:
+        raise ConfigError("--by", f"unknown {by!r}", f"use one of {', '.join(BY)}")
+    rows = [row for run_dir in run_dirs for row in run_rows(Path(run_dir))]
+    frame = pd.DataFrame(rows)
+    mixed = frame["device"].nunique() > 1
+    frame["method"] = frame["strategy"] + " " + frame["params"].where(frame["params"] != "-", "")
+    if by == "category":
+        categories = [c for c in frame.columns if c.startswith("category:")]
+        ordered = [f"category:{task}" for task in SPEC_BENCH_COLUMNS if f"category:{task}" in categories]
+        ordered += sorted(set(categories) - set(ordered))
+        table = frame[["run", "device", "dtype", "target", "method", *ordered, "τ", "overall", "suspect"]]
+        table = table.rename(columns={c: c.split(":", 1)[1] for c in ordered}).sort_values("overall", ascending=False)
+    elif by == "target":
+        table = frame.pivot_table(index=["run", "device", "dtype", "method"], columns="target",
+                                  values="overall").reset_index()
+    else:
+        best = frame.groupby(["run", "device", "dtype", "target", "strategy"], as_index=False)["overall"].max()
+        table = best.pivot_table(index=["run", "device", "dtype", "target"], columns="strategy",
+                                 values="overall").reset_index()
+    if mixed:
+        table = table.assign(device=table["device"] + " †")
+    if frame["dtype"].nunique() > 1:
+        table = table.assign(dtype=table["dtype"] + " ‡")
+    return table.reset_index(drop=True)
+
+
+def write_leaderboard(run_dirs: list[Path], out_dir: Path, by: str = "category") -> tuple[Path, Path]:
+    """Write ``compare.md`` and ``compare.csv`` into ``out_dir``; return their paths."""
+    table = leaderboard(run_dirs, by)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / "compare.csv", out_dir / "compare.md"
+    table.to_csv(csv_path, index=False)
+    lines = [f"# specsweep compare ({len(run_dirs)} runs, by {by})", "", markdown_table(table, {c: str(c) for c in table.columns}), ""]
+    if table["device"].astype(str).str.endswith("†").any():
+        lines += ["† the rows were measured on different device models: compare their speedups, not their wall times "
+                  "across devices.", ""]
+    if table["dtype"].astype(str).str.endswith("‡").any():
+        lines += ["‡ the rows ran their targets in different dtypes: a speedup depends on the dtype (on a CPU, a "
+                  "several-token forward costs far less, relative to a one-token one, in bfloat16 than in float32).",
+                  ""]
+    md_path.write_text("\n".join(lines))
+    return md_path, csv_path
