@@ -27,6 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 TINY_ZOO = yaml.safe_load((REPO / "tests" / "tiny_zoo.yaml").read_text())
 CRASH_PLUGIN = REPO / "tests" / "plugins" / "crash_on_start.py"
+CLI = [sys.executable, "-m", "harness.driver.cli"]  # the specsweep command, run from this checkout
 
 
 def base_sweep(**overrides) -> dict:
@@ -173,7 +174,7 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def spawn(work: Path, args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "harness.driver.cli", *args], cwd=work, env=env, text=True,
+    return subprocess.Popen([*CLI, *args], cwd=work, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
@@ -192,7 +193,7 @@ def signal_mid_sweep(sig: int) -> Callable[[Path, list[str], dict], tuple[int, s
         _, err = driver.communicate(timeout=180)
         if sig == signal.SIGKILL:
             err = f"(killed) {len(records(run_dir))} recorded"
-        resumed = subprocess.run([sys.executable, "-m", "harness.driver.cli", *args, "--run-name", "r"], cwd=work, env=env,
+        resumed = subprocess.run([*CLI, *args, "--run-name", "r"], cwd=work, env=env,
                                  text=True, capture_output=True)
         return driver.returncode, err + "\n" + f"resume: exit {resumed.returncode}"
     return fault
@@ -201,7 +202,7 @@ def signal_mid_sweep(sig: int) -> Callable[[Path, list[str], dict], tuple[int, s
 def crash_starts(times: int) -> Callable[[Path, list[str], dict], tuple[int, str]]:
     def fault(work: Path, args: list[str], env: dict) -> tuple[int, str]:
         (work / "crashes").write_text(str(times))
-        done = subprocess.run([sys.executable, "-m", "harness.driver.cli", *args], cwd=work, text=True, capture_output=True,
+        done = subprocess.run([*CLI, *args], cwd=work, text=True, capture_output=True,
                               env={**env, "SPECSWEEP_TEST_CRASHES": str(work / "crashes")})
         ok = [line for line in done.stdout.splitlines() if "cells ok" in line]
         replaced = [line for line in (work / "results").rglob("sweep.log") for line in line.read_text().splitlines()
@@ -217,18 +218,18 @@ def second_driver(work: Path, args: list[str], env: dict) -> tuple[int, str]:
     deadline = time.monotonic() + 120
     while not (work / "results" / "tiny" / "r" / "plan.json").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
-    second = subprocess.run([sys.executable, "-m", "harness.driver.cli", *args, "--run-name", "r"], cwd=work, env=env,
+    second = subprocess.run([*CLI, *args, "--run-name", "r"], cwd=work, env=env,
                             text=True, capture_output=True)
     first.communicate(timeout=600)
     return second.returncode, second.stderr
 
 
 def torn_line(work: Path, args: list[str], env: dict) -> tuple[int, str]:
-    subprocess.run([sys.executable, "-m", "harness.driver.cli", *args, "--run-name", "r"], cwd=work, env=env,
+    subprocess.run([*CLI, *args, "--run-name", "r"], cwd=work, env=env,
                    capture_output=True)
     with open(work / "results" / "tiny" / "r" / "cells.jsonl", "a") as cells:
         cells.write('{"cell_id": "x", "sta')
-    done = subprocess.run([sys.executable, "-m", "harness.driver.cli", *args, "--run-name", "r"], cwd=work, env=env,
+    done = subprocess.run([*CLI, *args, "--run-name", "r"], cwd=work, env=env,
                           text=True, capture_output=True)
     return done.returncode, done.stderr
 
@@ -237,9 +238,9 @@ def with_ray_start(work: Path, args: list[str], env: dict) -> tuple[int, str]:
     subprocess.run(["ray", "start", "--head", "--num-cpus", "1", "--disable-usage-stats"], env=env,
                    capture_output=True)
     try:
-        done = subprocess.run([sys.executable, "-m", "harness.driver.cli", *args], cwd=work, env=env, text=True,
+        done = subprocess.run([*CLI, *args], cwd=work, env=env, text=True,
                               capture_output=True)
-        joined = subprocess.run([sys.executable, "-m", "harness.driver.cli", *args, "--address", "auto", "--run-name",
+        joined = subprocess.run([*CLI, *args, "--address", "auto", "--run-name",
                                  "joined"], cwd=work, env=env, text=True, capture_output=True)
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
@@ -248,11 +249,11 @@ def with_ray_start(work: Path, args: list[str], env: dict) -> tuple[int, str]:
 
 
 def other_sweep(work: Path, args: list[str], env: dict) -> tuple[int, str]:
-    subprocess.run([sys.executable, "-m", "harness.driver.cli", *args, "--run-name", "r"], cwd=work, env=env,
+    subprocess.run([*CLI, *args, "--run-name", "r"], cwd=work, env=env,
                    capture_output=True)
     other = base_sweep(strategies=[{"name": "speculative", "params": {"draft": "small", "gamma": 5}}])
     (work / "other.yaml").write_text(yaml.safe_dump(other))
-    done = subprocess.run([sys.executable, "-m", "harness.driver.cli", "run", "other.yaml", "--results-dir", "results",
+    done = subprocess.run([*CLI, "run", "other.yaml", "--results-dir", "results",
                            "--resume", "results/tiny/r"], cwd=work, env=env, text=True, capture_output=True)
     return done.returncode, done.stderr
 
@@ -268,7 +269,7 @@ def isolated_home(corrupt: str | None = None) -> Callable[[Path, dict], dict]:
         built = Path(source_env.get("SPECSWEEP_HOME") or Path.home() / ".cache" / "specsweep") / "zoo" / \
             zoo_dir(ZooConfig.from_dict(TINY_ZOO)).name
         if not (built / "manifest.json").exists():  # build the tiny zoo in the shared home first
-            subprocess.run([sys.executable, "-m", "harness.driver.cli", "zoo", "build", "--sweep", "sweep.yaml"], cwd=work,
+            subprocess.run([*CLI, "zoo", "build", "--sweep", "sweep.yaml"], cwd=work,
                            env=env, capture_output=True, check=True)
         shutil.copytree(built, home / "zoo" / built.name)
         if corrupt:
@@ -286,7 +287,7 @@ def in_home(prepare: Callable[[Path, dict], dict], *commands: list[str]) -> Call
         env = prepare(work, env)
         shown = []
         for command in commands:
-            done = subprocess.run([sys.executable, "-m", "harness.driver.cli", *(command or args)], cwd=work, env=env,
+            done = subprocess.run([*CLI, *(command or args)], cwd=work, env=env,
                                   text=True, capture_output=True)
             shown.append(f"{(command or args)[0]}: exit {done.returncode}")
         logs = "".join(path.read_text() for path in (work / "results").rglob("sweep.log"))
@@ -298,7 +299,7 @@ def in_home(prepare: Callable[[Path, dict], dict], *commands: list[str]) -> Call
 
 def failed_cells(work: Path, args: list[str], env: dict) -> tuple[int, str]:
     """Run the case; its message is each failed cell's recorded error."""
-    done = subprocess.run([sys.executable, "-m", "harness.driver.cli", *args], cwd=work, env=env, text=True,
+    done = subprocess.run([*CLI, *args], cwd=work, env=env, text=True,
                           capture_output=True)
     errors = [f"{record['label']}: {record['error']}" for cells in (work / "results").rglob("cells.jsonl")
               for record in records(cells.parent) if record["status"] != "ok"]
@@ -310,7 +311,7 @@ def with_env(command: list[str] | None = None, **variables: str) -> Callable[[Pa
     case's work directory)."""
     def fault(work: Path, args: list[str], env: dict) -> tuple[int, str]:
         extra = {key: value.format(work=work) for key, value in variables.items()}
-        done = subprocess.run([sys.executable, "-m", "harness.driver.cli", *(command or args)], cwd=work,
+        done = subprocess.run([*CLI, *(command or args)], cwd=work,
                               env={**env, **extra}, text=True, capture_output=True)
         return done.returncode, done.stderr
     return fault
@@ -385,7 +386,7 @@ def run_case(case: Case, root: Path, env: dict) -> dict:
         code, err = case.fault(work, args, env)
     else:
         cwd = work / "cwd" if (work / "cwd").exists() else work
-        done = subprocess.run([sys.executable, "-m", "harness.driver.cli", *args], cwd=cwd, env=env, text=True,
+        done = subprocess.run([*CLI, *args], cwd=cwd, env=env, text=True,
                               capture_output=True)
         code, err = done.returncode, done.stderr
     if code == 0 and case.command == "run" and not case.fault:

@@ -8,6 +8,7 @@ and otherwise every method module once, so a module may register several names (
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -20,7 +21,6 @@ from strategies import methods
 from strategies.base import ModelSet, Strategy, StrategyParams
 
 _REGISTRY: dict[str, type[Strategy]] = {}
-_ALL_METHODS_IMPORTED: list[bool] = []  # one entry once every method module has been imported
 
 S = TypeVar("S", bound=type[Strategy])
 
@@ -57,15 +57,16 @@ def import_plugin(name: str) -> None:
         importlib.import_module(name)
 
 
-def _method_modules() -> list[str]:
-    return [info.name for info in pkgutil.iter_modules(methods.__path__)]
+@functools.cache
+def _method_modules() -> frozenset[str]:
+    return frozenset(info.name for info in pkgutil.iter_modules(methods.__path__))
 
 
+@functools.cache
 def _import_all_methods() -> None:
-    if not _ALL_METHODS_IMPORTED:
-        for module in _method_modules():
-            importlib.import_module(f"{methods.__name__}.{module}")
-        _ALL_METHODS_IMPORTED.append(True)
+    """Import every method module (once per process)."""
+    for module in sorted(_method_modules()):
+        importlib.import_module(f"{methods.__name__}.{module}")
 
 
 def _lookup(name: str) -> type[Strategy] | None:

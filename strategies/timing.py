@@ -18,9 +18,9 @@ from strategies.sampling import Sampling
 def timed_generate(strategy: Strategy, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling,
                    device: torch.device, probe: CausalLM | None = None,
                    clock: Callable[[], float] = time.perf_counter) -> Trace:
-    """``strategy.generate`` with synchronised wall time by ``clock`` in ``trace.wall_s``, the process's CPU seconds run and
-    waited in ``trace.extras["cpu_run_s"]``/``["cpu_wait_s"]`` (where Linux reports them) and, when ``probe`` is
-    given, its 1-token forward time in ``trace.extras["probe_s"]``."""
+    """``strategy.generate`` with synchronised wall time by ``clock`` in ``trace.wall_s``, the process's CPU seconds
+    run and waited in ``trace.extras["cpu_run_s"]``/``["cpu_wait_s"]`` (where Linux reports them) and, when ``probe``
+    is given, its 1-token forward time in ``trace.extras["probe_s"]``."""
     synchronize(device)
     threads = snapshot()
     started = clock()

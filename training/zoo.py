@@ -215,6 +215,7 @@ def build_zoo(config: ZooConfig, log: Callable[[str], None] = print, force: bool
     is rebuilt."""
     out = zoo_dir(config)
     manifest_path = out / ZOO_MANIFEST
+    only = None if only is None else tuple(only)  # read twice below
     wanted = needed_models(config, only)
     existing: dict[str, Any] = {}
     if manifest_path.exists() and not force:
@@ -225,7 +226,7 @@ def build_zoo(config: ZooConfig, log: Callable[[str], None] = print, force: bool
             log(f"{error}: rebuilding it")
             manifest_path.unlink()
             force = True
-        if existing and set(wanted) <= set(existing["models"]):
+        if existing and is_built(config, only):
             return existing
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging

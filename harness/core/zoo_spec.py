@@ -150,7 +150,7 @@ def needed_models(config: ZooConfig, names: Iterable[str] | None = None) -> tupl
 
 
 def built_models(config: ZooConfig) -> tuple[str, ...]:
-    """The models of ``config``'s build that are complete (its manifest, rewritten after each model, lists them)."""
+    """The models of ``config``'s build that are complete (its manifest, rewritten when a build ends, lists them)."""
     path = zoo_dir(config) / ZOO_MANIFEST
     return tuple(json.loads(path.read_text())["models"]) if path.exists() else ()
 
