@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,9 @@ from harness.core.errors import ConfigError
 from harness.core.lm import CausalLM
 from harness.core.models import ModelSpec, load_model, load_tokenizer
 from training.artifacts import ArtifactKind
-from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
-from training.settings import LoraSettings, TrainSettings, parse_domains, parse_settings
+from training.launch import launch
+from training.settings import LoraSettings, parse_domains, parse_settings
+from training.trainer import LEGACY_ADAMW, OptimSettings, Worker
 from training.text import token_windows
 
 OBJECTIVES = ("next_token", "distill")
@@ -43,7 +44,7 @@ class DomainText:
 
 
 @dataclass(frozen=True)
-class AdapterTrainConfig(TrainSettings):
+class AdapterTrainConfig(OptimSettings):
     """One LoRA per domain on ``draft``; ``target`` is the teacher for ``objective: distill``."""
 
     target: ModelSpec = ModelSpec("zoo:target")
@@ -53,13 +54,15 @@ class AdapterTrainConfig(TrainSettings):
     lora: LoraSettings = field(default_factory=LoraSettings)
     samples: int = 512
     seq_len: int = 128
-    steps: int = 200
     batch_size: int = 16
     lr: float = 2e-3
+    schedule: str = "warmup_constant"
     warmup_steps: int = 10
+    weight_decay: float = 0.01
+    adam_beta2: float = 0.999
     eval_fraction: float = 0.1
-    seed: int = 0
-    launch: LaunchSettings = field(default_factory=LaunchSettings)
+
+    KEYED_ONLY_WHEN_SET: ClassVar[frozenset[str]] = LEGACY_ADAMW - {"warmup_steps"}
 
     def domain_text(self, sources: tuple[str, ...]) -> DomainText:
         return DomainText(sources=sources, samples=self.samples, seq_len=self.seq_len, seed=self.seed)
@@ -72,7 +75,7 @@ def parse_adapter_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_na
     if config.objective not in OBJECTIVES:
         raise ConfigError(f"{where}.objective", f"unknown objective {config.objective!r}",
                           f"choose one of {', '.join(OBJECTIVES)}")
-    for name in ("samples", "seq_len", "steps", "batch_size"):
+    for name in ("samples", "seq_len"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{where}.{name}", f"must be >= 1, got {getattr(config, name)}")
     return config
@@ -91,54 +94,43 @@ def adapter_loss(model, teacher, batch: torch.Tensor, objective: str) -> torch.T
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: train and save a LoRA for each domain, one after another."""
-    import ray.train
     from peft import get_peft_model
 
-
-    config: AdapterTrainConfig = loop_config["config"]
-    zoo = loop_config["zoo"]
-    device = worker_device(loop_config)
-    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-    tokenizer = load_tokenizer(config.draft, zoo)
+    worker = Worker.start(loop_config)
+    config: AdapterTrainConfig = worker.config
+    device, rank, world = worker.device, worker.rank, worker.world
+    tokenizer = load_tokenizer(config.draft, worker.zoo)
     teacher = None
     if config.objective == "distill":
-        teacher = load_model(replace(config.target, dtype="float32"), zoo, device, "target").model.eval()
+        teacher = load_model(replace(config.target, dtype="float32"), worker.zoo, device, "target").model.eval()
     metrics: dict[str, Any] = {}
     saved: dict[str, Any] = {}
     for domain, sources in config.domains:
-        torch.manual_seed(config.seed)
-        windows = token_windows(tokenizer, config.domain_text(sources), zoo.corpus)
+        worker.seed()
+        windows = token_windows(tokenizer, config.domain_text(sources), worker.zoo.corpus)
         held = max(1, int(len(windows) * config.eval_fraction))
         train_windows, eval_windows = windows[held:][rank::world], windows[:held].to(device)
-        draft = load_model(replace(config.draft, dtype="float32"), zoo, device, "draft").model
+        draft = load_model(replace(config.draft, dtype="float32"), worker.zoo, device, "draft").model
         model = get_peft_model(draft, config.lora.peft_config(), adapter_name=domain)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-        engine = deepspeed_engine(model, optimizer, loop_config["deepspeed"])
-
         fit_windows = train_windows[:32].to(device)
 
-        def evaluate(rows: torch.Tensor) -> float:
-            engine.module.eval()
-            with torch.no_grad():
-                value = adapter_loss(engine.module, teacher, rows, config.objective).item()
-            engine.module.train()
-            return value
+        def evaluate(module: torch.nn.Module) -> dict[str, float]:
+            return {"eval": adapter_loss(module, teacher, eval_windows, config.objective).item(),
+                    "train": adapter_loss(module, teacher, fit_windows, config.objective).item()}
 
-        before, fit_before = evaluate(eval_windows), evaluate(fit_windows)
-        generator = torch.Generator().manual_seed(config.seed + rank)
-        for step in range(config.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
-            index = torch.randint(0, len(train_windows), (config.batch_size,), generator=generator)
-            loss = adapter_loss(engine.module, teacher, train_windows[index].to(device), config.objective)
-            engine.backward(loss)
-            engine.step()
-        metrics[domain] = {"eval_before": before, "eval_after": evaluate(eval_windows),
-                           "train_before": fit_before, "train_after": evaluate(fit_windows)}
-        saved[domain] = engine.module
+        def draw(generator: torch.Generator) -> torch.Tensor:
+            return train_windows[torch.randint(0, len(train_windows), (config.batch_size,),
+                                               generator=generator)].to(device)
+
+        fitted = worker.fit(model, draw, lambda module, batch, _: (adapter_loss(module, teacher, batch,
+                                                                                config.objective), {}),
+                            worker.generator(config.seed + rank), evaluate=evaluate)
+        metrics[domain] = {"eval_before": fitted.before["eval"], "eval_after": fitted.after["eval"],
+                           "train_before": fitted.before["train"], "train_after": fitted.after["train"]}
+        saved[domain] = fitted.module
         if rank == 0:
-            print(f"adapter {domain}: {config.objective} eval loss {before:.4f} -> {metrics[domain]['eval_after']:.4f}",
-                  flush=True)
+            print(f"adapter {domain}: {config.objective} eval loss {fitted.before['eval']:.4f} -> "
+                  f"{fitted.after['eval']:.4f}", flush=True)
 
     def write(directory: Path) -> None:
         for domain, model in saved.items():
@@ -146,7 +138,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         (directory / "adapters.json").write_text(json.dumps({"domains": [d for d, _ in config.domains],
                                                              "metrics": metrics}, indent=2))
 
-    report_files({"domains": metrics}, write)
+    worker.finish({"domains": metrics}, write)
 
 
 def build_adapters(config: AdapterTrainConfig, zoo, out_dir: Path, target_key: str, name: str,

@@ -20,7 +20,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -31,18 +31,20 @@ from harness.core.metrics import summarize
 from harness.core.models import ModelSpec, load_model, load_tokenizer, pick_device
 from harness.core.paths import content_hash, specsweep_home
 from harness.core.records import PromptRecord, SideRecord, paired_turn
+from harness.core.tables import fmt
 from harness.core.yaml_file import read_yaml
 from strategies import ModelSet, Sampling, build
 from strategies.timing import timed_generate
-from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
-from training.settings import LoraSettings, TrainSettings, parse_settings
+from training.launch import launch
+from training.settings import LoraSettings, parse_settings
+from training.trainer import LEGACY_ADAMW, OptimSettings, Worker
 from training.zoo import build_zoo, is_built
 
 LOSSES = ("forward_kl", "reverse_kl", "mix")
 
 
 @dataclass(frozen=True)
-class AdaptiveConfig(TrainSettings):
+class AdaptiveConfig(OptimSettings):
     """The stream, the failure rule, the retraining job and the evaluation (see ``configs/adaptive.yaml``)."""
 
     name: str = "adaptive"
@@ -62,10 +64,12 @@ class AdaptiveConfig(TrainSettings):
     mix_weight: float = 0.5
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16, dropout=0.0))
     steps: int = 80
-    batch_size: int = 8
     lr: float = 3e-3
-    seed: int = 0
-    launch: LaunchSettings = field(default_factory=LaunchSettings)
+    schedule: str = "warmup_constant"
+    weight_decay: float = 0.01
+    adam_beta2: float = 0.999
+
+    KEYED_ONLY_WHEN_SET: ClassVar[frozenset[str]] = LEGACY_ADAMW
 
 
 def load_adaptive_config(path: Path, zoo_names: tuple[str, ...]) -> AdaptiveConfig:
@@ -131,34 +135,27 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: LoRA-train the draft on failure cases, loss on the corrected positions."""
     from peft import get_peft_model
 
+    worker = Worker.start(loop_config)
+    config: AdaptiveConfig = worker.config
+    cases, device = loop_config["cases"], worker.device
+    target = load_model(config.target, worker.zoo, device, "target").model.eval()
+    model = get_peft_model(load_model(config.draft, worker.zoo, device, "draft").model, config.lora.peft_config())
 
-    config: AdaptiveConfig = loop_config["config"]
-    zoo, cases = loop_config["zoo"], loop_config["cases"]
-    device = worker_device(loop_config)
-    torch.manual_seed(config.seed)
-    target = load_model(config.target, zoo, device, "target").model.eval()
-    model = get_peft_model(load_model(config.draft, zoo, device, "draft").model, config.lora.peft_config())
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    engine = deepspeed_engine(model, optimizer, loop_config["deepspeed"])
-    generator = torch.Generator().manual_seed(config.seed)
-
-    def case_loss(case: dict[str, Any]) -> torch.Tensor:
+    def case_loss(module: torch.nn.Module, case: dict[str, Any]) -> torch.Tensor:
         ids = torch.tensor([case["tokens"]], device=device)
         rows = torch.tensor(case["corrected"], device=device) - 1  # logits that predict each corrected token
         with torch.no_grad():
             target_logits = target(input_ids=ids).logits[0, rows]
-        return osd_loss(engine.module(input_ids=ids).logits[0, rows], target_logits, config.loss, config.mix_weight)
+        return osd_loss(module(input_ids=ids).logits[0, rows], target_logits, config.loss, config.mix_weight)
 
-    losses = []
-    for _ in range(config.steps):
-        batch = torch.randint(0, len(cases), (min(config.batch_size, len(cases)),), generator=generator).tolist()
-        loss = torch.stack([case_loss(cases[i]) for i in batch]).mean()
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    metrics = {"cases": len(cases), "loss_first": sum(losses[:5]) / len(losses[:5]),
-               "loss_last": sum(losses[-5:]) / len(losses[-5:])}
-    report_files(metrics, lambda directory: engine.module.save_pretrained(str(directory)))
+    def draw(generator: torch.Generator) -> list[int]:
+        return torch.randint(0, len(cases), (min(config.batch_size, len(cases)),), generator=generator).tolist()
+
+    fitted = worker.fit(model, draw,
+                        lambda module, batch, _: (torch.stack([case_loss(module, cases[i]) for i in batch]).mean(), {}),
+                        worker.generator(config.seed))
+    metrics = {"cases": len(cases), "loss_first": fitted.loss_first(5), "loss_last": fitted.loss_last(5)}
+    worker.finish(metrics, lambda directory: fitted.module.save_pretrained(str(directory)))
 
 
 # ---------------------------------------------------------------------------- the rounds
@@ -195,7 +192,7 @@ def run_adaptive(config: AdaptiveConfig, zoo, run_dir: Path, log: Callable[[str]
         held = summarize(measured)  # the same metrics as every sweep cell (harness.core.metrics)
         row = {"round": round_index, "adapter": adapter or "none", "heldout_alpha": held["alpha"],
                "heldout_tau": held["tau"], "heldout_speedup": held["speedup"], "failures": 0, "retrained": False}
-        log(f"round {round_index}: held-out alpha {_fmt(row['heldout_alpha'], 3)}, tau {row['heldout_tau']:.2f}, "
+        log(f"round {round_index}: held-out alpha {fmt(row['heldout_alpha'], 3)}, tau {row['heldout_tau']:.2f}, "
             f"speedup {row['heldout_speedup']:.2f} (adapter {row['adapter']})")
         if round_index == config.rounds:
             rows.append(row)
@@ -232,11 +229,6 @@ def run_adaptive(config: AdaptiveConfig, zoo, run_dir: Path, log: Callable[[str]
     return rows
 
 
-def _fmt(value: float | None, digits: int) -> str:
-    """``value`` with ``digits`` decimals, or ``-`` when it is undefined (α when nothing was drafted)."""
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def write_adaptive_report(rows: list[dict[str, Any]], config: AdaptiveConfig, run_dir: Path) -> None:
     """rounds.csv, report.md and alpha.png for the rounds."""
     import matplotlib
@@ -254,7 +246,7 @@ def write_adaptive_report(rows: list[dict[str, Any]], config: AdaptiveConfig, ru
              "| round | adapter | held-out alpha | held-out tau | held-out speedup | failures logged | retrained |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['round']} | {row['adapter'][:8]} | {_fmt(row['heldout_alpha'], 3)} | {row['heldout_tau']:.2f} | "
+        lines.append(f"| {row['round']} | {row['adapter'][:8]} | {fmt(row['heldout_alpha'], 3)} | {row['heldout_tau']:.2f} | "
                      f"{row['heldout_speedup']:.2f} | {row['failures']} | {'yes' if row['retrained'] else 'no'} |")
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     figure, axis = plt.subplots(figsize=(5, 3.2))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,15 +25,16 @@ from harness.core.errors import ConfigError
 from harness.core.models import ModelSpec, load_model, load_tokenizer
 from training.adapters import DomainText
 from training.artifacts import ArtifactKind
-from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
-from training.settings import LoraSettings, TrainSettings, parse_settings
+from training.launch import launch
+from training.settings import LoraSettings, parse_settings
+from training.trainer import LEGACY_ADAMW, OptimSettings, Worker
 from training.text import token_windows
 
 VARIANTS = ("alora", "lora", "draft_alora")  # aLoRA and LoRA on the target, aLoRA on the draft
 
 
 @dataclass(frozen=True)
-class AloraTrainConfig(TrainSettings):
+class AloraTrainConfig(OptimSettings):
     """The invocation task and the adapters' settings."""
 
     target: ModelSpec = ModelSpec("zoo:target")
@@ -47,10 +48,12 @@ class AloraTrainConfig(TrainSettings):
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16, dropout=0.0,
                                                                     target_modules=("q_proj", "k_proj", "v_proj")))
     steps: int = 120
-    batch_size: int = 8
     lr: float = 3e-3
-    seed: int = 0
-    launch: LaunchSettings = field(default_factory=LaunchSettings)
+    schedule: str = "warmup_constant"
+    weight_decay: float = 0.01
+    adam_beta2: float = 0.999
+
+    KEYED_ONLY_WHEN_SET: ClassVar[frozenset[str]] = LEGACY_ADAMW
 
 
 def parse_alora_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]) -> AloraTrainConfig:
@@ -89,48 +92,43 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: train the aLoRA and the plain LoRA on the same rows, save both."""
     from peft import get_peft_model
 
-
-    config: AloraTrainConfig = loop_config["config"]
-    zoo = loop_config["zoo"]
-    device = worker_device(loop_config)
-    tokenizer = load_tokenizer(config.target, zoo)
-    rows, answer_start = task_sequences(tokenizer, config, zoo.corpus)
+    worker = Worker.start(loop_config)
+    config: AloraTrainConfig = worker.config
+    device = worker.device
+    tokenizer = load_tokenizer(config.target, worker.zoo)
+    rows, answer_start = task_sequences(tokenizer, config, worker.zoo.corpus)
     held = max(1, len(rows) // 10)
     train_rows, eval_rows = rows[held:], rows[:held].to(device)
+    fit_rows = train_rows[:32].to(device)
     metrics: dict[str, Any] = {"answer_start": answer_start}
     saved = {}
+
+    def evaluate(module: torch.nn.Module) -> dict[str, float]:
+        return {"eval": answer_loss(module, eval_rows, answer_start).item(),
+                "train": answer_loss(module, fit_rows, answer_start).item()}
+
+    def draw(generator: torch.Generator) -> torch.Tensor:
+        return train_rows[torch.randint(0, len(train_rows), (config.batch_size,), generator=generator)].to(device)
+
     for variant in VARIANTS:
-        torch.manual_seed(config.seed)
+        worker.seed()
         spec = config.draft if variant == "draft_alora" else config.target
-        base = load_model(replace(spec, dtype="float32"), zoo, device, variant).model
+        base = load_model(replace(spec, dtype="float32"), worker.zoo, device, variant).model
         activated = variant in ("alora", "draft_alora")
         extra = {"alora_invocation_tokens": invocation_ids(tokenizer, config.invocation)} if activated else {}
-        model = get_peft_model(base, config.lora.peft_config(**extra))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-        engine = deepspeed_engine(model, optimizer, loop_config["deepspeed"])
-        fit_rows = train_rows[:32].to(device)
-        with torch.no_grad():
-            before = answer_loss(engine.module, eval_rows, answer_start).item()
-            fit_before = answer_loss(engine.module, fit_rows, answer_start).item()
-        generator = torch.Generator().manual_seed(config.seed)
-        for _ in range(config.steps):
-            index = torch.randint(0, len(train_rows), (config.batch_size,), generator=generator)
-            loss = answer_loss(engine.module, train_rows[index].to(device), answer_start)
-            engine.backward(loss)
-            engine.step()
-        with torch.no_grad():
-            after = answer_loss(engine.module, eval_rows, answer_start).item()
-            fit_after = answer_loss(engine.module, fit_rows, answer_start).item()
-        metrics[variant] = {"eval_before": before, "eval_after": after, "train_before": fit_before,
-                            "train_after": fit_after}
-        saved[variant] = engine.module
+        fitted = worker.fit(get_peft_model(base, config.lora.peft_config(**extra)), draw,
+                            lambda module, batch, _: (answer_loss(module, batch, answer_start), {}),
+                            worker.generator(config.seed), evaluate=evaluate)
+        metrics[variant] = {"eval_before": fitted.before["eval"], "eval_after": fitted.after["eval"],
+                            "train_before": fitted.before["train"], "train_after": fitted.after["train"]}
+        saved[variant] = fitted.module
 
     def write(directory: Path) -> None:
         for variant, model in saved.items():
             model.save_pretrained(str(directory / variant))
         (directory / "alora.json").write_text(json.dumps({"metrics": metrics, "invocation": config.invocation}))
 
-    report_files(metrics, write)
+    worker.finish(metrics, write)
 
 
 def build_alora(config: AloraTrainConfig, zoo, out_dir: Path, target_key: str, name: str,

@@ -27,9 +27,9 @@ from harness.core.errors import ConfigError
 from harness.core.models import ModelSpec, load_model, load_tokenizer
 from training.artifacts import ArtifactKind
 from training.eagle_data import FeatureDataConfig
-from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
-from training.settings import (LoraSettings, TrainSettings, check_ranges, mapping, parse_lora, parse_settings,
-                               warmup_cosine)
+from training.launch import launch
+from training.settings import LoraSettings, check_ranges, mapping, parse_lora, parse_settings
+from training.trainer import OptimSettings, Worker
 from training.text import token_windows
 
 MODEL_DIR = "model"
@@ -38,7 +38,7 @@ ROUTERS_CONFIG = "routers.json"
 
 
 @dataclass(frozen=True)
-class DLLMTrainConfig(TrainSettings):
+class DLLMTrainConfig(OptimSettings):
     """Everything that determines a D-LLM target (its hash names the artefact)."""
 
     target: ModelSpec = ModelSpec("zoo:target")
@@ -49,15 +49,8 @@ class DLLMTrainConfig(TrainSettings):
     tau: float = 1.0  # Gumbel-softmax temperature
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: FeatureDataConfig = field(default_factory=FeatureDataConfig)
-    steps: int = 200
-    batch_size: int = 8
-    lr: float = 1e-3
     warmup_steps: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     eval_fraction: float = 0.05
-    seed: int = 0
-    launch: LaunchSettings = field(default_factory=LaunchSettings)
 
 
 def parse_dllm_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]) -> DLLMTrainConfig:
@@ -66,7 +59,7 @@ def parse_dllm_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names
         "data": lambda value, path: FeatureDataConfig.from_dict(mapping(value, path), path),
         "lora": parse_lora,
     })
-    check_ranges(config, where, {"start": 0, "router_rank": 1, "steps": 1, "batch_size": 1})
+    check_ranges(config, where, {"start": 0, "router_rank": 1})
     if not 0 < config.ratio <= 1:
         raise ConfigError(f"{where}.ratio", f"must be in (0, 1], got {config.ratio}", "e.g. 0.5: half the layers")
     if config.penalty < 0:
@@ -95,55 +88,38 @@ def dllm_loss(trainee: Trainee, ids: torch.Tensor, config: DLLMTrainConfig,
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: tokenise the text, train routers and LoRA with DeepSpeed, report the directory."""
-    import ray.train
-    from peft import get_peft_model  # lazy: peft
+    """One Ray Train worker: tokenise the text, train routers and LoRA, report the directory."""
+    from peft import get_peft_model
 
-    config: DLLMTrainConfig = loop_config["config"]
-    zoo = loop_config["zoo"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = worker_device(loop_config)
-    torch.manual_seed(config.seed + rank)
-    base = load_model(replace(config.target, dtype="float32"), zoo, device, "target").model
+    worker = Worker.start(loop_config)
+    config: DLLMTrainConfig = worker.config
+    device = worker.device
+    base = load_model(replace(config.target, dtype="float32"), worker.zoo, device, "target").model
     layers = base.config.num_hidden_layers
     if config.start >= layers:
         raise ConfigError("start", f"the target has {layers} layers, start is {config.start}", f"use < {layers}")
-    tokenizer = load_tokenizer(config.target, zoo)
-    windows = token_windows(tokenizer, config.data, zoo.corpus, base, [config.target.as_dict(), loop_config["target_key"]])
+    tokenizer = load_tokenizer(config.target, worker.zoo)
+    windows = token_windows(tokenizer, config.data, worker.zoo.corpus, base,
+                            [config.target.as_dict(), loop_config["target_key"]])
     held_out = max(1, int(len(windows) * config.eval_fraction))
     train_rows, eval_rows = windows[held_out:], windows[:held_out].to(device)
     routers = LayerRouters(base.config.hidden_size, layers, config.start, config.router_rank)
     trainee = Trainee(get_peft_model(base, config.lora.peft_config()), routers).to(device)
-    trainee.train()
-    trainable = [p for p in trainee.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
-    engine = deepspeed_engine(trainee, optimizer, loop_config["deepspeed"])
-    module = engine.module
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
 
-    def evaluate() -> dict[str, float]:
-        module.eval()
-        with torch.no_grad():
-            stats = [dllm_loss(module, eval_rows[i:i + config.batch_size], config,
-                               torch.Generator().manual_seed(i))[1]
-                     for i in range(0, len(eval_rows), config.batch_size)]
-        module.train()
+    def evaluate(module: torch.nn.Module) -> dict[str, float]:
+        stats = [dllm_loss(module, eval_rows[i:i + config.batch_size], config, torch.Generator().manual_seed(i))[1]
+                 for i in range(0, len(eval_rows), config.batch_size)]
         return {name: sum(s[name] for s in stats) / len(stats) for name in stats[0]}
 
-    before = evaluate()
-    for step in range(config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * warmup_cosine(step, config.steps, config.warmup_steps)
-        index = torch.randint(0, len(train_rows), (config.batch_size,), generator=generator)
-        loss, stats = dllm_loss(module, train_rows[index].to(device), config, generator)
-        engine.backward(loss)
-        engine.step()
-        if rank == 0 and (step + 1) % max(1, config.steps // 10) == 0:
-            print(f"dllm step {step + 1}/{config.steps}: ce {stats['ce']:.4f} ratio {stats['ratio']:.3f}", flush=True)
-    after = evaluate()
-    metrics = {"eval_before": before, "eval_after": after, "steps": config.steps, "start": config.start,
-               "layers": layers, "world_size": world}
+    def draw(generator: torch.Generator) -> torch.Tensor:
+        return train_rows[torch.randint(0, len(train_rows), (config.batch_size,), generator=generator)].to(device)
+
+    fitted = worker.fit(trainee, draw, lambda module, batch, generator: dllm_loss(module, batch, config, generator),
+                        worker.generator(config.seed * 1000 + worker.rank), evaluate=evaluate,
+                        progress="dllm", shown=("ce", "ratio"))
+    module = fitted.module
+    metrics = {"eval_before": fitted.before, "eval_after": fitted.after, "steps": config.steps, "start": config.start,
+               "layers": layers, "world_size": worker.world}
 
     def write(directory: Path) -> None:
         module.eval()
@@ -155,7 +131,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "hidden_size": base.config.hidden_size, "layers": layers, "start": config.start,
             "rank": config.router_rank, "metrics": metrics}, indent=2))
 
-    report_files(metrics, write)
+    worker.finish(metrics, write)
 
 
 def build_dllm(config: DLLMTrainConfig, zoo, out_dir: Path, target_key: str, name: str,

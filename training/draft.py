@@ -35,30 +35,25 @@ from harness.core.errors import ConfigError
 from harness.core.models import VOCAB_SUBSET_FILE, ModelSpec, keep_first_layers, load_model, load_tokenizer
 from training.artifacts import ArtifactKind
 from training.eagle_data import FeatureDataConfig
-from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
-from training.settings import TrainSettings, check_ranges, mapping, parse_settings, warmup_cosine
+from training.launch import launch
+from training.settings import check_ranges, mapping, parse_settings
+from training.trainer import OptimSettings, Worker
 from training.text import token_windows
 
 MODEL_DIR = "model"
 
 
 @dataclass(frozen=True)
-class DraftTrainConfig(TrainSettings):
+class DraftTrainConfig(OptimSettings):
     """Everything that determines a distilled draft (its hash names the artefact)."""
 
     target: ModelSpec = ModelSpec("zoo:target")
     layers: int = 1
     vocab_subset: int = 0  # keep the N most frequent tokens in the draft's head (FR-Spec); 0 = the full vocabulary
     data: FeatureDataConfig = field(default_factory=FeatureDataConfig)
-    steps: int = 200
-    batch_size: int = 8
     lr: float = 5e-4
     warmup_steps: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     eval_fraction: float = 0.05
-    seed: int = 0
-    launch: LaunchSettings = field(default_factory=LaunchSettings)
 
 
 def parse_draft_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]) -> DraftTrainConfig:
@@ -66,7 +61,7 @@ def parse_draft_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_name
     config = parse_settings(DraftTrainConfig, raw, where, base_dir, zoo_names, allowed_note="kind", fields={
         "data": lambda value, path: FeatureDataConfig.from_dict(mapping(value, path), path),
     })
-    check_ranges(config, where, {"layers": 1, "steps": 1, "batch_size": 1, "vocab_subset": 0})
+    check_ranges(config, where, {"layers": 1, "vocab_subset": 0})
     if config.target.layers is not None:
         raise ConfigError(f"{where}.target.layers", "the target must be whole", "set the draft's depth with layers")
     return config
@@ -120,22 +115,17 @@ def distill_loss(student, target, ids: torch.Tensor, head_rows: torch.Tensor) ->
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: tokenise the text, distil the draft with DeepSpeed, report its directory."""
-    import ray.train
+    """One Ray Train worker: tokenise the text, distil the draft, report its directory."""
+    worker = Worker.start(loop_config)
+    config: DraftTrainConfig = worker.config
+    device = worker.device
 
-
-    config: DraftTrainConfig = loop_config["config"]
-    zoo = loop_config["zoo"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = worker_device(loop_config)
-    torch.manual_seed(config.seed + rank)
-
-    target = load_model(replace(config.target, dtype="float32"), zoo, device, "target").model.eval()
+    target = load_model(replace(config.target, dtype="float32"), worker.zoo, device, "target").model.eval()
     for parameter in target.parameters():
         parameter.requires_grad_(False)
-    tokenizer = load_tokenizer(config.target, zoo)
-    windows = token_windows(tokenizer, config.data, zoo.corpus, target, [config.target.as_dict(), loop_config["target_key"]])
+    tokenizer = load_tokenizer(config.target, worker.zoo)
+    windows = token_windows(tokenizer, config.data, worker.zoo.corpus, target,
+                            [config.target.as_dict(), loop_config["target_key"]])
     held_out = max(1, int(len(windows) * config.eval_fraction))
     train_rows, eval_rows = windows[held_out:], windows[:held_out].to(device)
     vocab = target.get_output_embeddings().weight.shape[0]
@@ -145,37 +135,23 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     head_weight = target.get_output_embeddings().weight
     head_rows = head_weight if subset is None else head_weight[torch.tensor(subset, device=head_weight.device)]
 
-    student = early_exit_draft(target, config.layers).to(device)
-    student.train()
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
-    engine = deepspeed_engine(student, optimizer, loop_config["deepspeed"])
-    module = engine.module
-
-    def evaluate() -> dict[str, float]:
-        module.eval()
-        with torch.no_grad():
-            stats = [distill_loss(module, target, eval_rows[i:i + config.batch_size], head_rows)[1]
-                     for i in range(0, len(eval_rows), config.batch_size)]
-        module.train()
+    def evaluate(module: torch.nn.Module) -> dict[str, float]:
+        stats = [distill_loss(module, target, eval_rows[i:i + config.batch_size], head_rows)[1]
+                 for i in range(0, len(eval_rows), config.batch_size)]
         return {name: sum(s[name] for s in stats) / len(stats) for name in stats[0]}
 
-    before = evaluate()
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    for step in range(config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * warmup_cosine(step, config.steps, config.warmup_steps)
-        index = torch.randint(0, len(train_rows), (config.batch_size,), generator=generator)
-        loss, stats = distill_loss(module, target, train_rows[index].to(device), head_rows)
-        engine.backward(loss)
-        engine.step()
-        if rank == 0 and (step + 1) % max(1, config.steps // 10) == 0:
-            print(f"draft step {step + 1}/{config.steps}: kl {stats['kl']:.4f} top1 {stats['top1']:.3f}", flush=True)
-    after = evaluate()
-    metrics = {"eval_before": before, "eval_after": after, "steps": config.steps, "layers": config.layers,
+    def draw(generator: torch.Generator) -> torch.Tensor:
+        return train_rows[torch.randint(0, len(train_rows), (config.batch_size,), generator=generator)].to(device)
+
+    fitted = worker.fit(early_exit_draft(target, config.layers).to(device), draw,
+                        lambda module, batch, _: distill_loss(module, target, batch, head_rows),
+                        worker.generator(config.seed * 1000 + worker.rank), evaluate=evaluate,
+                        progress="draft", shown=("kl", "top1"))
+    module = fitted.module
+    metrics = {"eval_before": fitted.before, "eval_after": fitted.after, "steps": config.steps, "layers": config.layers,
                "train_windows": len(train_rows), "train_tokens": config.steps * config.batch_size * config.data.seq_len,
                "vocab_subset": len(subset) if subset else vocab,
-               "parameters": sum(p.numel() for p in module.parameters()), "world_size": world}
+               "parameters": sum(p.numel() for p in module.parameters()), "world_size": worker.world}
 
     def write(directory: Path) -> None:
         out = directory / MODEL_DIR
@@ -186,7 +162,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             (out / VOCAB_SUBSET_FILE).write_text(json.dumps(subset))
         (directory / "draft.json").write_text(json.dumps({"metrics": metrics}, indent=2))
 
-    report_files(metrics, write)
+    worker.finish(metrics, write)
 
 
 def build_draft(config: DraftTrainConfig, zoo, out_dir: Path, target_key: str, name: str,

@@ -33,14 +33,15 @@ from strategies.eagle_head import EagleHead, head_config, load_head_lm, save_hea
 from training.artifacts import ArtifactKind
 from training.draft import frequent_tokens
 from training.eagle_data import FeatureDataConfig, build_features, features_dir
-from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
-from training.settings import TrainSettings, check_ranges, mapping, parse_settings, warmup_cosine
+from training.launch import launch
+from training.settings import check_ranges, mapping, parse_settings
+from training.trainer import OptimSettings, Worker
 
 PROBE_TOKENS = 8
 
 
 @dataclass(frozen=True)
-class EagleTrainConfig(TrainSettings):
+class EagleTrainConfig(OptimSettings):
     """Everything that determines a trained head (its hash names the artefact)."""
 
     target: ModelSpec = ModelSpec("zoo:target")
@@ -49,16 +50,12 @@ class EagleTrainConfig(TrainSettings):
     vocab_subset: int = 0  # CE over, and drafting from, the N most frequent tokens (FR-Spec); 0 = full vocabulary
     steps: int = 600
     batch_size: int = 16
-    lr: float = 1e-3
     warmup_steps: int = 30
-    weight_decay: float = 0.0
     grad_clip: float = 0.5
     noise: float = 0.1
     v_weight: float = 1.0
     p_weight: float = 0.1
     eval_fraction: float = 0.05
-    seed: int = 0
-    launch: LaunchSettings = field(default_factory=LaunchSettings)
 
 
 def parse_eagle_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]) -> EagleTrainConfig:
@@ -67,7 +64,7 @@ def parse_eagle_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_name
         "data": lambda value, path: FeatureDataConfig.from_dict(mapping(value, path), path),
         "intermediate_size": _optional_width,
     })
-    check_ranges(config, where, {"steps": 1, "batch_size": 1, "vocab_subset": 0})
+    check_ranges(config, where, {"vocab_subset": 0})
     return config
 
 
@@ -125,24 +122,19 @@ def training_head(target: torch.nn.Module, intermediate_size: int | None, subset
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: build or read the features, train the head with DeepSpeed, report it."""
+    """One Ray Train worker: build or read the features, train the head, report it."""
     import datasets
-    import ray.train
     import torch.distributed as dist
 
-
     datasets.disable_progress_bars()
-    config: EagleTrainConfig = loop_config["config"]
-    zoo = loop_config["zoo"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = worker_device(loop_config)
-    torch.manual_seed(config.seed + rank)
+    worker = Worker.start(loop_config)
+    config: EagleTrainConfig = worker.config
+    rank, world, device = worker.rank, worker.world, worker.device
 
-    target = load_model(replace(config.target, dtype="float32"), zoo, device, "target").model
+    target = load_model(replace(config.target, dtype="float32"), worker.zoo, device, "target").model
     data_dir = Path(loop_config["features_dir"])
     if rank == 0:
-        build_features(target, load_tokenizer(config.target, zoo), config.data, zoo.corpus, data_dir,
+        build_features(target, load_tokenizer(config.target, worker.zoo), config.data, worker.zoo.corpus, data_dir,
                        [config.target.as_dict(), loop_config["target_key"]])
     if world > 1:
         dist.barrier()
@@ -154,51 +146,33 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     vocab = target.get_output_embeddings().weight.shape[0]
     subset = None
     if config.vocab_subset and config.vocab_subset < vocab:
-        tokenizer = load_tokenizer(config.target, zoo)
+        tokenizer = load_tokenizer(config.target, worker.zoo)
         train_ids = split["train"].select_columns(["input_ids"])[:]["input_ids"]
         subset = frequent_tokens(torch.as_tensor(train_ids), vocab, config.vocab_subset, tokenizer)
     head = training_head(target, config.intermediate_size, subset).to(device)
-    head.train()
-    trainable = [p for p in head.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
-    engine = deepspeed_engine(head, optimizer, loop_config["deepspeed"])
-    module = engine.module
 
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: value.to(engine.device) for name, value in batch.items()}
+        return {name: value.to(device) for name, value in batch.items()}
 
-    def evaluate() -> dict[str, float]:
-        module.eval()
-        with torch.no_grad():
-            _, stats = eagle_loss(module, to_device(eval_rows), config)
-        module.train()
-        return stats
+    def draw(generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return to_device(train_rows[torch.randint(0, len(train_rows), (config.batch_size,),
+                                                  generator=generator).tolist()])
 
-    before = evaluate()
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    history: list[float] = []
-    for step in range(config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * warmup_cosine(step, config.steps, config.warmup_steps)
-        index = torch.randint(0, len(train_rows), (config.batch_size,), generator=generator).tolist()
-        loss, stats = eagle_loss(module, to_device(train_rows[index]), config, generator)
-        engine.backward(loss)
-        engine.step()
-        history.append(stats["loss"])
-        if rank == 0 and (step + 1) % max(1, config.steps // 10) == 0:
-            print(f"eagle head step {step + 1}/{config.steps}: loss {stats['loss']:.4f} top1 {stats['top1']:.3f}",
-                  flush=True)
-    after = evaluate()
-    metrics = {"eval_before": before, "eval_after": after, "train_loss_first": sum(history[:10]) / len(history[:10]),
-               "train_loss_last": sum(history[-10:]) / len(history[-10:]), "steps": config.steps,
-               "train_windows": len(split["train"]), "parameters": module.own_parameters()}
+    fitted = worker.fit(head, draw, lambda module, batch, generator: eagle_loss(module, batch, config, generator),
+                        worker.generator(config.seed * 1000 + rank),
+                        evaluate=lambda module: eagle_loss(module, to_device(eval_rows), config)[1],
+                        progress="eagle head", shown=("loss", "top1"))
+    module = fitted.module
+    metrics = {"eval_before": fitted.before, "eval_after": fitted.after, "train_loss_first": fitted.loss_first(),
+               "train_loss_last": fitted.loss_last(), "steps": config.steps, "train_windows": len(split["train"]),
+               "parameters": module.own_parameters()}
 
     def write(directory: Path) -> None:
         module.eval()
         probe = probe_drafts(module, target, eval_rows["input_ids"][0][:PROBE_TOKENS * 4])
         save_head(module, directory, extra={"metrics": metrics, "probe": probe})
 
-    report_files(metrics, write)
+    worker.finish(metrics, write)
 
 
 @torch.no_grad()

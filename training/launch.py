@@ -111,7 +111,7 @@ def launch(loop: Callable[[dict[str, Any]], None], config: Any, zoo: Any, name: 
     """Run ``loop`` with DeepSpeed on Ray Train workers; copy rank 0's files to ``out_dir``.
 
     ``config`` is the job's training-config dataclass: its ``launch`` settings
-    place the workers, its ``batch_size`` (and ``grad_clip``, default 1.0) fill
+    place the workers, its ``batch_size`` and ``grad_clip`` fill
     the DeepSpeed config. The loop receives ``{"config", "zoo", **extra}``
     plus ``deepspeed`` (the resolved DeepSpeed config), ``home``
     (``$SPECSWEEP_HOME``), ``gpu`` and ``cpus_per_worker``. Returns the
@@ -127,7 +127,7 @@ def launch(loop: Callable[[dict[str, Any]], None], config: Any, zoo: Any, name: 
     gpu = uses_gpu(settings)
     loop_config = {"config": config, "zoo": zoo, **extra, "home": str(specsweep_home()), "gpu": gpu,
                    "cpus_per_worker": settings.cpus_per_worker,
-                   "deepspeed": deepspeed_settings(settings, config.batch_size, getattr(config, "grad_clip", 1.0), gpu)}
+                   "deepspeed": deepspeed_settings(settings, config.batch_size, config.grad_clip, gpu)}
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     storage = specsweep_home() / "ray_train"
     storage.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,9 @@ import json
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -25,8 +25,9 @@ from torch import nn
 from harness.core.corpus import DOMAINS, build_corpus, heldout_prompts
 from harness.core.errors import ConfigError
 from training.artifacts import ArtifactKind
-from training.launch import LaunchSettings, deepspeed_engine, launch, report_files, worker_device
-from training.settings import TrainSettings, parse_domains, parse_settings
+from training.launch import launch
+from training.settings import parse_domains, parse_settings
+from training.trainer import LEGACY_ADAMW, OptimSettings, Worker
 from training.text import source_texts
 
 WORD = re.compile(r"\w+")
@@ -34,7 +35,7 @@ DEFAULT_DOMAINS = (("code", ("zoo:code",)), ("prose", ("zoo:prose",)), ("legal",
 
 
 @dataclass(frozen=True)
-class RouterTrainConfig(TrainSettings):
+class RouterTrainConfig(OptimSettings):
     """Domains (name -> text sources), prompt sampling, network and optimisation settings."""
 
     domains: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_DOMAINS
@@ -46,8 +47,11 @@ class RouterTrainConfig(TrainSettings):
     steps: int = 300
     batch_size: int = 64
     lr: float = 3e-3
-    seed: int = 0
-    launch: LaunchSettings = field(default_factory=LaunchSettings)
+    schedule: str = "warmup_constant"
+    weight_decay: float = 0.01
+    adam_beta2: float = 0.999
+
+    KEYED_ONLY_WHEN_SET: ClassVar[frozenset[str]] = LEGACY_ADAMW
 
 
 def parse_router_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]) -> RouterTrainConfig:
@@ -105,9 +109,11 @@ class BagOfWordsRouter(nn.Module):
         logits = self(self.featurize([text]).to(parameter.device, parameter.dtype))
         return self.domains[int(logits.argmax(-1))]
 
+    @torch.no_grad()
     def accuracy(self, texts: list[str], labels: list[int]) -> float:
-        with torch.no_grad():
-            predicted = self(self.featurize(texts)).argmax(-1)
+        """The share of ``texts`` routed to their ``labels``' domains."""
+        parameter = next(self.parameters())
+        predicted = self(self.featurize(texts).to(parameter.device, parameter.dtype)).argmax(-1).cpu()
         return float((predicted == torch.tensor(labels)).float().mean())
 
 
@@ -144,25 +150,25 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: fit the router on domain prompts, report held-out accuracy and the weights."""
     from safetensors.torch import save_file
 
-    config: RouterTrainConfig = loop_config["config"]
-    worker_device(loop_config)
-    torch.manual_seed(config.seed)
-    texts, labels, held_texts, held_labels = domain_prompts(config, loop_config["zoo"].corpus)
+    worker = Worker.start(loop_config)
+    config: RouterTrainConfig = worker.config
+    texts, labels, held_texts, held_labels = domain_prompts(config, worker.zoo.corpus)
     counts = Counter(word for text in texts for word in words(text))
     vocabulary = [word for word, _ in counts.most_common(config.vocabulary)]
     router = BagOfWordsRouter(vocabulary, [d for d, _ in config.domains], config.hidden)
-    before = router.accuracy(held_texts, held_labels)
     features, targets = router.featurize(texts), torch.tensor(labels)
-    optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr)
-    engine = deepspeed_engine(router, optimizer, loop_config["deepspeed"])
-    generator = torch.Generator().manual_seed(config.seed)
-    for _ in range(config.steps):
-        index = torch.randint(0, len(texts), (config.batch_size,), generator=generator)
-        loss = nn.functional.cross_entropy(engine(features[index].to(engine.device)), targets[index].to(engine.device))
-        engine.backward(loss)
-        engine.step()
-    module = engine.module.float().cpu().eval()
-    metrics = {"heldout_accuracy": module.accuracy(held_texts, held_labels), "untrained_accuracy": before,
+
+    def draw(generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, len(texts), (config.batch_size,), generator=generator)
+
+    def loss(module: nn.Module, index: torch.Tensor, _: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        device = next(module.parameters()).device
+        return nn.functional.cross_entropy(module(features[index].to(device)), targets[index].to(device)), {}
+
+    fitted = worker.fit(router, draw, loss, worker.generator(config.seed),
+                        evaluate=lambda module: {"accuracy": module.accuracy(held_texts, held_labels)})
+    module = fitted.module.float().cpu().eval()
+    metrics = {"heldout_accuracy": fitted.after["accuracy"], "untrained_accuracy": fitted.before["accuracy"],
                "heldout_prompts": len(held_texts), "train_prompts": len(texts)}
 
     def write(directory: Path) -> None:
@@ -170,7 +176,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         (directory / "router.json").write_text(json.dumps({
             "vocabulary": vocabulary, "domains": module.domains, "hidden": list(config.hidden), "metrics": metrics}))
 
-    report_files(metrics, write)
+    worker.finish(metrics, write)
 
 
 def build_router(config: RouterTrainConfig, zoo, out_dir: Path, target_key: str, name: str,

@@ -11,10 +11,9 @@ field-specific parser. Range checks stay with each config.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from harness.core.errors import ConfigError, ErrorCollector, unknown_key
 from harness.core.models import ModelSpec, parse_model_spec
@@ -25,11 +24,23 @@ from training.text import check_sources
 
 class TrainSettings:
     """Mixin of artefact configs: ``identity`` is what the artefact key hashes (how the job runs, ``launch``, is
-    left out, also from the training configs nested in this one)."""
+    left out, also from the training configs nested in this one). ``KEYED_ONLY_WHEN_SET`` names fields that are
+    hashed only when set away from their default: settings added after the kind's artefacts were first keyed,
+    whose default is what the kind did before, so those artefacts keep their keys."""
+
+    KEYED_ONLY_WHEN_SET: ClassVar[frozenset[str]] = frozenset()
+
+    def check(self, where: str) -> None:
+        """Raise ``ConfigError`` for a value out of range (the fields every kind of this class shares)."""
 
     def identity(self) -> dict[str, Any]:
+        """The fields that determine the artefact, as its key hashes them."""
         values = asdict(self)
         values.pop("launch", None)
+        defaults = type(self)() if self.KEYED_ONLY_WHEN_SET else None
+        for name in self.KEYED_ONLY_WHEN_SET:
+            if getattr(self, name) == getattr(defaults, name):
+                values.pop(name)
         for name, value in vars(self).items():
             if isinstance(value, TrainSettings):
                 values[name] = value.identity()
@@ -73,10 +84,13 @@ def parse_settings(cls: type, raw: Any, where: str, base_dir: Path, zoo_names: t
         if name in ignore or name not in defaults:
             continue
         with problems.check():
-            values[name] = _parse_field(cls, name, value, _path(where, name), defaults[name], parsers, base_dir,
+            values[name] = _parse_field(cls, name, value, field_path(where, name), defaults[name], parsers, base_dir,
                                         zoo_names)
     problems.raise_if_any()
-    return cls(**values)
+    settings = cls(**values)
+    if isinstance(settings, TrainSettings):
+        settings.check(where)
+    return settings
 
 
 def _parse_field(cls: type, name: str, value: Any, path: str, default: Any,
@@ -107,19 +121,11 @@ def check_ranges(config: Any, where: str, minimums: dict[str, int]) -> None:
     for name, low in minimums.items():
         if getattr(config, name) < low:
             problems.add(ConfigError(f"{where}.{name}", f"must be >= {low}, got {getattr(config, name)}"))
-    if not 0 < config.eval_fraction < 1:
+    if hasattr(config, "eval_fraction") and not 0 < config.eval_fraction < 1:
         problems.add(ConfigError(f"{where}.eval_fraction", f"must be between 0 and 1, got {config.eval_fraction}"))
     if config.lr <= 0:
         problems.add(ConfigError(f"{where}.lr", f"must be > 0, got {config.lr}"))
     problems.raise_if_any()
-
-
-def warmup_cosine(step: int, steps: int, warmup_steps: int) -> float:
-    """The learning-rate factor at ``step``: linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def parse_lora(raw: Any, where: str) -> LoraSettings:
@@ -157,5 +163,6 @@ def mapping(raw: Any, where: str) -> dict[str, Any]:
     return raw
 
 
-def _path(where: str, name: str) -> str:
+def field_path(where: str, name: str) -> str:
+    """The dotted path of field ``name`` under ``where`` (just ``name`` at the top level)."""
     return f"{where}.{name}" if where else name

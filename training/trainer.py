@@ -1,0 +1,188 @@
+"""The trainer skeleton every Ray Train artefact kind trains through, and the optimisation settings they share.
+
+A kind's ``train_loop`` starts a :class:`Worker` (rank, world size, device,
+seed), builds its model and data, and hands :meth:`Worker.fit` what only it
+knows: the trainable module, how to draw a batch, the loss, and how to
+evaluate. The skeleton owns the rest, the same for every kind: AdamW over the
+trainable parameters, the DeepSpeed engine, the learning-rate schedule,
+evaluation before and after (in eval mode, training in train mode), the loss
+history and progress lines; :meth:`Worker.finish` reports the metrics and
+hands rank 0's files back to the launcher (``training.launch``).
+
+:class:`OptimSettings` is the base of every such kind's config. A kind
+re-declares a field to change its default; ``KEYED_ONLY_WHEN_SET`` names the
+fields the kind had fixed in code before they were settings, which its
+artefact key hashes only when set to something else, so that artefacts
+trained before keep their keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from harness.core.errors import ConfigError, ErrorCollector
+from training.launch import LaunchSettings, deepspeed_engine, report_files, worker_device
+from training.settings import TrainSettings, field_path
+
+SCHEDULES = ("warmup_cosine", "warmup_constant")
+Batch = Any
+LossFn = Callable[[torch.nn.Module, Batch, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class OptimSettings(TrainSettings):
+    """The optimisation fields every trained kind shares (AdamW, a warm-up then cosine or constant schedule)."""
+
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 1e-3
+    schedule: str = "warmup_cosine"  # warmup_cosine | warmup_constant
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    launch: LaunchSettings = field(default_factory=LaunchSettings)
+
+    KEYED_ONLY_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"schedule", "adam_beta1", "adam_beta2"})
+
+    def check(self, where: str) -> None:
+        """Refuse optimisation settings out of range, naming every field at fault."""
+        problems = ErrorCollector()
+        for name, low in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0)):
+            if getattr(self, name) < low:
+                problems.add(ConfigError(field_path(where, name), f"must be >= {low}, got {getattr(self, name)}"))
+        for name in ("lr", "grad_clip"):
+            if getattr(self, name) <= 0:
+                problems.add(ConfigError(field_path(where, name), f"must be > 0, got {getattr(self, name)}"))
+        if self.weight_decay < 0:
+            problems.add(ConfigError(field_path(where, "weight_decay"), f"must be >= 0, got {self.weight_decay}"))
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.add(ConfigError(field_path(where, name), f"must be in [0, 1), got {getattr(self, name)}"))
+        if self.schedule not in SCHEDULES:
+            problems.add(ConfigError(field_path(where, "schedule"), f"unknown schedule {self.schedule!r}",
+                                     f"choose {' or '.join(SCHEDULES)}"))
+        problems.raise_if_any()
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate at ``step``."""
+        if self.schedule == "warmup_constant":
+            return self.lr * min(1.0, (step + 1) / max(1, self.warmup_steps))
+        return self.lr * warmup_cosine(step, self.steps, self.warmup_steps)
+
+
+LEGACY_ADAMW = frozenset({"schedule", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "grad_clip"})
+"""The fields a kind trained with torch's AdamW defaults, a constant rate and clipping at 1 fixed in code."""
+
+
+def warmup_cosine(step: int, steps: int, warmup_steps: int) -> float:
+    """The learning-rate factor at ``step``: linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class Fitted:
+    """One optimisation run's result: the trained module, evaluations before and after, the loss per step."""
+
+    module: torch.nn.Module
+    before: dict[str, float]
+    after: dict[str, float]
+    losses: list[float]
+
+    def loss_first(self, window: int = 10) -> float:
+        """The mean training loss over the first ``window`` steps."""
+        return sum(self.losses[:window]) / max(1, len(self.losses[:window]))
+
+    def loss_last(self, window: int = 10) -> float:
+        """The mean training loss over the last ``window`` steps."""
+        return sum(self.losses[-window:]) / max(1, len(self.losses[-window:]))
+
+
+@dataclass
+class Worker:
+    """One Ray Train worker's share of a job: the job's config and zoo, its rank, the world size, its device."""
+
+    loop_config: dict[str, Any]
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def start(cls, loop_config: dict[str, Any]) -> "Worker":
+        """This worker (``$SPECSWEEP_HOME``, threads and device set), with torch seeded (``seed``)."""
+        import ray.train
+
+        context = ray.train.get_context()
+        worker = cls(loop_config, context.get_world_rank(), context.get_world_size(), worker_device(loop_config))
+        worker.seed()
+        return worker
+
+    @property
+    def config(self) -> Any:
+        return self.loop_config["config"]
+
+    @property
+    def zoo(self) -> Any:
+        return self.loop_config["zoo"]
+
+    def seed(self) -> None:
+        """Seed torch's global generator for this rank (the config's seed plus the rank)."""
+        torch.manual_seed(self.config.seed + self.rank)
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A CPU generator for batch draws and noise, seeded with ``seed``."""
+        return torch.Generator().manual_seed(seed)
+
+    def fit(self, model: torch.nn.Module, batch: Callable[[torch.Generator], Batch], loss: LossFn,
+            generator: torch.Generator, evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+            settings: OptimSettings | None = None, progress: str = "", shown: tuple[str, ...] = ()) -> Fitted:
+        """Train ``model``'s trainable parameters for ``settings.steps`` steps (the job's config by default) and
+        return it with its evaluations before and after; ``progress`` names the run in ten progress lines of
+        rank 0, which show the stats named in ``shown``."""
+        settings = settings or self.config
+        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=settings.lr, betas=(settings.adam_beta1, settings.adam_beta2),
+                                      weight_decay=settings.weight_decay)
+        engine = deepspeed_engine(model, optimizer, self.loop_config["deepspeed"])
+        module = engine.module
+        before = evaluated(module, evaluate)
+        module.train()
+        losses: list[float] = []
+        for step in range(settings.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr_at(step)
+            value, stats = loss(module, batch(generator), generator)
+            engine.backward(value)
+            engine.step()
+            losses.append(value.item())
+            if progress and self.rank == 0 and (step + 1) % max(1, settings.steps // 10) == 0:
+                shown_stats = "".join(f" {name} {stats[name]:.4f}" for name in shown)
+                print(f"{progress} step {step + 1}/{settings.steps}:{shown_stats}", flush=True)
+        return Fitted(module, before, evaluated(module, evaluate), losses)
+
+    def finish(self, metrics: dict[str, Any], write: Callable[[Any], None]) -> None:
+        """Report ``metrics``; rank 0 also hands over the files ``write(directory)`` creates."""
+        report_files(metrics, write)
+
+
+def evaluated(module: torch.nn.Module, evaluate: Callable[[torch.nn.Module], dict[str, float]] | None
+              ) -> dict[str, float]:
+    """``evaluate(module)`` in eval mode without gradients, the module's mode restored; ``{}`` without one."""
+    if evaluate is None:
+        return {}
+    training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return evaluate(module)
+    finally:
+        module.train(training)
