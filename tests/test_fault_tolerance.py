@@ -168,18 +168,24 @@ def test_lost_node_cells_rerun_on_the_other(tmp_path, tiny_zoo):
 
 
 def test_a_hung_cell_times_out_alone_and_its_worker_is_replaced(tmp_path, tiny_zoo, fresh_ray):
+    # The dispatcher's clock jumps an hour ahead once the hanging strategy has started: the hung cell passes its
+    # limit at once, while every other cell (and the replacement worker's start) is timed on the same clock from
+    # after the jump, so a slow, loaded machine cannot push a healthy cell past its limit.
+    marker = tmp_path / "hanging"
     path = many_cells_sweep(tmp_path / "sweep.yaml", plugins=[str(TESTS / "plugins" / "probes.py")],
                             prompts=[{"name": "code", "source": "zoo:code", "count": 2}],
-                            strategies=[{"name": "hang"}, {"name": "speculative", "params": {"draft": "small", "gamma": 2}}],
+                            strategies=[{"name": "hang", "params": {"marker": str(marker)}},
+                                        {"name": "speculative", "params": {"draft": "small", "gamma": 2}}],
                             run={"max_new_tokens": 6, "warmup_prompts": 0, "workers": 1, "num_cpus": 1,
-                                 "cell_timeout_s": 15})
+                                 "cell_timeout_s": 600})
     fresh_ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     messages: list[str] = []
-    outcome = run_sweep(load_sweep(path), tmp_path / "run", log=messages.append)
+    outcome = run_sweep(load_sweep(path), tmp_path / "run", log=messages.append,
+                        clock=lambda: time.perf_counter() + (3600.0 if marker.exists() else 0.0))
     records = {record.cell["strategy"]: record for record in ResultStore(tmp_path / "run").records()}
     assert set(cell_id_counts(tmp_path / "run").values()) == {1}
     assert outcome.failed == 1 and outcome.ok == 1, [(r.cell["strategy"], r.error) for r in records.values()]
-    assert records["hang"].error == "timed out after 15 s (run.cell_timeout_s)"
+    assert records["hang"].error == "timed out after 600 s (run.cell_timeout_s)"
     assert records["speculative"].ok
     assert any("starting a replacement worker" in message for message in messages)
 

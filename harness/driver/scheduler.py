@@ -73,7 +73,7 @@ class WorkerSlot:
     targets: set[str] = field(default_factory=set)
     cell: Cell | None = None
     node: str = ""
-    started: float = field(default_factory=time.perf_counter)
+    started: float = 0.0  # when it was asked to start, on the dispatcher's clock
 
 
 def init_ray(sweep: Sweep, address: str | None, connect_timeout_s: float = 60.0) -> bool:
@@ -227,7 +227,8 @@ class Dispatcher:
 
     def __init__(self, sweep: Sweep, store: ResultStore, log: Callable[[str], None],
                  plan: tuple[int, dict[str, Any], str],
-                 on_record: Callable[["Dispatcher", CellRecord], None] | None = None) -> None:
+                 on_record: Callable[["Dispatcher", CellRecord], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         import ray
 
         self.ray = ray
@@ -235,6 +236,7 @@ class Dispatcher:
         self.store = store
         self.log = log
         self.on_record = on_record
+        self.clock = clock  # seconds; time limits and driver timings read it (tests inject one)
         self.count, self.options, self.device = plan
         self.remote_cls = ray.remote(Worker)
         self.slots: dict[str, WorkerSlot] = {}
@@ -264,9 +266,9 @@ class Dispatcher:
         cache_bytes = int(self.sweep.run.cache_memory_gb * 2**30) if self.sweep.run.cache_memory_gb else None
         handle = self.remote_cls.options(**self.options, runtime_env=merged, scheduling_strategy="SPREAD").remote(
             self.sweep.zoo, self.device, name, threads, self.sweep.plugins, cache_bytes)
-        slot = WorkerSlot(name=name, handle=handle, env_key=env_key(runtime_env))
+        slot = WorkerSlot(name=name, handle=handle, env_key=env_key(runtime_env), started=self.clock())
         self.slots[name] = slot
-        self.pending[handle.describe.remote()] = ("start", name, None, time.perf_counter())
+        self.pending[handle.describe.remote()] = ("start", name, None, self.clock())
         return slot
 
     def retire(self, name: str) -> None:
@@ -342,16 +344,16 @@ class Dispatcher:
                 if slot is not None:
                     slot.state, slot.node = "idle", info.get("node", "")
             else:
-                received = time.perf_counter()
+                received = self.clock()
                 try:
                     record = self.ray.get(ref)
                 except self.ray.exceptions.RayError as error:
                     self._worker_lost(name, cell, error, attempts, queue, outcome, progress)
                     continue
                 self._released(record, cell, waiting, queue, outcome, progress)
-                stored = time.perf_counter()
+                stored = self.clock()
                 self._store(record, outcome, progress)
-                now = time.perf_counter()
+                now = self.clock()
                 outcome.timings.append({"driver_s": received - submitted, "worker_s": float(record.seconds or 0.0),
                                         "store_s": now - stored, "submitted": submitted, "stored": now})
                 if slot is not None:
@@ -387,7 +389,7 @@ class Dispatcher:
         self.log(f"training {request.label()} (needed by this sweep; cached for later runs)")
         task = self.ray.remote(train_artifact).options(num_cpus=0, max_retries=0)
         ref = task.remote(request, str(specsweep_home()))
-        self.pending[ref] = ("train", request.key(), None, time.perf_counter())
+        self.pending[ref] = ("train", request.key(), None, self.clock())
 
     def _trained(self, ref: Any, key: str, held: dict[str, Cell], queue: deque[Cell],
                  waiting: dict[str, list[Cell]], outcome: SweepOutcome, progress: Progress) -> None:
@@ -422,7 +424,7 @@ class Dispatcher:
                 continue
             attempts[cell.cell_id] = attempts.get(cell.cell_id, 0) + 1
             baseline = self.baselines.get(cell.baseline_id) if cell.kind == "strategy" else None
-            self.pending[slot.handle.run.remote(cell, baseline)] = ("run", name, cell, time.perf_counter())
+            self.pending[slot.handle.run.remote(cell, baseline)] = ("run", name, cell, self.clock())
             slot.state, slot.cell = "busy", cell
 
     @staticmethod
@@ -489,7 +491,7 @@ class Dispatcher:
                              progress: Progress) -> None:
         """Record each cell running past its time limit (``Cell.timeout_s``) as failed, "timed out", and replace
         its worker (a hung call cannot be interrupted inside the actor)."""
-        now = time.perf_counter()
+        now = self.clock()
         for ref, (event, name, cell, submitted) in list(self.pending.items()):
             if event != "run":
                 continue
@@ -508,7 +510,7 @@ class Dispatcher:
 
     def _check_start_timeouts(self, queue: deque[Cell], waiting: dict[str, list[Cell]], outcome: SweepOutcome,
                               progress: Progress) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         running = any(event in ("run", "train") for event, *_ in self.pending.values())
         starting = [s for s in self.slots.values() if s.state == "starting"]
         if running or not starting or any(s.state == "idle" for s in self.slots.values()):
@@ -538,10 +540,12 @@ class Dispatcher:
 def run_sweep(sweep: Sweep, run_dir: Path, address: str | None = None, log: Callable[[str], None] | None = None,
               retry_failed: bool = False, retry_suspect: bool = False,
               on_record: Callable[[Dispatcher, CellRecord], None] | None = None,
-              stream: Any = None, connect_timeout_s: float = 60.0) -> SweepOutcome:
+              stream: Any = None, connect_timeout_s: float = 60.0,
+              clock: Callable[[], float] = time.perf_counter) -> SweepOutcome:
     """Run every cell of ``sweep`` not yet recorded in ``run_dir`` (and, when asked, those recorded as failed or
     as ``timing_suspect``); return the outcome. An interrupt (``KeyboardInterrupt``) or an ``InfraError``
-    abandons the cells in flight (unrecorded, so a resume runs them) and shuts down the Ray this call started."""
+    abandons the cells in flight (unrecorded, so a resume runs them) and shuts down the Ray this call started.
+    ``clock`` is what the cell and worker-start time limits are measured on."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if sweep.uses_zoo_models():  # a built zoo is checked against its checksums (and rebuilt if corrupt)
         built = is_built(sweep.zoo, sweep.zoo_models())
@@ -553,7 +557,7 @@ def run_sweep(sweep: Sweep, run_dir: Path, address: str | None = None, log: Call
     prepare_models(sweep, log)
     started_ray = init_ray(sweep, address, connect_timeout_s)
     try:
-        return _run_cells(sweep, run_dir, log, retry_failed, retry_suspect, on_record, stream)
+        return _run_cells(sweep, run_dir, log, retry_failed, retry_suspect, on_record, stream, clock)
     finally:
         if started_ray:
             import ray
@@ -562,7 +566,8 @@ def run_sweep(sweep: Sweep, run_dir: Path, address: str | None = None, log: Call
 
 
 def _run_cells(sweep: Sweep, run_dir: Path, log: Callable[[str], None], retry_failed: bool, retry_suspect: bool,
-               on_record: Callable[[Dispatcher, CellRecord], None] | None, stream: Any) -> SweepOutcome:
+               on_record: Callable[[Dispatcher, CellRecord], None] | None, stream: Any,
+               clock: Callable[[], float]) -> SweepOutcome:
     """``run_sweep`` once Ray runs: plan the workers, skip recorded cells, dispatch the rest."""
     store = ResultStore(run_dir)
     plan = worker_plan(sweep)
@@ -583,7 +588,7 @@ def _run_cells(sweep: Sweep, run_dir: Path, log: Callable[[str], None], retry_fa
         log(f"resuming {run_dir}: {outcome.skipped} of {len(cells)} cells already recorded")
     if not todo:
         return outcome
-    dispatcher = Dispatcher(sweep, store, log, plan, on_record)
+    dispatcher = Dispatcher(sweep, store, log, plan, on_record, clock)
     log(f"running {len(todo)} cells on {dispatcher.count} {dispatcher.device} worker(s); results -> {store.path}")
     progress = Progress(total=len(cells), done=outcome.ok, failed=outcome.failed, log=log, stream=stream)
     try:

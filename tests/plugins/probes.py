@@ -52,9 +52,11 @@ class EnvProbe(Autoregressive):
 
 @dataclass(frozen=True)
 class HangParams(StrategyParams):
-    """``hang_s``: how long ``generate`` sleeps before decoding (long enough to stand for "never returns")."""
+    """``hang_s``: how long ``generate`` sleeps before decoding (long enough to stand for "never returns");
+    ``marker``: a file it creates as it starts hanging (none if empty)."""
 
     hang_s: float = 3600.0
+    marker: str = ""
 
 
 @register("hang")
@@ -65,6 +67,9 @@ class Hang(Autoregressive):
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
         import time
+        from pathlib import Path
 
+        if self.params.marker:
+            Path(self.params.marker).touch()
         time.sleep(self.params.hang_s)
         return super().generate(prompt_ids, max_new_tokens, sampling)
