@@ -27,12 +27,13 @@ def measure(sweep_path: str, workers: int, cpus: int) -> dict[str, float]:
     """Run the sweep once with ``workers`` CPU workers sharing ``cpus`` CPUs; return timing figures."""
     import ray
 
+    from harness.core.local_ray import start_local_ray
     from harness.driver.config import load_sweep
     from harness.driver.scheduler import run_sweep
 
     sweep = load_sweep(sweep_path)
     sweep = dataclasses.replace(sweep, run=dataclasses.replace(sweep.run, workers=workers, num_cpus=cpus))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    start_local_ray(cpus, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as run_dir:
             started = time.perf_counter()

@@ -64,8 +64,7 @@ def train_all(out: Path) -> None:
     """Train every kind's small artefact in a fresh home and write what identifies each to ``out``."""
     home = Path(tempfile.mkdtemp(prefix="same-training-"))
     os.environ["SPECSWEEP_HOME"] = str(home)
-    import ray
-
+    from harness.core.local_ray import start_local_ray
     from harness.core.zoo_spec import ZooConfig
     from training.adaptive import load_adaptive_config, run_adaptive
     from training.artifacts import build_artifact, load_train_config
@@ -73,7 +72,7 @@ def train_all(out: Path) -> None:
 
     zoo = ZooConfig.from_dict(yaml.safe_load((ROOT / "tests" / "tiny_zoo.yaml").read_text()))
     build_zoo(zoo, log=lambda message: None)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(2, log_to_driver=False)
     results: dict[str, Any] = {}
     for kind, config in CONFIGS.items():
         request = load_train_config({**config, "launch": LAUNCH}, kind, home, zoo)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.core.local_ray import NICENESS_CONFIG, start_local_ray
 from harness.core.results import ResultStore
 from harness.driver.config import load_sweep
 from harness.driver.scheduler import run_sweep
@@ -44,7 +45,7 @@ def fresh_ray():
 
 def test_killed_worker_is_replaced_and_its_cell_rerun(tmp_path, tiny_zoo, fresh_ray):
     sweep = load_sweep(many_cells_sweep(tmp_path / "sweep.yaml"))
-    fresh_ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(2, log_to_driver=False)
     killed: list[str] = []
     messages: list[str] = []
 
@@ -81,7 +82,7 @@ def test_raising_strategy_fails_only_its_cell(tmp_path, tiny_zoo, zoo_models, fr
                             strategies=[{"name": "faulty", "params": {"poison_length": poison_length}},
                                         {"name": "speculative", "params": {"draft": "small", "gamma": 2}}],
                             run={"max_new_tokens": 10, "warmup_prompts": 0, "workers": 2, "num_cpus": 2, "pairing": "shared"})
-    fresh_ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(2, log_to_driver=False)
     outcome = run_sweep(load_sweep(path), tmp_path / "run", log=lambda m: None)
     records = list(ResultStore(tmp_path / "run").records())
     failed = [r for r in records if not r.ok]
@@ -94,7 +95,7 @@ def test_raising_strategy_fails_only_its_cell(tmp_path, tiny_zoo, zoo_models, fr
 def test_worker_loads_its_target_once(tmp_path, tiny_zoo, fresh_ray):
     path = many_cells_sweep(tmp_path / "sweep.yaml", run={"max_new_tokens": 6, "warmup_prompts": 0, "workers": 1,
                                                                   "pairing": "shared"})
-    fresh_ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    start_local_ray(1, log_to_driver=False)
     run_sweep(load_sweep(path), tmp_path / "run", log=lambda m: None)
     records = list(ResultStore(tmp_path / "run").records())
     assert len(records) == 2 * (1 + 3) and {r.worker for r in records} == {"worker-1"}
@@ -134,7 +135,7 @@ def test_lost_node_cells_rerun_on_the_other(tmp_path, tiny_zoo):
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": dict(NICENESS_CONFIG)})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     try:
@@ -178,7 +179,7 @@ def test_a_hung_cell_times_out_alone_and_its_worker_is_replaced(tmp_path, tiny_z
                                         {"name": "speculative", "params": {"draft": "small", "gamma": 2}}],
                             run={"max_new_tokens": 6, "warmup_prompts": 0, "workers": 1, "num_cpus": 1,
                                  "cell_timeout_s": 600})
-    fresh_ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    start_local_ray(1, log_to_driver=False)
     messages: list[str] = []
     outcome = run_sweep(load_sweep(path), tmp_path / "run", log=messages.append,
                         clock=lambda: time.perf_counter() + (3600.0 if marker.exists() else 0.0))

@@ -11,8 +11,9 @@ import torch
 
 from harness.core.errors import ConfigError
 from training.answers import AnswerSettings, cached_self_chat
-from training.magpie import (TASK_OPENERS, MagpieSettings, duplicate_key, end_of_turn_id, query_problem, round_openers,
-                             self_queries, user_prefix, variant_settings)
+from training.magpie import (PASSAGE_TASKS, TASK_OPENERS, MagpieSettings, duplicate_key, end_of_turn_id,
+                             passage_task_queries, query_problem, round_openers, self_queries, user_prefix,
+                             variant_settings, whole_sentences)
 from training.text import check_sources
 
 CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
@@ -148,3 +149,30 @@ def test_task_seeded_queries_begin_with_their_opener_and_are_cached_apart_from_p
     starts = [{json.loads(line)["query"].startswith(openers) for line in path.read_text().splitlines()}
               for path in files]
     assert sorted(map(sorted, starts)) == [[False], [True]]
+
+
+def test_passage_tasks_hold_their_passage_and_the_model_writes_only_the_open_field(zoo_models, chat_tokenizer):
+    models, _ = zoo_models
+    settings = MagpieSettings(batch_size=4, max_query_tokens=16, dtype="float32", passage_tokens=32)
+    passages = [f"Passage number {index} tells of a town by a river." for index in range(len(PASSAGE_TASKS) + 2)]
+    batches: list[dict] = []
+    queries, refused = passage_task_queries(models.target.model, chat_tokenizer, settings, passages,
+                                            on_batch=batches.append)
+    assert len(queries) + sum(refused.values()) == len(passages)
+    for query in queries:  # each query holds one passage whole, behind the task of its passage's index
+        index = next(index for index, passage in enumerate(passages) if passage in query)
+        task = PASSAGE_TASKS[index % len(PASSAGE_TASKS)].format(passage=passages[index])
+        assert query == task if task.endswith(passages[index]) else query.startswith(task) and len(query) > len(task)
+    assert passage_task_queries(models.target.model, chat_tokenizer, settings, passages, batches[:1]) == (queries,
+                                                                                                        refused)
+
+
+def test_a_cut_passage_keeps_its_whole_sentences_and_the_passages_variant_keeps_other_caches():
+    assert whole_sentences("One. Two is here. Three is cut", ended=False) == "One. Two is here."
+    assert whole_sentences("No sentence end at all", ended=False) == ""
+    assert whole_sentences("Ended without a stop", ended=True) == "Ended without a stop"
+    passages = variant_settings("passages", 100, 3)
+    assert passages.passage_tokens > 0 and "passage_tokens" in passages.identity()
+    plain, tasks = variant_settings("", 100, 3), variant_settings("tasks", 100, 3)
+    assert "passage_tokens" not in plain.identity() and "openers" not in plain.identity()
+    assert "openers" in tasks.identity() and "min_passage_words" not in tasks.identity()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.core.local_ray import start_local_ray
 from harness.core.records import (SCHEMA_VERSION, CellRecord, Environment, PromptRecord, RecordError, SideRecord,
                                   TurnRecord)
 from harness.core.results import ResultStore
@@ -18,9 +19,16 @@ from tests.conftest import TESTS, write_sweep
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(2, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def test_a_local_ray_runs_its_workers_at_the_drivers_niceness(ray_local):
+    # Ray's default (15) would starve the cells and training jobs on any machine with other load
+    import os
+
+    assert ray_local.get(ray_local.remote(lambda: os.nice(0)).remote()) == os.nice(0) == 0
 
 
 def test_two_cell_sweep_through_ray(tmp_path, tiny_zoo, ray_local, capsys):

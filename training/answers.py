@@ -15,7 +15,8 @@ prompt plus answer) as a training document.
 - ``answers:magpie``: the target writes the user messages itself, sampled from
   its chat template's user prefix and filtered (``training.magpie``); needs no
   hub and reads no benchmark. ``answers:magpie:tasks``: the same, each user
-  turn begun with one of ``training.magpie.TASK_OPENERS``.
+  turn begun with one of ``training.magpie.TASK_OPENERS``;
+  ``answers:magpie:passages``: tasks over passages the target wrote itself.
 
 Greedy answers match the greedy benchmark setting. Answers are cached as a
 JSONL file under ``$SPECSWEEP_HOME/artifacts/answers/`` keyed by the target's
@@ -29,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +40,8 @@ from filelock import FileLock
 from harness.core.jsonl import jsonl_lines
 from harness.core.paths import content_hash, specsweep_home
 from harness.core.prompts import QA_TEMPLATE
-from training.magpie import MAGPIE_SOURCE, MagpieSettings, generation_copy, self_queries
+from training.magpie import (MAGPIE_SOURCE, MagpieSettings, add_counts, generation_copy, passage_problem,
+                             passage_task_queries, self_queries, whole_sentences)
 
 ANSWERS_PREFIX = "answers:"
 INSTRUCTIONS: tuple[str, ...] = (
@@ -81,7 +83,6 @@ def user_messages(inner_source: str, documents: list[str], settings: AnswerSetti
     return messages
 
 
-@torch.inference_mode()
 def answer_transcripts(model: Any, tokenizer: Any, messages: list[str], settings: AnswerSettings,
                        done: list[str] | None = None,
                        on_batch: Callable[[list[str]], None] | None = None) -> list[str]:
@@ -89,6 +90,22 @@ def answer_transcripts(model: Any, tokenizer: Any, messages: list[str], settings
 
     ``done``: transcripts of the first messages from an interrupted run (whole batches), kept as they are;
     ``on_batch`` hears each new batch's transcripts (to checkpoint them)."""
+    transcripts = list(done or [])
+    end = tokenizer.eos_token or ""
+    for start in range(len(transcripts), len(messages), settings.batch_size):
+        answered = greedy_answers(model, tokenizer, messages[start:start + settings.batch_size],
+                                  settings.max_new_tokens)
+        batch_transcripts = [prompt + answer.strip() + end for prompt, answer, _ in answered]
+        transcripts.extend(batch_transcripts)
+        if on_batch is not None:
+            on_batch(batch_transcripts)
+    return transcripts
+
+
+@torch.inference_mode()
+def greedy_answers(model: Any, tokenizer: Any, messages: list[str], max_new_tokens: int) -> list[tuple[str, str, bool]]:
+    """For each message, one batch: its prompt (the chat template, else the plain question frame), ``model``'s
+    greedy answer, and whether the answer ended before ``max_new_tokens``."""
     template = getattr(tokenizer, "chat_template", None) or None
     device = next(model.parameters()).device
     side, pad = tokenizer.padding_side, tokenizer.pad_token
@@ -96,24 +113,27 @@ def answer_transcripts(model: Any, tokenizer: Any, messages: list[str], settings
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
-        transcripts = list(done or [])
-        for start in range(len(transcripts), len(messages), settings.batch_size):
-            chunk = messages[start:start + settings.batch_size]
-            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                     add_generation_prompt=True)
-                       if template else QA_TEMPLATE.format(question=text.strip()) for text in chunk]
-            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=template is None).to(device)
-            out = model.generate(**batch, max_new_tokens=settings.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            end = tokenizer.eos_token or ""
-            batch_transcripts = [prompt + answer.strip() + end for prompt, answer in zip(prompts, answers)]
-            transcripts.extend(batch_transcripts)
-            if on_batch is not None:
-                on_batch(batch_transcripts)
-        return transcripts
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+                   if template else QA_TEMPLATE.format(question=text.strip()) for text in messages]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=template is None).to(device)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        rows = out[:, batch["input_ids"].shape[1]:]
+        answers = tokenizer.batch_decode(rows, skip_special_tokens=True)
+        ends = set(generation_ends(model, tokenizer))
+        ended = [any(token in ends for token in row) for row in rows.tolist()]
+        return list(zip(prompts, answers, ended))
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad
+
+
+def generation_ends(model: Any, tokenizer: Any) -> list[int]:
+    """The token ids that end ``model``'s generation (its generation config's EOS ids, else the tokenizer's)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    return [configured] if isinstance(configured, int) else list(configured or [])
 
 
 def cached_answers(model: Any, tokenizer: Any, inner_source: str, documents: list[str], settings: AnswerSettings,
@@ -133,19 +153,52 @@ def cached_self_chat(model: Any, tokenizer: Any, settings: AnswerSettings, magpi
                      target_identity: Any, log: Callable[[str], None] = print) -> list[str]:
     """Transcripts of the target answering queries it wrote itself (``answers:magpie``), generated once, then read
     from disk; each cached row also keeps its query."""
-    identity = {name: value for name, value in asdict(magpie).items() if name != "openers" or value}
-    key = content_hash(["answers", target_identity, MAGPIE_SOURCE, settings.__dict__, identity])[:16]
+    key = content_hash(["answers", target_identity, MAGPIE_SOURCE, settings.__dict__, magpie.identity()])[:16]
 
     def generate(checkpoint: Checkpoints) -> list[dict[str, str]]:
         writer = generation_copy(model, magpie.dtype)
         rounds = checkpoint("queries")
         queries, refused = self_queries(writer, tokenizer, magpie, log, rounds.rows(), lambda row: rounds.add([row]))
-        log(f"magpie: {len(queries)} distinct queries kept; refused: "
-            + (", ".join(f"{reason} {count}" for reason, count in sorted(refused.items())) or "none"))
+        log(f"magpie: {len(queries)} distinct queries kept; refused: {refusal_text(refused)}")
+        if magpie.passage_tokens:
+            queries = passage_queries(writer, tokenizer, magpie, queries, checkpoint, log)
         transcripts = checkpointed_transcripts(writer, tokenizer, queries, settings, checkpoint("answers"))
         return [{"query": query, "text": text} for query, text in zip(queries, transcripts)]
 
     return [row["text"] for row in cached_rows(key, MAGPIE_SOURCE, generate, log)]
+
+
+def passage_queries(model: Any, tokenizer: Any, magpie: MagpieSettings, requests: list[str],
+                    checkpoint: "Checkpoints", log: Callable[[str], None]) -> list[str]:
+    """User turns that set a task over a passage ``model`` wrote greedily for each writing request (the
+    ``passages`` variant of ``training.magpie``), checkpointed batch by batch."""
+    written = checkpoint("passages")
+    rows = written.rows()
+    for start in range(len(rows), len(requests), magpie.batch_size):
+        answered = greedy_answers(model, tokenizer, requests[start:start + magpie.batch_size], magpie.passage_tokens)
+        batch = [{"passage": answer, "ended": ended} for _, answer, ended in answered]
+        written.add(batch)
+        rows.extend(batch)
+        log(f"magpie passages: {len(rows)} of {len(requests)} written")
+    refused: dict[str, int] = {}
+    passages = []
+    for row in rows:
+        reason = passage_problem(row["passage"], row["ended"], magpie)
+        if reason is None:
+            passages.append(whole_sentences(row["passage"], row["ended"]))
+        else:
+            refused[reason] = refused.get(reason, 0) + 1
+    tasks = checkpoint("passage_tasks")
+    queries, task_refused = passage_task_queries(model, tokenizer, magpie, passages, tasks.rows(),
+                                                 lambda row: tasks.add([row]))
+    add_counts(refused, task_refused)
+    log(f"magpie passages: {len(queries)} tasks over {len(passages)} passages; refused: {refusal_text(refused)}")
+    return queries
+
+
+def refusal_text(refused: dict[str, int]) -> str:
+    """Refusal counts as one line, by reason."""
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(refused.items())) or "none"
 
 
 def checkpointed_transcripts(model: Any, tokenizer: Any, messages: list[str], settings: AnswerSettings,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.core.errors import ConfigError, unknown_key
+from harness.core.local_ray import start_local_ray
 from harness.core.paths import specsweep_home
 
 
@@ -122,7 +123,7 @@ def launch(loop: Callable[[dict[str, Any]], None], config: Any, zoo: Any, name: 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
+        start_local_ray(os.cpu_count() or 1)
     settings: LaunchSettings = config.launch
     gpu = uses_gpu(settings)
     loop_config = {"config": config, "zoo": zoo, **extra, "home": str(specsweep_home()), "gpu": gpu,

@@ -28,13 +28,25 @@ is the Magpie paper's control of the query's task by the prompt, done with the
 user turn's opening words instead of a system prompt (a 135M model follows a
 system prompt loosely). The openers are written here; none comes from a
 benchmark.
+
+The ``passages`` variant (``answers:magpie:passages``) gives the model text to
+work on, as summaries, extraction and questions over retrieved text need: the
+model first writes writing requests from ``PASSAGE_OPENERS`` ("Write a news
+article about", ...), answers each greedily (the passage, in its answering
+voice rather than a sampled user turn's), and then each passage is set behind
+one of ``PASSAGE_TASKS`` (summarise, list facts, extract, translate, answer a
+question). Where a task ends in an open field ("Question:"), the model writes
+the rest of the user turn, sampled and filtered like any Magpie query; the
+answers to those user turns are the training text. Answering them means
+copying from and condensing a passage in the context, which plain and
+task-seeded queries rarely ask for.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -57,7 +69,21 @@ TASK_OPENERS: tuple[str, ...] = (
     "Read the passage below and answer the question at the end.\n\n",
     "Based on the following text, answer:",
 )
-MAGPIE_VARIANTS = ("", "tasks")
+PASSAGE_OPENERS: tuple[str, ...] = (
+    "Write a news article about", "Write an encyclopedia entry about", "Write a short report on",
+    "Write a short biography of", "Write a travel guide entry for", "Write a product review of",
+    "Describe the history of", "Write a science news story about",
+)
+PASSAGE_TASKS: tuple[str, ...] = (
+    "Summarize the following article:\n\n{passage}",
+    "{passage}\n\nSummarize the text above in two sentences.",
+    "List the key facts in this text:\n\n{passage}",
+    "Extract all the names, dates and places from the following text:\n\n{passage}",
+    "Translate the first two sentences of this text into French:\n\n{passage}",
+    "Read the passage below and answer the question at the end.\n\n{passage}\n\nQuestion:",
+    "{passage}\n\nBased on the text above,",
+)  # a task that does not end with its passage ends in an open field the model writes itself
+MAGPIE_VARIANTS = ("", "tasks", "passages")
 _WORD = re.compile(r"[a-z0-9']+")
 _ROLE_HEADER = re.compile(r"^\s*(user|assistant|system|human|chat|ai)\s*[:>]", re.IGNORECASE | re.MULTILINE)
 
@@ -78,6 +104,15 @@ class MagpieSettings:
     dtype: str = "bfloat16"  # the benchmark's dtype on CPU and GPU; also what makes batched sampling fast on CPU
     seed: int = 0
     openers: tuple[str, ...] = ()  # first words of the user turns, rotated over the rows; empty: plain Magpie
+    passage_tokens: int = 0  # > 0: the queries ask for passages of this many tokens, and tasks over them follow
+    min_passage_words: int = 40
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the queries; a variant's fields are left out where they are off, so that
+        adding one keeps the caches of the others."""
+        off = {"openers": not self.openers, "passage_tokens": not self.passage_tokens,
+               "min_passage_words": not self.passage_tokens}
+        return {name: value for name, value in asdict(self).items() if not off.get(name, False)}
 
 
 def variant_settings(variant: str, count: int, seed: int) -> MagpieSettings:
@@ -87,6 +122,8 @@ def variant_settings(variant: str, count: int, seed: int) -> MagpieSettings:
         raise ValueError(f"unknown magpie variant {variant!r}")
     if variant == "tasks":
         return MagpieSettings(count=count, seed=seed, openers=TASK_OPENERS, max_query_tokens=160, max_words=120)
+    if variant == "passages":
+        return MagpieSettings(count=count, seed=seed, openers=PASSAGE_OPENERS, passage_tokens=128)
     return MagpieSettings(count=count, seed=seed)
 
 
@@ -145,51 +182,123 @@ def self_queries(model: Any, tokenizer: Any, settings: MagpieSettings, log: Call
     Round r samples with seed ``settings.seed + r``, so ``rounds_done`` (the rows ``on_round`` was given by an
     interrupted run: round, kept queries, refusals) are taken as they are and sampling goes on after them.
     """
-    prefix = user_prefix(tokenizer)
-    stop = end_of_turn_id(tokenizer)
-    markers = tuple(token for token in tokenizer.all_special_tokens if len(token) > 1)
-    device = next(model.parameters()).device
     queries: list[str] = []
     refused: dict[str, int] = {}
     for row in rounds_done or []:
         queries.extend(row["kept"])
-        for reason, count in row["refused"].items():
-            refused[reason] = refused.get(reason, 0) + count
+        add_counts(refused, row["refused"])
     seen = {duplicate_key(query, settings.duplicate_prefix_words) for query in queries}
+    for round_index in range(len(rounds_done or []), settings.max_rounds):
+        if len(queries) >= settings.count:
+            break
+        openers = round_openers(settings, round_index)
+        kept, refusals = [], {}
+        for opener, (written, ended) in zip(openers, sampled_user_turns(model, tokenizer, openers, settings,
+                                                                         settings.seed + round_index)):
+            text = (opener + written).strip() if opener else written.strip()
+            reason = query_problem(text, ended, settings, template_markers(tokenizer))
+            key = duplicate_key(written if opener else text, settings.duplicate_prefix_words)
+            if reason is None and key in seen:
+                reason = "near-duplicate"
+            if reason is not None:
+                refusals[reason] = refusals.get(reason, 0) + 1
+                continue
+            seen.add(key)
+            kept.append(text)
+        queries.extend(kept)
+        add_counts(refused, refusals)
+        if on_round is not None:
+            on_round({"round": round_index, "kept": kept, "refused": refusals})
+        log(f"magpie round {round_index + 1}: {len(queries)} of {settings.count} queries kept")
+    return queries[:settings.count], refused
+
+
+@torch.inference_mode()
+def sampled_user_turns(model: Any, tokenizer: Any, openers: list[str], settings: MagpieSettings,
+                       seed: int) -> list[tuple[str, bool]]:
+    """For each opener, the rest of a user turn that ``model`` writes after the template's user prefix and the
+    opener (sampled with ``seed``; the global RNG is left as it was), and whether the turn ended."""
+    stop = end_of_turn_id(tokenizer)
+    device = next(model.parameters()).device
+    batch = left_padded(tokenizer, [user_prefix(tokenizer) + opener for opener in openers]).to(device)
     generator_state = torch.random.get_rng_state()
     try:
-        for round_index in range(len(rounds_done or []), settings.max_rounds):
-            if len(queries) >= settings.count:
-                break
-            torch.manual_seed(settings.seed + round_index)
-            openers = round_openers(settings, round_index)
-            batch = left_padded(tokenizer, [prefix + opener for opener in openers]).to(device)
-            out = model.generate(**batch, do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
-                                 max_new_tokens=settings.max_query_tokens, eos_token_id=stop,
-                                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop)
-            kept, refusals = [], {}
-            for opener, row in zip(openers, out[:, batch["input_ids"].shape[1]:].tolist()):
-                ended = stop in row
-                written = tokenizer.decode(row[:row.index(stop)] if ended else row, skip_special_tokens=True)
-                text = (opener + written).strip() if opener else written.strip()
-                reason = query_problem(text, ended, settings, markers)
-                key = duplicate_key(written if opener else text, settings.duplicate_prefix_words)
-                if reason is None and key in seen:
-                    reason = "near-duplicate"
+        torch.manual_seed(seed)
+        out = model.generate(**batch, do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+                             max_new_tokens=settings.max_query_tokens, eos_token_id=stop,
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    turns = []
+    for row in out[:, batch["input_ids"].shape[1]:].tolist():
+        ended = stop in row
+        turns.append((tokenizer.decode(row[:row.index(stop)] if ended else row, skip_special_tokens=True), ended))
+    return turns
+
+
+def template_markers(tokenizer: Any) -> tuple[str, ...]:
+    """The tokenizer's multi-character special tokens (a query holding one is refused)."""
+    return tuple(token for token in tokenizer.all_special_tokens if len(token) > 1)
+
+
+def passage_problem(passage: str, ended: bool, settings: MagpieSettings) -> str | None:
+    """Why a written passage is refused, or ``None``; a passage cut at the token limit keeps its whole
+    sentences (see ``whole_sentences``)."""
+    text = whole_sentences(passage, ended)
+    if len(_WORD.findall(text.lower())) < settings.min_passage_words:
+        return "passage too short"
+    return query_problem(text, True, replace(settings, max_words=10 ** 6))
+
+
+def whole_sentences(text: str, ended: bool) -> str:
+    """``text`` up to its last sentence end when it was cut (``ended`` false), else all of it."""
+    text = text.strip()
+    if ended:
+        return text
+    cut = max(text.rfind(mark) for mark in (". ", ".\n", "! ", "? ", "!\n", "?\n"))
+    return text[:cut + 1] if cut > 0 else (text if text.endswith((".", "!", "?")) else "")
+
+
+def passage_task_queries(model: Any, tokenizer: Any, settings: MagpieSettings, passages: list[str],
+                         batches_done: list[dict[str, Any]] | None = None,
+                         on_batch: Callable[[dict[str, Any]], None] | None = None
+                         ) -> tuple[list[str], dict[str, int]]:
+    """One user turn per passage: passage i behind ``PASSAGE_TASKS[i % len]``; where the task ends in an open
+    field, ``model`` writes the rest (sampled in batches seeded from ``settings.seed``, filtered like a query),
+    and the refusal counts. ``batches_done``: the rows ``on_batch`` was given by an interrupted run."""
+    queries: list[str] = []
+    refused: dict[str, int] = {}
+    for row in batches_done or []:
+        queries.extend(row["kept"])
+        add_counts(refused, row["refused"])
+    open_rules = replace(settings, min_words=2)
+    for start in range(len(batches_done or []) * settings.batch_size, len(passages), settings.batch_size):
+        tasks = [PASSAGE_TASKS[index % len(PASSAGE_TASKS)].format(passage=passages[index])
+                 for index in range(start, min(start + settings.batch_size, len(passages)))]
+        open_rows = [index for index, task in enumerate(tasks) if not task.endswith(passages[start + index])]
+        written = dict(zip(open_rows, sampled_user_turns(model, tokenizer, [tasks[i] for i in open_rows], settings,
+                                                         settings.seed + 100_000 + start))) if open_rows else {}
+        kept, refusals = [], {}
+        for index, task in enumerate(tasks):
+            if index in written:
+                rest, ended = written[index]
+                reason = query_problem(rest.strip(), ended, open_rules, template_markers(tokenizer))
                 if reason is not None:
                     refusals[reason] = refusals.get(reason, 0) + 1
                     continue
-                seen.add(key)
-                kept.append(text)
-            queries.extend(kept)
-            for reason, count in refusals.items():
-                refused[reason] = refused.get(reason, 0) + count
-            if on_round is not None:
-                on_round({"round": round_index, "kept": kept, "refused": refusals})
-            log(f"magpie round {round_index + 1}: {len(queries)} of {settings.count} queries kept")
-    finally:
-        torch.random.set_rng_state(generator_state)
-    return queries[:settings.count], refused
+                task = task + (" " if not rest.startswith((" ", "\n")) else "") + rest.rstrip()
+            kept.append(task)
+        queries.extend(kept)
+        add_counts(refused, refusals)
+        if on_batch is not None:
+            on_batch({"start": start, "kept": kept, "refused": refusals})
+    return queries, refused
+
+
+def add_counts(total: dict[str, int], more: dict[str, int]) -> None:
+    """Add the refusal counts ``more`` into ``total``."""
+    for reason, count in more.items():
+        total[reason] = total.get(reason, 0) + count
 
 
 def round_openers(settings: MagpieSettings, round_index: int) -> list[str]:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from harness.core.errors import ConfigError, InfraError
+from harness.core.local_ray import start_local_ray
 from harness.core.paths import specsweep_home
 from harness.core.records import CellRecord
 from harness.core.results import ResultStore
@@ -45,7 +46,6 @@ from training.launch import uses_gpu
 from training.zoo import build_zoo, format_manifest, is_built
 
 WORKER_START_TIMEOUT_S = 900.0
-WORKER_NICENESS = 0  # the niceness of the workers of a local Ray this driver starts (Ray's default is 15)
 
 
 @dataclass
@@ -116,11 +116,7 @@ def _start_or_join(sweep: Sweep, address: str | None, connect_timeout_s: float) 
                              "start it (ray start --head), fix --address, or leave --address out for a local "
                              "cluster") from None
     else:
-        cpus = sweep.run.num_cpus or os.cpu_count() or 1
-        # Ray starts its workers at niceness 15, where any other job on the machine starves the cells' timing;
-        # specsweep's workers run at the driver's default niceness instead (a joined cluster keeps its own).
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True,
-                 _system_config={"worker_niceness": WORKER_NICENESS})
+        start_local_ray(sweep.run.num_cpus or os.cpu_count() or 1)  # workers at niceness 0 (harness.core.local_ray)
 
 
 def check_reachable(address: str, timeout_s: float) -> None:
