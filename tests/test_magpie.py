@@ -153,7 +153,8 @@ def test_task_seeded_queries_begin_with_their_opener_and_are_cached_apart_from_p
 
 def test_passage_tasks_hold_their_passage_and_the_model_writes_only_the_open_field(zoo_models, chat_tokenizer):
     models, _ = zoo_models
-    settings = MagpieSettings(batch_size=4, max_query_tokens=16, dtype="float32", passage_tokens=32)
+    settings = MagpieSettings(batch_size=4, max_query_tokens=16, dtype="float32", passage_tokens=32,
+                              passage_tasks=PASSAGE_TASKS)
     passages = [f"Passage number {index} tells of a town by a river." for index in range(len(PASSAGE_TASKS) + 2)]
     batches: list[dict] = []
     queries, refused = passage_task_queries(models.target.model, chat_tokenizer, settings, passages,
@@ -162,7 +163,10 @@ def test_passage_tasks_hold_their_passage_and_the_model_writes_only_the_open_fie
     for query in queries:  # each query holds one passage whole, behind the task of its passage's index
         index = next(index for index, passage in enumerate(passages) if passage in query)
         task = PASSAGE_TASKS[index % len(PASSAGE_TASKS)].format(passage=passages[index])
-        assert query == task if task.endswith(passages[index]) else query.startswith(task) and len(query) > len(task)
+        assert query == task if not task.endswith((":", ",")) else query.startswith(task) and len(query) > len(task)
+    # a task that ends with its instruction (a full stop) is complete: it is kept as it is, never sampled
+    complete = PASSAGE_TASKS.index("{passage}\n\nSummarize the text above in two sentences.")
+    assert PASSAGE_TASKS[complete].format(passage=passages[complete]) in queries
     assert passage_task_queries(models.target.model, chat_tokenizer, settings, passages, batches[:1]) == (queries,
                                                                                                         refused)
 
@@ -173,6 +177,7 @@ def test_a_cut_passage_keeps_its_whole_sentences_and_the_passages_variant_keeps_
     assert whole_sentences("Ended without a stop", ended=True) == "Ended without a stop"
     passages = variant_settings("passages", 100, 3)
     assert passages.passage_tokens > 0 and "passage_tokens" in passages.identity()
+    assert passages.identity()["passage_tasks"] == PASSAGE_TASKS  # the tasks' wording is part of the cache key
     plain, tasks = variant_settings("", 100, 3), variant_settings("tasks", 100, 3)
     assert "passage_tokens" not in plain.identity() and "openers" not in plain.identity()
     assert "openers" in tasks.identity() and "min_passage_words" not in tasks.identity()

@@ -82,7 +82,8 @@ PASSAGE_TASKS: tuple[str, ...] = (
     "Translate the first two sentences of this text into French:\n\n{passage}",
     "Read the passage below and answer the question at the end.\n\n{passage}\n\nQuestion:",
     "{passage}\n\nBased on the text above,",
-)  # a task that does not end with its passage ends in an open field the model writes itself
+)
+OPEN_FIELD_ENDS = (":", ",")  # a task ending so is an open field: the model writes the rest of the user turn
 MAGPIE_VARIANTS = ("", "tasks", "passages")
 _WORD = re.compile(r"[a-z0-9']+")
 _ROLE_HEADER = re.compile(r"^\s*(user|assistant|system|human|chat|ai)\s*[:>]", re.IGNORECASE | re.MULTILINE)
@@ -106,12 +107,13 @@ class MagpieSettings:
     openers: tuple[str, ...] = ()  # first words of the user turns, rotated over the rows; empty: plain Magpie
     passage_tokens: int = 0  # > 0: the queries ask for passages of this many tokens, and tasks over them follow
     min_passage_words: int = 40
+    passage_tasks: tuple[str, ...] = ()  # the tasks set over the passages, rotated (``PASSAGE_TASKS``)
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide the queries; a variant's fields are left out where they are off, so that
         adding one keeps the caches of the others."""
         off = {"openers": not self.openers, "passage_tokens": not self.passage_tokens,
-               "min_passage_words": not self.passage_tokens}
+               "min_passage_words": not self.passage_tokens, "passage_tasks": not self.passage_tokens}
         return {name: value for name, value in asdict(self).items() if not off.get(name, False)}
 
 
@@ -123,7 +125,8 @@ def variant_settings(variant: str, count: int, seed: int) -> MagpieSettings:
     if variant == "tasks":
         return MagpieSettings(count=count, seed=seed, openers=TASK_OPENERS, max_query_tokens=160, max_words=120)
     if variant == "passages":
-        return MagpieSettings(count=count, seed=seed, openers=PASSAGE_OPENERS, passage_tokens=128)
+        return MagpieSettings(count=count, seed=seed, openers=PASSAGE_OPENERS, passage_tokens=128,
+                              passage_tasks=PASSAGE_TASKS)
     return MagpieSettings(count=count, seed=seed)
 
 
@@ -263,7 +266,7 @@ def passage_task_queries(model: Any, tokenizer: Any, settings: MagpieSettings, p
                          batches_done: list[dict[str, Any]] | None = None,
                          on_batch: Callable[[dict[str, Any]], None] | None = None
                          ) -> tuple[list[str], dict[str, int]]:
-    """One user turn per passage: passage i behind ``PASSAGE_TASKS[i % len]``; where the task ends in an open
+    """One user turn per passage: passage i set in ``settings.passage_tasks[i % len]``; where the task ends in an open
     field, ``model`` writes the rest (sampled in batches seeded from ``settings.seed``, filtered like a query),
     and the refusal counts. ``batches_done``: the rows ``on_batch`` was given by an interrupted run."""
     queries: list[str] = []
@@ -273,9 +276,9 @@ def passage_task_queries(model: Any, tokenizer: Any, settings: MagpieSettings, p
         add_counts(refused, row["refused"])
     open_rules = replace(settings, min_words=2)
     for start in range(len(batches_done or []) * settings.batch_size, len(passages), settings.batch_size):
-        tasks = [PASSAGE_TASKS[index % len(PASSAGE_TASKS)].format(passage=passages[index])
+        tasks = [settings.passage_tasks[index % len(settings.passage_tasks)].format(passage=passages[index])
                  for index in range(start, min(start + settings.batch_size, len(passages)))]
-        open_rows = [index for index, task in enumerate(tasks) if not task.endswith(passages[start + index])]
+        open_rows = [index for index, task in enumerate(tasks) if task.endswith(OPEN_FIELD_ENDS)]
         written = dict(zip(open_rows, sampled_user_turns(model, tokenizer, [tasks[i] for i in open_rows], settings,
                                                          settings.seed + 100_000 + start))) if open_rows else {}
         kept, refusals = [], {}
