@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -40,8 +41,8 @@ from filelock import FileLock
 from harness.core.jsonl import jsonl_lines
 from harness.core.paths import content_hash, specsweep_home
 from harness.core.prompts import QA_TEMPLATE
-from training.magpie import (MAGPIE_SOURCE, MagpieSettings, add_counts, generation_copy, passage_problem,
-                             passage_task_queries, self_queries, whole_sentences)
+from training.magpie import (MAGPIE_SOURCE, MagpieSettings, generation_copy, passage_problem, passage_task_queries,
+                             self_queries, whole_sentences)
 
 ANSWERS_PREFIX = "answers:"
 INSTRUCTIONS: tuple[str, ...] = (
@@ -180,18 +181,19 @@ def passage_queries(model: Any, tokenizer: Any, magpie: MagpieSettings, requests
         written.add(batch)
         rows.extend(batch)
         log(f"magpie passages: {len(rows)} of {len(requests)} written")
-    refused: dict[str, int] = {}
+    refused: Counter[str] = Counter()
     passages = []
     for row in rows:
-        reason = passage_problem(row["passage"], row["ended"], magpie)
+        text = whole_sentences(row["passage"], row["ended"])
+        reason = passage_problem(text, magpie)
         if reason is None:
-            passages.append(whole_sentences(row["passage"], row["ended"]))
+            passages.append(text)
         else:
-            refused[reason] = refused.get(reason, 0) + 1
+            refused[reason] += 1
     tasks = checkpoint("passage_tasks")
     queries, task_refused = passage_task_queries(model, tokenizer, magpie, passages, tasks.rows(),
                                                  lambda row: tasks.add([row]))
-    add_counts(refused, task_refused)
+    refused.update(task_refused)
     log(f"magpie passages: {len(queries)} tasks over {len(passages)} passages; refused: {refusal_text(refused)}")
     return queries
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
@@ -186,32 +187,34 @@ def self_queries(model: Any, tokenizer: Any, settings: MagpieSettings, log: Call
     interrupted run: round, kept queries, refusals) are taken as they are and sampling goes on after them.
     """
     queries: list[str] = []
-    refused: dict[str, int] = {}
+    refused: Counter[str] = Counter()
     for row in rounds_done or []:
         queries.extend(row["kept"])
-        add_counts(refused, row["refused"])
+        refused.update(row["refused"])
     seen = {duplicate_key(query, settings.duplicate_prefix_words) for query in queries}
+    markers = template_markers(tokenizer)
     for round_index in range(len(rounds_done or []), settings.max_rounds):
         if len(queries) >= settings.count:
             break
         openers = round_openers(settings, round_index)
-        kept, refusals = [], {}
+        kept: list[str] = []
+        refusals: Counter[str] = Counter()
         for opener, (written, ended) in zip(openers, sampled_user_turns(model, tokenizer, openers, settings,
                                                                          settings.seed + round_index)):
             text = (opener + written).strip() if opener else written.strip()
-            reason = query_problem(text, ended, settings, template_markers(tokenizer))
+            reason = query_problem(text, ended, settings, markers)
             key = duplicate_key(written if opener else text, settings.duplicate_prefix_words)
             if reason is None and key in seen:
                 reason = "near-duplicate"
             if reason is not None:
-                refusals[reason] = refusals.get(reason, 0) + 1
+                refusals[reason] += 1
                 continue
             seen.add(key)
             kept.append(text)
         queries.extend(kept)
-        add_counts(refused, refusals)
+        refused.update(refusals)
         if on_round is not None:
-            on_round({"round": round_index, "kept": kept, "refused": refusals})
+            on_round({"round": round_index, "kept": kept, "refused": dict(refusals)})
         log(f"magpie round {round_index + 1}: {len(queries)} of {settings.count} queries kept")
     return queries[:settings.count], refused
 
@@ -244,10 +247,8 @@ def template_markers(tokenizer: Any) -> tuple[str, ...]:
     return tuple(token for token in tokenizer.all_special_tokens if len(token) > 1)
 
 
-def passage_problem(passage: str, ended: bool, settings: MagpieSettings) -> str | None:
-    """Why a written passage is refused, or ``None``; a passage cut at the token limit keeps its whole
-    sentences (see ``whole_sentences``)."""
-    text = whole_sentences(passage, ended)
+def passage_problem(text: str, settings: MagpieSettings) -> str | None:
+    """Why a written passage (its whole sentences, ``whole_sentences``) is refused, or ``None``."""
     if len(_WORD.findall(text.lower())) < settings.min_passage_words:
         return "passage too short"
     return query_problem(text, True, replace(settings, max_words=10 ** 6))
@@ -270,38 +271,34 @@ def passage_task_queries(model: Any, tokenizer: Any, settings: MagpieSettings, p
     field, ``model`` writes the rest (sampled in batches seeded from ``settings.seed``, filtered like a query),
     and the refusal counts. ``batches_done``: the rows ``on_batch`` was given by an interrupted run."""
     queries: list[str] = []
-    refused: dict[str, int] = {}
+    refused: Counter[str] = Counter()
     for row in batches_done or []:
         queries.extend(row["kept"])
-        add_counts(refused, row["refused"])
+        refused.update(row["refused"])
     open_rules = replace(settings, min_words=2)
+    markers = template_markers(tokenizer)
     for start in range(len(batches_done or []) * settings.batch_size, len(passages), settings.batch_size):
         tasks = [settings.passage_tasks[index % len(settings.passage_tasks)].format(passage=passages[index])
                  for index in range(start, min(start + settings.batch_size, len(passages)))]
         open_rows = [index for index, task in enumerate(tasks) if task.endswith(OPEN_FIELD_ENDS)]
         written = dict(zip(open_rows, sampled_user_turns(model, tokenizer, [tasks[i] for i in open_rows], settings,
                                                          settings.seed + 100_000 + start))) if open_rows else {}
-        kept, refusals = [], {}
+        kept: list[str] = []
+        refusals: Counter[str] = Counter()
         for index, task in enumerate(tasks):
             if index in written:
                 rest, ended = written[index]
-                reason = query_problem(rest.strip(), ended, open_rules, template_markers(tokenizer))
+                reason = query_problem(rest.strip(), ended, open_rules, markers)
                 if reason is not None:
-                    refusals[reason] = refusals.get(reason, 0) + 1
+                    refusals[reason] += 1
                     continue
                 task = task + (" " if not rest.startswith((" ", "\n")) else "") + rest.rstrip()
             kept.append(task)
         queries.extend(kept)
-        add_counts(refused, refusals)
+        refused.update(refusals)
         if on_batch is not None:
-            on_batch({"start": start, "kept": kept, "refused": refusals})
+            on_batch({"start": start, "kept": kept, "refused": dict(refusals)})
     return queries, refused
-
-
-def add_counts(total: dict[str, int], more: dict[str, int]) -> None:
-    """Add the refusal counts ``more`` into ``total``."""
-    for reason, count in more.items():
-        total[reason] = total.get(reason, 0) + count
 
 
 def round_openers(settings: MagpieSettings, round_index: int) -> list[str]:
