@@ -29,7 +29,7 @@ from training.artifacts import ArtifactKind
 from training.eagle_data import FeatureDataConfig
 from training.launch import launch
 from training.settings import LoraSettings, check_ranges, mapping, parse_lora, parse_settings
-from training.trainer import OptimSettings, Worker
+from training.trainer import OptimSettings, Worker, mean_stats
 from training.text import token_windows
 
 MODEL_DIR = "model"
@@ -109,7 +109,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     def evaluate(module: torch.nn.Module) -> dict[str, float]:
         stats = [dllm_loss(module, eval_rows[i:i + config.batch_size], config, torch.Generator().manual_seed(i))[1]
                  for i in range(0, len(eval_rows), config.batch_size)]
-        return {name: sum(s[name] for s in stats) / len(stats) for name in stats[0]}
+        return mean_stats(stats)
 
     def draw(generator: torch.Generator) -> torch.Tensor:
         return train_rows[torch.randint(0, len(train_rows), (config.batch_size,), generator=generator)].to(device)

@@ -174,6 +174,11 @@ class Worker:
         report_files(metrics, write)
 
 
+def mean_stats(stats: list[dict[str, float]]) -> dict[str, float]:
+    """Each statistic's mean over ``stats`` (one dict per evaluation batch, all with the same names)."""
+    return {name: sum(batch[name] for batch in stats) / len(stats) for name in stats[0]}
+
+
 def evaluated(module: torch.nn.Module, evaluate: Callable[[torch.nn.Module], dict[str, float]] | None
               ) -> dict[str, float]:
     """``evaluate(module)`` in eval mode without gradients, the module's mode restored; ``{}`` without one."""
