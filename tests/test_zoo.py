@@ -70,6 +70,29 @@ def test_a_build_for_some_models_leaves_out_unnamed_domain_drafts_and_adds_them_
         assert all((full[key] == partial[name][key]).all() for key in full), name
 
 
+def test_a_build_for_the_first_draft_leaves_out_the_later_ones_and_adds_them_later_with_full_build_weights(
+        tmp_path, monkeypatch):
+    """All-domain drafts draw their batches in turn from one stream: building only the first skips the rest, and
+    adding the second later replays the stream past the target's and the first draft's batches."""
+    second = {"name": "draft-2l", "layers": 2, "hidden": 64, "intermediate": 128, "heads": 2}
+    config = ZooConfig.from_dict({**MICRO, "drafts": [*MICRO["drafts"], second]})
+    monkeypatch.setenv("SPECSWEEP_HOME", str(tmp_path / "partial"))
+    build_zoo(config, log=lambda message: None, only=["target", "draft-1l"])
+    assert built_models(config) == ("target", "draft-1l") and is_built(config, ["draft-1l"])
+    assert not is_built(config, ["draft-2l"])
+    messages: list[str] = []
+    build_zoo(config, log=messages.append, only=["draft-2l"])
+    assert "(adding draft-2l)" in messages[0]
+    assert not any("target step" in message or "draft-1l step" in message for message in messages)
+    partial = {name: weights(config, name) for name in config.model_names}
+
+    monkeypatch.setenv("SPECSWEEP_HOME", str(tmp_path / "full"))
+    build_zoo(config, log=lambda message: None)
+    for name in config.model_names:
+        full = weights(config, name)
+        assert all((full[key] == partial[name][key]).all() for key in full), name
+
+
 def test_an_unlimited_draft_is_never_built_on_top(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECSWEEP_HOME", str(tmp_path))
     base = ZooConfig.from_dict(MICRO)

@@ -74,6 +74,11 @@ class WindowSampler:
             rows.append(stream[start : start + self.seq_len + 1])
         return torch.stack(rows)
 
+    def skip(self, schedule: Schedule) -> None:
+        """Draw and drop the batches ``schedule`` trains on, as a model trained on them would have drawn them."""
+        for _ in range(schedule.steps):
+            self.batch(schedule.batch_size)
+
 
 def encode_documents(tokenizer, docs: list[Document]) -> torch.Tensor:
     """Concatenate ``<s> doc </s>`` token ids of ``docs`` into one stream."""
@@ -259,10 +264,13 @@ def build_zoo(config: ZooConfig, log: Callable[[str], None] = print, force: bool
         models = {name: LlamaForCausalLM.from_pretrained(model_path(built, name), dtype=torch.float32)
                   for name in names}
         target = models[config.target.name]
+        sampler.skip(config.pretrain)  # the target's batches: the drafts draw theirs after them
     saved = set(existing.get("models", ()))
     for parameter in target.parameters():
         parameter.requires_grad_(False)
     for index, shape in enumerate(config.drafts):
+        if shape.name in models and not shape.domains:
+            sampler.skip(config.distill)  # built earlier: the drafts after it draw the batches that follow its own
         if shape.name in models or shape.name not in wanted:
             continue
         if shape.domains:

@@ -141,12 +141,15 @@ def model_path(config: ZooConfig, name: str) -> Path:
 
 
 def needed_models(config: ZooConfig, names: Iterable[str] | None = None) -> tuple[str, ...]:
-    """The models a build for ``names`` (all of the zoo's when None) trains, in the zoo's order: the target and
-    every draft distilled from all domains (they share one stream of batches and random numbers, so each comes out
-    the same only when they are trained together, in order) and the named domain-limited drafts (each has seeds of
-    its own)."""
+    """The models a build for ``names`` (all of the zoo's when None) trains, in the zoo's order: the target, the
+    drafts distilled from all domains up to the last one named (they draw their batches in turn from one stream,
+    so a draft comes out the same only after those before it; a later build adds the rest, replaying the stream
+    past the batches of those built) and the named domain-limited drafts (each has seeds of its own)."""
     wanted = set(config.model_names if names is None else names)
-    return (config.target.name, *(draft.name for draft in config.drafts if not draft.domains or draft.name in wanted))
+    unlimited = [draft.name for draft in config.drafts if not draft.domains]
+    last = max((index for index, name in enumerate(unlimited) if name in wanted), default=-1)
+    return (config.target.name, *unlimited[:last + 1],
+            *(draft.name for draft in config.drafts if draft.domains and draft.name in wanted))
 
 
 def built_models(config: ZooConfig) -> tuple[str, ...]:
