@@ -219,6 +219,7 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     Params: ClassVar[type[StrategyParams]] = StrategyParams
     lossy: ClassVar[bool] = False  # decodes with a modified target (layer skipping): not held to the baseline's tokens
+    leaderboard: ClassVar[bool] = True  # False: an instrument (the synthetic oracle), shown in its own section only
     supports_other_tokenizers: ClassVar[bool] = False  # drafts may have another vocabulary (it translates between them)
     # The method's own section of the report, if it has one (a function of the run's ReportView returning markdown
     # lines); methods that share a section name the same function, and the report writes it once.
@@ -232,6 +233,9 @@ class Strategy(ABC):
     @abstractmethod
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
         """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` (stopping at EOS)."""
+
+    def prepare(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        """Untimed work before a timed run on ``prompts`` (one prompt, or a batch's rows); none by default."""
 
     @classmethod
     def pooled_stats(cls, prompts: list[PromptRecord]) -> dict[str, Any]:

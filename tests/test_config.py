@@ -35,6 +35,13 @@ BAD_CASES = {
     "unknown run key": ({"run": {"gpus": 2}}, "run.gpus: unknown key"),
     "bad zoo key": ({"zoo": {**TINY_ZOO, "layers": 3}}, "zoo.layers: unknown key"),
     "bad name": ({"name": "my sweep!"}, "name: expected a sweep name"),
+    "peer at batch size 4": ({"strategies": [{"name": "hf_greedy"}], "run": {"batch_size": 4, "pairing": "interleaved"}},
+                             "run.batch_size: hf_greedy decodes one prompt at a time; it cannot decode at batch size 4"),
+    "grid batch size 0": ({"strategies": [{"name": "speculative", "params": {"draft": "small"},
+                                           "grid": {"batch_size": [1, 0]}}]},
+                          "strategies[0].batch_size: must be >= 1, got 0"),
+    "batch under shared pairing": ({"run": {"batch_size": 2, "pairing": "shared"}},
+                                   "run.pairing: batch size 2 needs interleaved pairing"),
 }
 
 

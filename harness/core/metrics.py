@@ -176,7 +176,8 @@ def summarize(prompts: list[PromptRecord], seed: int = 0, sampled: bool = False,
     - match rate = turns whose tokens equal the baseline's / turns, None for ``sampled`` decoding, where outputs
       may legitimately differ;
     - position acceptance, accepted-length histogram and time split as their functions define them (chains
-      only for the first two), and the drift guard of ``timing_from_totals``.
+      only for the first two), and the drift guard of ``timing_from_totals``;
+    - for batched turns, each side's per-request latency (``request_latency``).
     """
     rows = [prompt_totals(prompt) for prompt in prompts]
     if not rows:
@@ -223,7 +224,32 @@ def summarize(prompts: list[PromptRecord], seed: int = 0, sampled: bool = False,
             "strategy_wall_s", "strategy_draft_decode_seconds", "strategy_draft_prefill_seconds",
             "strategy_target_decode_seconds", "strategy_target_prefill_seconds")}),
         **timing_from_totals(rows, drift_tolerance, speedup, max_cpu_wait),
+        **request_latency(prompts, "strategy"),
+        **request_latency(prompts, "baseline"),
     }
+
+
+def request_latency(prompts: list[PromptRecord], side: str) -> dict[str, float]:
+    """Per-request latency of one side (``baseline`` or ``strategy``) of batched turns, in ms: time to first token
+    (from its batch's start) and time per output token after it ((last - first) / (tokens - 1)), each as mean,
+    p50 and p99 over turns. Empty when no turn ran in a batch (batch size 1 records no per-row times)."""
+    first, per_token = [], []
+    for prompt in prompts:
+        for turn in prompt.turns:
+            record = getattr(turn, side)
+            batch = record.extras.get("batch") if record is not None else None
+            if not batch or batch.get("first_token_s") is None:
+                continue
+            first.append(1e3 * batch["first_token_s"])
+            if record.new_tokens > 1:
+                per_token.append(1e3 * (batch["finished_s"] - batch["first_token_s"]) / (record.new_tokens - 1))
+    latency: dict[str, float] = {}
+    for name, values in (("ttft", first), ("tpot", per_token)):
+        if values:
+            latency.update({f"{side}_{name}_ms_mean": float(np.mean(values)),
+                            f"{side}_{name}_ms_p50": float(np.percentile(values, 50)),
+                            f"{side}_{name}_ms_p99": float(np.percentile(values, 99))})
+    return latency
 
 
 def divergence_summary(column) -> dict[str, Any]:

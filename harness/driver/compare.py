@@ -5,7 +5,8 @@ Rows are a method (strategy and its resolved params) on a target in one run; ``-
 - ``category`` (default): the speedup per prompt category (Spec-Bench's tasks when the prompts carry its
   categories, else per prompt set), then mean accepted tokens (τ) and the overall speedup;
 - ``target``: the overall speedup per target (rows are methods);
-- ``strategy``: the best overall speedup of each strategy (rows are targets).
+- ``strategy``: the best overall speedup of each strategy (rows are targets);
+- ``batch``: the overall speedup per batch size (rows are methods; ``run.batch_size`` and grids over it).
 
 Every speedup is the run's own paired throughput ratio (``harness.core.metrics``). Runs measured on different
 device models are not comparable in wall time: when the rows span more than one device name, each row names
@@ -26,9 +27,10 @@ from harness.core.metrics import summarize
 from harness.core.records import PromptRecord
 from harness.core.results import ResultStore
 from harness.core.tables import markdown_table
-from harness.driver.report import SPEC_BENCH_COLUMNS, grouped_prompts, is_spec_bench_source
+from harness.driver.batch_report import batch_size_of, method_label
+from harness.driver.report import SPEC_BENCH_COLUMNS, grouped_prompts, in_leaderboard, is_spec_bench_source
 
-BY = ("category", "target", "strategy")
+BY = ("category", "target", "strategy", "batch")
 
 
 def run_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -43,6 +45,8 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
     sources = {r.prompt_set: r.prompt_source for r in records.values()}
     pooled: dict[tuple, list[PromptRecord]] = {}
     for (target, strategy, params, prompt_set), (_, prompts) in grouped_prompts(records).items():
+        if not in_leaderboard(strategy):  # an instrument (the synthetic oracle) ranks with no method
+            continue
         spec_bench = is_spec_bench_source(sources[prompt_set])
         pooled.setdefault((target, strategy, params), []).extend(
             dataclasses.replace(prompt, category=(spec_bench and spec_bench_task(prompt.category)) or prompt_set)
@@ -78,6 +82,13 @@ def leaderboard(run_dirs: list[Path], by: str = "category") -> pd.DataFrame:
         ordered += sorted(set(categories) - set(ordered))
         table = frame[["run", "device", "dtype", "target", "method", *ordered, "τ", "overall", "suspect"]]
         table = table.rename(columns={c: c.split(":", 1)[1] for c in ordered}).sort_values("overall", ascending=False)
+    elif by == "batch":
+        frame = frame.assign(batch=frame["params"].map(batch_size_of),
+                             method=frame["strategy"] + " " + frame["params"].map(method_label).where(
+                                 frame["params"] != "-", ""))
+        table = frame.pivot_table(index=["run", "device", "dtype", "target", "method"], columns="batch",
+                                  values="overall").reset_index()
+        table.columns = [f"B={column}" if isinstance(column, (int, float)) else column for column in table.columns]
     elif by == "target":
         table = frame.pivot_table(index=["run", "device", "dtype", "method"], columns="target",
                                   values="overall").reset_index()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from harness.core.yaml_file import read_yaml
 from harness.core.zoo_spec import ZooConfig
 from harness.driver.overrides import apply_overrides, limit_prompts
 from strategies import parse_params, strategy_class
+from strategies.batched_engine import batch_problem
 from strategies.registry import import_plugin, is_registered
 from training.artifacts import for_target, load_train_config
 
@@ -34,6 +35,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 PAIRINGS = ("interleaved", "shared")
+RUN_GRID_KEYS = ("batch_size",)  # run settings a strategy's params or grid may also set, for its own cells
 RUNTIME_ENV_CODE = {"pip", "uv", "conda", "py_modules", "working_dir", "py_executable", "container", "image_uri"}
 
 
@@ -62,6 +64,7 @@ class RunSettings:
     # (and by more than 3 standard errors of the probe's own noise in the cell)
     max_cpu_wait: float = 0.10  # flag a cell when its worker's threads waited for a CPU more than this share of the time
     cell_timeout_s: float | None = None  # a cell running longer fails as timed out (None: scaled to its token budget)
+    batch_size: int = 1  # prompts decoded at once (static batches; strategies.batched_engine); a grid may sweep it
 
     @property
     def sampled(self) -> bool:
@@ -79,10 +82,17 @@ class StrategySpec:
     runtime_env: dict[str, Any] = field(default_factory=dict)
 
     def points(self) -> list[dict[str, Any]]:
-        """Every grid point merged over the fixed params, in a stable order."""
+        """Every grid point merged over the fixed params, in a stable order (run settings of ``RUN_GRID_KEYS``
+        included; ``split_point`` takes them out)."""
         keys = list(self.grid)
         combos = itertools.product(*(self.grid[key] for key in keys)) if keys else [()]
         return [{**self.params, **dict(zip(keys, combo))} for combo in combos]
+
+
+def split_point(point: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A grid point as (strategy params, run settings it overrides for its cells)."""
+    return ({key: value for key, value in point.items() if key not in RUN_GRID_KEYS},
+            {key: value for key, value in point.items() if key in RUN_GRID_KEYS})
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,7 @@ class Cell:
                 "max_prompt_tokens": self.run.max_prompt_tokens,
                 "pairing": self.run.pairing,
                 "repeats": self.run.repeats,
+                **({"batch_size": self.run.batch_size} if self.run.batch_size != 1 else {}),  # ids of batch 1 kept
             },
             "device": self.device,
         }
@@ -166,7 +177,8 @@ class Cell:
         params = ",".join(f"{key}={_short(value)}" for key, value in self.params.items())
         where = f"{self.prompt_set.name}[{self.shard}/{self.prompt_set.shards}]"
         name = "baseline" if self.kind == "baseline" else f"{self.strategy}({params})"
-        return f"{name} {where} on {self.target}"
+        batch = f" at batch {self.run.batch_size}" if self.run.batch_size != 1 else ""
+        return f"{name} {where} on {self.target}{batch}"
 
 
 def plugin_identity(plugin: str) -> str:
@@ -233,7 +245,8 @@ class Sweep:
                     if shared:
                         cells.append(baseline)
                     for strategy in self.strategies:
-                        for params in strategy.points():
+                        for point in strategy.points():
+                            params, run_settings = split_point(point)
                             checked = parse_params(strategy.name, params, strategy.name)
                             drafts = {name: self.drafts[name] for name in checked.uses_drafts()}
                             artifacts = {name: for_target(self.train[name], target_spec)
@@ -244,8 +257,8 @@ class Sweep:
                                               for name, raw in checked.implicit_artifacts().items()})
                             artifacts.update({f"draft:{name}": self.draft_artifacts[name]
                                               for name in drafts if name in self.draft_artifacts})
-                            cell = Cell(self.name, target, target_spec, drafts,
-                                        prompt_set, shard_index, strategy.name, params, self.run, device_type,
+                            cell = Cell(self.name, target, target_spec, drafts, prompt_set, shard_index,
+                                        strategy.name, params, replace(self.run, **run_settings), device_type,
                                         baseline_id=baseline.cell_id if shared else "",
                                         runtime_env=strategy.runtime_env,
                                         plugins=self.plugins, artifacts=artifacts, zoo_key=zoo_key)
@@ -584,9 +597,28 @@ def _parse_strategy(item: Any, where: str, models: _Models, train: dict[str, Any
 
 def _check_point(name: str, point: dict[str, Any], where: str, models: _Models, train: dict[str, Any],
                  broken_train: set[str], run: RunSettings) -> None:
-    """One grid point: its params parse, and the drafts and artefacts they name exist (unless those had errors)."""
-    checked = parse_params(name, point, where)
+    """One grid point: its params parse, the drafts and artefacts they name exist (unless those had errors), and
+    the strategy can decode at the point's batch size."""
+    point, run_settings = split_point(point)
     problems = ErrorCollector()
+    batch_size = run.batch_size
+    if "batch_size" in run_settings:
+        with problems.check():
+            batch_size = read_number(run_settings["batch_size"], int, f"{where}.batch_size")
+            if batch_size < 1:
+                raise ConfigError(f"{where}.batch_size", f"must be >= 1, got {batch_size}")
+    with problems.check():
+        checked = parse_params(name, point, where)
+    problems.raise_if_any()
+    if batch_size > 1:
+        field_name = f"{where}.batch_size" if "batch_size" in run_settings else "run.batch_size"
+        reason = batch_problem(strategy_class(name), checked)
+        if reason:
+            problems.add(ConfigError(field_name, f"{reason}; it cannot decode at batch size {batch_size}",
+                                     "run it at batch size 1 (set batch_size: 1 in its params)"))
+        elif run.pairing != "interleaved":
+            problems.add(ConfigError("run.pairing", f"batch size {batch_size} needs interleaved pairing",
+                                     "set run.pairing: interleaved"))
     for draft in checked.uses_drafts():
         if models.parsed and draft not in models.drafts and draft not in models.broken_drafts:
             field_name = "draft" if hasattr(checked, "draft") else "drafts"
@@ -633,7 +665,8 @@ def _parse_run(raw: Any) -> RunSettings:
         problems.add(ConfigError("run.pairing", f"unknown pairing {run.pairing!r}", f"use one of {', '.join(PAIRINGS)}"))
     if run.drift_tolerance <= 0:
         problems.add(ConfigError("run.drift_tolerance", f"must be > 0, got {run.drift_tolerance}", "e.g. 0.1 for 10 %"))
-    for key, low in (("max_new_tokens", 1), ("warmup_prompts", 0), ("workers", 1), ("max_retries", 0), ("repeats", 1)):
+    for key, low in (("max_new_tokens", 1), ("warmup_prompts", 0), ("workers", 1), ("max_retries", 0), ("repeats", 1),
+                     ("batch_size", 1)):
         if getattr(run, key) < low:
             problems.add(ConfigError(f"run.{key}", f"must be >= {low}, got {getattr(run, key)}"))
     if run.temperature < 0:

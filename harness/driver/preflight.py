@@ -10,7 +10,7 @@ from harness.core.errors import ConfigError
 from harness.core.models import ARTIFACT_PREFIX, ModelSpec, load_tokenizer
 from harness.core.sources import is_converted, is_converted_source, local_directory
 from harness.core.zoo_spec import ZOO_CONTEXT
-from harness.driver.config import Sweep
+from harness.driver.config import Sweep, split_point
 from harness.driver.hub_probe import check_hub
 from strategies import parse_params, strategy_class
 
@@ -92,7 +92,7 @@ def check_tokenizers(sweep: Sweep) -> None:
         if allows_other:
             continue
         used = {name for point in strategy.points()
-                for name in parse_params(strategy.name, point, f"strategies[{index}]").uses_drafts()}
+                for name in parse_params(strategy.name, split_point(point)[0], f"strategies[{index}]").uses_drafts()}
         for draft_name in sorted(used):
             draft_spec = _tokenizer_source(sweep, draft_name)
             draft_vocab = vocabulary(draft_spec, f"models.drafts.{draft_name}")

@@ -22,6 +22,7 @@ from harness.core.metrics import MAX_CPU_WAIT, summarize, turn_outcomes
 from harness.core.records import CellRecord, Environment, PromptRecord
 from harness.core.results import ResultStore
 from harness.core.tables import ReportView, fmt, markdown_table, params_label
+from harness.driver.batch_report import batch_size_section, with_batch_size
 from strategies import Strategy, parse_params, strategy_class
 
 PAIRED_AGAINST = {
@@ -69,12 +70,13 @@ SPEC_BENCH_COLUMNS = {
 
 
 def config_label(record: CellRecord, resolve: bool = True) -> str:
-    """The cell's parameters, and the content keys of the trained artefacts it used, so that cells run with a
-    retrained head or draft are never pooled with those of the earlier one."""
+    """The cell's parameters, the content keys of the trained artefacts it used (so that cells run with a
+    retrained head or draft are never pooled with those of the earlier one) and its batch size when above 1."""
     params = resolved_params(record.strategy, record.params) if resolve else record.params
     artifacts = record.cell.get("artifacts") or {}
     suffix = "; ".join(f"{name}@{key[:8]}" for name, key in sorted(artifacts.items()))
-    return f"{params_label(params)} [{suffix}]" if suffix else params_label(params)
+    label = f"{params_label(params)} [{suffix}]" if suffix else params_label(params)
+    return with_batch_size(label, record.generation.get("batch_size", 1))
 
 
 def cell_rows(records: dict[str, CellRecord]) -> pd.DataFrame:
@@ -153,6 +155,12 @@ def known_strategy(name: str) -> type[Strategy] | None:
         return None
 
 
+def in_leaderboard(strategy: str) -> bool:
+    """Whether ``strategy``'s rows rank with the methods (the synthetic oracle's do not: it has its own section)."""
+    cls = known_strategy(strategy)
+    return cls is None or cls.leaderboard
+
+
 def method_stats(strategy: str, prompts: list[PromptRecord]) -> dict[str, Any]:
     """The method's own pooled statistics (``Strategy.pooled_stats``) for a group's prompts."""
     cls = known_strategy(strategy)
@@ -175,10 +183,13 @@ def group_rows(records: dict[str, CellRecord]) -> pd.DataFrame:
     sampled = any(record.sampled for record in records.values())
     tolerance = max((drift_tolerance(record) for record in records.values()), default=0.10)
     wait_limit = max((max_cpu_wait(record) for record in records.values()), default=MAX_CPU_WAIT)
-    for (target, strategy, params, prompt_set), (raw, prompts) in grouped_prompts(records).items():
+    batch_sizes = {(record.target_name, record.strategy, config_label(record), record.prompt_set):
+                   record.generation.get("batch_size", 1) for record in records.values()}
+    for key, (raw, prompts) in grouped_prompts(records).items():
+        target, strategy, params, prompt_set = key
         summary = summarize(prompts, sampled=sampled, drift_tolerance=tolerance, max_cpu_wait=wait_limit)
         rows.append({"target": target, "strategy": strategy, "params": params, "prompt_set": prompt_set,
-                     "params_raw": raw, **method_stats(strategy, prompts), **summary,
+                     "params_raw": raw, "batch_size": batch_sizes[key], **method_stats(strategy, prompts), **summary,
                      **time_columns(summary.get("time_split"))})
     return pd.DataFrame(rows)
 
@@ -225,6 +236,10 @@ def write_report(run_dir: str | Path, store: ResultStore | None = None) -> Path:
                "match": "token match", "timing": "timing"}
     if multi_target:
         columns = {"target": "target", **columns}
+    instruments = groups.iloc[0:0] if groups.empty else groups[~groups["strategy"].map(in_leaderboard)]
+    groups = groups if groups.empty else groups[groups["strategy"].map(in_leaderboard)]
+    if groups.empty and not instruments.empty:
+        sections += method_sections(ReportView(instruments, records, run_dir, multi_target, config_label))
     if not groups.empty:
         groups = groups.sort_values(["target", "prompt_set", "speedup"], ascending=[True, True, False])
         groups["speedup_ci"] = groups.apply(
@@ -259,8 +274,10 @@ def write_report(run_dir: str | Path, store: ResultStore | None = None) -> Path:
         if plot_acceptance_vs_gamma(groups, run_dir / "acceptance_vs_gamma.png"):
             sections += ["![α and τ against γ](acceptance_vs_gamma.png)", ""]
         sections += acceptance_section(groups)
+        sections += batch_size_section(groups, run_dir, multi_target)
         sections += time_split_section(groups, multi_target)
-        sections += method_sections(ReportView(groups, records, run_dir, multi_target, config_label))
+        sections += method_sections(ReportView(pd.concat([groups, instruments]), records, run_dir, multi_target,
+                                               config_label))
         spec_bench = spec_bench_table(records, multi_target)
         if spec_bench is not None:
             sections += ["## Spec-Bench", "",
@@ -455,7 +472,7 @@ def spec_bench_table(records: dict[str, CellRecord], multi_target: bool = False)
     rows = []
     for (target, strategy, params, prompt_set), (_, prompts) in grouped_prompts(records).items():
         categories = {prompt.category for prompt in prompts}
-        if not is_spec_bench_source(sources[prompt_set]) or not categories & known:
+        if not is_spec_bench_source(sources[prompt_set]) or not categories & known or not in_leaderboard(strategy):
             continue
         row = {"target": target, "strategy": strategy, "params": params, "prompt_set": prompt_set}
         for column, members in SPEC_BENCH_COLUMNS.items():

@@ -33,7 +33,8 @@ from harness.driver.config import Cell
 from harness.driver.model_cache import ModelCache
 from harness.driver.provenance import cpu_model
 from strategies import ModelSet, Sampling, Trace, build, strategy_class
-from strategies.timing import timed_generate
+from strategies.batched_engine import BatchTrace
+from strategies.timing import timed_generate, timed_generate_batch
 
 
 class CellFailure(RuntimeError):
@@ -115,6 +116,33 @@ def run_interleaved_prompt(baseline, strategy, prompt: Prompt, tokenizer, cell: 
     return record
 
 
+def run_interleaved_batch(baseline, strategy, prompts: list[Prompt], tokenizer, cell: Cell, limit: int,
+                          device: torch.device, models: ModelSet, order: int) -> list[PromptRecord]:
+    """``run_interleaved_prompt`` for a batch: turn k of every prompt in ``prompts`` is decoded as one batch by the
+    baseline and one by the strategy, back to back, alternating which goes first; a prompt with fewer turns leaves
+    the later batches. Each row's record holds an equal share of its batch's time (``BatchTrace.per_row``)."""
+    records = [PromptRecord(prompt.prompt_id, prompt.category) for prompt in prompts]
+    answers: list[list[str]] = [[] for _ in prompts]
+    for turn_index in range(max(len(prompt.turns) for prompt in prompts)):
+        rows = [index for index, prompt in enumerate(prompts) if turn_index < len(prompt.turns)]
+        ids = [conversation_ids(tokenizer, cell.prompt_set, conversation_at(prompts[index], turn_index, answers[index]),
+                                limit) for index in rows]
+        seed = int(content_hash([cell.run.seed, [prompts[index].prompt_id for index in rows], turn_index])[:8], 16)
+        runs: dict[str, list[BatchTrace]] = {"baseline": [], "strategy": []}
+        for repeat in range(cell.run.repeats):
+            sides = ("baseline", "strategy") if (order + turn_index + repeat) % 2 == 0 else ("strategy", "baseline")
+            for side in sides:
+                runs[side].append(timed_batch(baseline if side == "baseline" else strategy, ids, cell, seed, device,
+                                              models))
+        base = median_run(runs["baseline"]).per_row(baseline.cost_units)
+        batch = median_run(runs["strategy"]).per_row(strategy.cost_units)
+        for position, index in enumerate(rows):
+            answers[index].append(tokenizer.decode(base[position].tokens, skip_special_tokens=True))
+            records[index].turns.append(paired_turn(ids[position], SideRecord.of(base[position]), batch[position],
+                                                    first=sides[0] if cell.run.repeats == 1 else "alternating"))
+    return records
+
+
 def median_run(traces: list[Trace]) -> Trace:
     """The run of median wall time among repeats of one turn (the lower median for an even count)."""
     ordered = sorted(traces, key=lambda trace: trace.wall_s)
@@ -128,6 +156,16 @@ def median_run(traces: list[Trace]) -> Trace:
 def turn_seed(cell: Cell, prompt: Prompt, turn_index: int) -> int:
     """The sampling seed of one turn: the same for the baseline and every strategy."""
     return int(content_hash([cell.run.seed, prompt.prompt_id, turn_index])[:8], 16)
+
+
+def timed_batch(strategy, rows: list[list[int]], cell: Cell, seed: int, device: torch.device,
+                models: ModelSet) -> BatchTrace:
+    """``timed`` for a batch of prompts (``strategies.timing.timed_generate_batch``)."""
+    strategy.prompt_category = None
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sampling = Sampling(temperature=cell.run.temperature, generator=generator)
+    return timed_generate_batch(strategy, rows, cell.run.max_new_tokens, sampling, device, probe=models.target,
+                                clock=models.target.clock)
 
 
 def timed(strategy, ids: list[int], cell: Cell, seed: int, device: torch.device, models: ModelSet,
@@ -169,7 +207,17 @@ def run_cell(cell: Cell, cache: ModelCache, worker: str = "local", baseline: Cel
                               for p in prompts]
         else:
             strategy = build(cell.strategy, cell.params, models)
-            if cell.run.pairing == "interleaved":
+            if cell.run.pairing == "interleaved" and cell.run.batch_size > 1:
+                size = cell.run.batch_size
+                record.paired_with = {"pairing": "interleaved", "batch_size": size}
+                for start in range(0, len(warmup), size):
+                    run_interleaved_batch(autoregressive, strategy, warmup[start:start + size], tokenizer, cell, limit,
+                                          device, models, 0)
+                for start in range(0, len(prompts), size):
+                    order = sum(len(p.turns) for p in record.prompts)
+                    record.prompts.extend(run_interleaved_batch(autoregressive, strategy, prompts[start:start + size],
+                                                                tokenizer, cell, limit, device, models, order))
+            elif cell.run.pairing == "interleaved":
                 record.paired_with = {"pairing": "interleaved"}
                 for prompt in warmup:
                     run_interleaved_prompt(autoregressive, strategy, prompt, tokenizer, cell, limit, device, models, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from strategies.base import StrategyParams
+from strategies.batched_engine import BatchCapable, BatchProposer, RowwiseProposer
 from strategies.engine import Proposer, ProposerStrategy
 from strategies.registry import register
 from strategies.sampling import Sampling
@@ -24,10 +25,13 @@ class NothingProposer(Proposer):
 
 
 @register("autoregressive")
-class Autoregressive(ProposerStrategy):
+class Autoregressive(ProposerStrategy, BatchCapable):
     """Plain decoding with the target: prefill, then one cached forward per new token."""
 
     Params = AutoregressiveParams
 
     def proposer(self) -> Proposer:
         return NothingProposer()
+
+    def batch_proposer(self) -> BatchProposer:
+        return RowwiseProposer(lambda: NothingProposer())

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from harness.core.errors import ConfigError
 from strategies.base import StrategyParams
+from strategies.batched_engine import BatchCapable, BatchProposer, RowwiseProposer
 from strategies.engine import Proposer, ProposerStrategy
 from strategies.ngram import find_continuation
 from strategies.registry import register
@@ -50,10 +51,13 @@ class PromptLookupProposer(Proposer):
 
 
 @register("prompt_lookup")
-class PromptLookup(ProposerStrategy):
+class PromptLookup(ProposerStrategy, BatchCapable):
     """Draft by n-gram lookup in the prompt and the text generated so far; verify with the target."""
 
     Params = PromptLookupParams
 
     def proposer(self) -> Proposer:
         return PromptLookupProposer(self.params)
+
+    def batch_proposer(self) -> BatchProposer:
+        return RowwiseProposer(lambda: PromptLookupProposer(self.params))

@@ -18,9 +18,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from harness.core.batched_lm import BatchedCausalLM
 from harness.core.errors import ConfigError
 from harness.core.lm import CausalLM
 from strategies.base import ModelSet, StrategyParams
+from strategies.batched_engine import BatchCapable, BatchProposer
 from strategies.draft_length import CostModelLength, DraftLength
 from strategies.engine import Proposer, ProposerStrategy
 from strategies.registry import register
@@ -108,8 +110,46 @@ class DraftModelProposer(Proposer):
         return {"draft_length": summary} if summary else {}
 
 
+class BatchedDraftProposer(BatchProposer):
+    """``DraftModelProposer`` for a batch: the draft's batched cache drafts up to ``gamma`` tokens per row, one
+    batched forward per drafted position, and keeps exactly each row's accepted prefix."""
+
+    def __init__(self, draft: BatchedCausalLM, gamma: int) -> None:
+        self.draft, self.gamma = draft, gamma
+
+    def begin(self, prompts: list[list[int]]) -> None:
+        self.draft.prefill(prompts)
+
+    def propose(self, sequences: list[list[int]], budgets: list[int], sampling: Sampling) -> list[Proposal]:
+        counts = [min(self.gamma, budget) for budget in budgets]
+        lengths = self.draft.lengths
+        feed = [sequence[lengths[row]:] if counts[row] else [] for row, sequence in enumerate(sequences)]
+        tokens: list[list[int]] = [[] for _ in sequences]
+        probs: list[list[torch.Tensor]] = [[] for _ in sequences]
+        for index in range(max(counts, default=0)):
+            if any(feed):  # the rows' pending tokens first, then each row's newest draft token
+                self.draft.extend(feed)
+            logits = self.draft.last_logits
+            for row, count in enumerate(counts):
+                if index < count:
+                    q = sampling.probs(logits[row])
+                    tokens[row].append(sampling.choose(q))
+                    probs[row].append(q)
+            feed = [[tokens[row][-1]] if index + 1 < count else [] for row, count in enumerate(counts)]
+        return [Proposal(row_tokens, q=torch.stack(row_probs)) if row_tokens else Proposal([])
+                for row_tokens, row_probs in zip(tokens, probs)]
+
+    def observe(self, sequences: list[list[int]], verifications: list[Verification | None]) -> None:
+        lengths = self.draft.lengths
+        self.draft.crop([length if verification is None else min(length, len(sequence) + verification.accepted)
+                         for length, sequence, verification in zip(lengths, sequences, verifications)])
+
+    def models(self) -> dict[str, BatchedCausalLM]:
+        return {"draft": self.draft}
+
+
 @register("speculative")
-class Speculative(ProposerStrategy):
+class Speculative(ProposerStrategy, BatchCapable):
     """Draft ``gamma`` tokens with a small model, verify them with the target in one pass."""
 
     Params = SpeculativeParams
@@ -125,3 +165,11 @@ class Speculative(ProposerStrategy):
         if self.adaptive_length is None:
             self.adaptive_length = CostModelLength.calibrate(self.models.target, draft, self.params.gamma)
         return DraftModelProposer(draft, self.adaptive_length)
+
+    @classmethod
+    def cannot_batch(cls, params: SpeculativeParams) -> str | None:
+        return "speculative with schedule adaptive measures its draft lengths at batch size 1 only" \
+            if params.schedule != "constant" else None
+
+    def batch_proposer(self) -> BatchProposer:
+        return BatchedDraftProposer(BatchedCausalLM.of(self.models.draft(self.params.draft)), self.params.gamma)

@@ -1,0 +1,241 @@
+"""``BatchedCausalLM``: one Hugging Face causal LM decoding a batch of sequences of different lengths.
+
+Speculative decoding at batch size B > 1 feeds every row a different number of
+tokens per step (a draft, a correction, or nothing once the row is done), and
+keeps a different number of them. This wrapper holds one KV cache for the
+batch, ``[B, heads, slots, dim]`` per layer, plus a boolean map of which cache
+slots hold each row's committed tokens:
+
+* ``prefill`` left-pads the prompts; the padding slots are never valid.
+* ``extend`` appends one block of ``width`` slots (the longest row's input);
+  each row's tokens attend to its own valid slots and, inside the block, to
+  their predecessors (a chain) or their tree ancestors. Positions are per row,
+  counted in valid slots, so a row's rotary positions are those it would have
+  at batch size 1.
+* ``retain`` keeps, per row, only the accepted slots of the last block:
+  rejected positions are masked out, never recomputed. ``compact`` gathers each
+  row's valid slots to the right end of a shorter cache once holes pile up.
+
+Forward passes are counted and timed like :class:`harness.core.lm.CausalLM`'s,
+once per batched pass.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from harness.core.lm import CausalLM, ForwardStats, additive_mask, cache_argument, synchronize
+from harness.core.tree import ancestor_mask, node_depths
+
+
+@dataclass
+class BatchStep:
+    """One batched forward: ``logits[b, i]`` after row b's i-th new token (rows padded to one width), and the
+    last hidden states likewise when asked for. ``counts[b]`` is how many of row b's entries are real."""
+
+    logits: torch.Tensor  # [batch, width, vocab], float32
+    counts: list[int]
+    hidden_states: torch.Tensor | None = None  # [batch, width, hidden]
+
+    def row(self, index: int) -> torch.Tensor:
+        """Row ``index``'s real logits, ``[counts[index], vocab]``."""
+        return self.logits[index, : self.counts[index]]
+
+    def row_hidden(self, index: int) -> torch.Tensor:
+        """Row ``index``'s real hidden states, ``[counts[index], hidden]``."""
+        if self.hidden_states is None:
+            raise ValueError("this forward pass was run without hidden states")
+        return self.hidden_states[index, : self.counts[index]]
+
+
+class BatchedCausalLM:
+    """A causal LM with one KV cache for a batch of sequences, each with its own length."""
+
+    def __init__(self, model: torch.nn.Module, name: str, num_parameters: int, eos_token_id: frozenset[int],
+                 pad_token_id: int = 0, compact_after: int = 64) -> None:
+        self.model = model.eval()
+        self.name = name
+        self.num_parameters = num_parameters
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.compact_after = compact_after  # holes a row may carry before ``compact`` gathers the cache
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = int(model.config.vocab_size)
+        self.cache_argument = cache_argument(model)
+        self.stats = ForwardStats()
+        self.clock: Callable[[], float] = time.perf_counter
+        self.cache = None
+        self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # [batch, slots]
+        self.last_logits: torch.Tensor | None = None  # [batch, vocab]: after each row's last valid token
+        self._block: tuple[int, list[int]] | None = None  # the last block's first slot and real counts
+
+    @classmethod
+    def of(cls, lm: CausalLM, compact_after: int = 64) -> "BatchedCausalLM":
+        """The batched twin of ``lm``: the same model, name and parameter count, a cache and statistics of its own.
+        A ``CausalLM`` with a cut vocabulary (FR-Spec) has no batched twin yet."""
+        if lm.subset is not None:
+            raise ValueError(f"{lm.name}: a vocabulary subset is not supported at batch size > 1")
+        pad = getattr(lm.model.config, "pad_token_id", None)
+        return cls(lm.model, lm.name, lm.num_parameters, lm.eos_token_id, pad if isinstance(pad, int) else 0,
+                   compact_after)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.valid.shape[0])
+
+    @property
+    def lengths(self) -> list[int]:
+        """Committed tokens held per row (its valid cache slots)."""
+        return self.valid.sum(-1).tolist()
+
+    @property
+    def slots(self) -> int:
+        """Cache slots per row, valid or not."""
+        return int(self.valid.shape[1])
+
+    def reset_stats(self) -> ForwardStats:
+        """Return the statistics gathered so far and start counting afresh."""
+        stats, self.stats = self.stats, ForwardStats()
+        return stats
+
+    # ------------------------------------------------------------------ forward passes
+
+    @torch.inference_mode()
+    def prefill(self, rows: list[list[int]]) -> torch.Tensor:
+        """Start a batch with the prompts ``rows`` (each non-empty); return ``[batch, vocab]`` logits after each."""
+        from transformers import DynamicCache
+
+        if not rows or any(not row for row in rows):
+            raise ValueError(f"{self.name}: prefill needs at least one row and a token in every row")
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool)
+        for index, row in enumerate(rows):
+            ids[index, width - len(row):] = torch.as_tensor(row, dtype=torch.long)
+            valid[index, width - len(row):] = True
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        allowed = torch.tril(torch.ones(width, width, dtype=torch.bool))[None] & valid[:, None, :]
+        allowed |= torch.eye(width, dtype=torch.bool)[None]  # a padding query sees itself (no empty softmax row)
+        self.cache = DynamicCache()
+        self.valid = torch.zeros(len(rows), 0, dtype=torch.bool, device=self.device)
+        out = self._forward(ids, positions, allowed, prefill=True, last_only=True, tokens=int(valid.sum()))
+        self.valid = valid.to(self.device)
+        self.last_logits = out.logits[:, -1]
+        self._block = None
+        return self.last_logits
+
+    @torch.inference_mode()
+    def extend(self, rows: list[list[int]], parents: list[list[int] | None] | None = None,
+               output_hidden_states: bool = False) -> BatchStep:
+        """Append each row's tokens (a row may have none) in one forward pass; return their logits.
+
+        ``parents[b]``, when given and not None, makes row b's tokens a tree (``harness.core.tree``): each attends
+        to its ancestors and sits at its depth. Every new token is kept until ``retain`` says otherwise.
+        """
+        if self.cache is None or len(rows) != self.batch_size:
+            raise ValueError(f"{self.name}: extend() needs a prefill of {len(rows)} rows first")
+        counts = [len(row) for row in rows]
+        width = max(1, *counts)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        block = torch.zeros(len(rows), width, width, dtype=torch.bool)
+        offsets = torch.arange(width).repeat(len(rows), 1)
+        for index, row in enumerate(rows):
+            count = counts[index]
+            if not count:
+                continue
+            ids[index, :count] = torch.as_tensor(row, dtype=torch.long)
+            tree = parents[index] if parents is not None else None
+            if tree is not None:
+                if len(tree) != count:
+                    raise ValueError(f"{self.name}: row {index} has {count} tokens but {len(tree)} parents")
+                block[index, :count, :count] = ancestor_mask(tree)
+                offsets[index, :count] = torch.as_tensor(node_depths(tree))
+            else:
+                block[index, :count, :count] = torch.tril(torch.ones(count, count, dtype=torch.bool))
+        block |= torch.eye(width, dtype=torch.bool)[None]  # padding queries see themselves
+        past = self.valid.cpu()
+        allowed = torch.cat([past[:, None, :].expand(-1, width, -1), block], dim=-1)
+        positions = past.sum(-1, keepdim=True) + offsets
+        first = self.slots
+        out = self._forward(ids, positions, allowed, prefill=False, output_hidden_states=output_hidden_states,
+                            counts=counts)
+        real = torch.arange(width)[None, :] < torch.as_tensor(counts)[:, None]
+        self.valid = torch.cat([self.valid, real.to(self.device)], dim=-1)
+        self._block = (first, counts)
+        has_new = [index for index, count in enumerate(counts) if count]
+        if has_new:
+            self.last_logits = self.last_logits.clone()
+            for index in has_new:
+                self.last_logits[index] = out.logits[index, counts[index] - 1]
+        return out
+
+    def crop(self, lengths: list[int]) -> None:
+        """Keep each row's first ``lengths[b]`` committed tokens (a row never grows by it); ``last_logits`` is then
+        stale for any row that dropped a token."""
+        if len(lengths) != self.batch_size:
+            raise ValueError(f"{self.name}: crop() needs one length per row, got {len(lengths)} for {self.batch_size}")
+        limit = torch.as_tensor(lengths, dtype=torch.long, device=self.device)[:, None]
+        self.valid = self.valid & (self.valid.long().cumsum(-1) <= limit)
+        self._block = None
+        self.compact()
+
+    def retain(self, kept: list[list[int]]) -> None:
+        """Keep, per row, only the slots ``kept[b]`` (indices into the row's tokens of the last ``extend``);
+        the rest are masked out for good. ``last_logits`` is then stale for any row that dropped a token."""
+        if self._block is None:
+            raise ValueError(f"{self.name}: retain() needs an extend() first")
+        first, counts = self._block
+        keep = torch.ones(self.valid.shape, dtype=torch.bool, device=self.device)
+        keep[:, first:] = False
+        for index, slots in enumerate(kept):
+            if any(not 0 <= slot < counts[index] for slot in slots):
+                raise ValueError(f"{self.name}: row {index} keeps {slots} of {counts[index]} new tokens")
+            keep[index, [first + slot for slot in slots]] = True
+        self.valid = self.valid & keep
+        self._block = None
+        self.compact()
+
+    def compact(self, force: bool = False) -> None:
+        """Gather each row's valid slots to the right end of a cache as long as the longest row, once some row
+        carries more than ``compact_after`` holes (always when ``force``)."""
+        lengths = self.valid.sum(-1)
+        longest = int(lengths.max()) if lengths.numel() else 0
+        if self.cache is None or (not force and self.slots - int(lengths.min()) <= self.compact_after):
+            return
+        index = torch.zeros(self.batch_size, longest, dtype=torch.long, device=self.device)
+        valid = torch.zeros(self.batch_size, longest, dtype=torch.bool, device=self.device)
+        for row in range(self.batch_size):
+            slots = self.valid[row].nonzero().flatten()
+            if len(slots):
+                index[row, longest - len(slots):] = slots
+                valid[row, longest - len(slots):] = True
+        for layer in self.cache.layers:
+            if getattr(layer, "is_initialized", True) and layer.keys is not None and layer.keys.numel():
+                gather = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+                layer.keys = layer.keys.gather(2, gather)
+                layer.values = layer.values.gather(2, gather)
+        self.valid = valid
+        self._block = None
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, prefill: bool,
+                 output_hidden_states: bool = False, last_only: bool = False,
+                 counts: list[int] | None = None, tokens: int = 0) -> BatchStep:
+        inputs = {"input_ids": ids.to(self.device), "position_ids": positions.to(self.device),
+                  "attention_mask": additive_mask(allowed.to(self.device), self.dtype), "use_cache": True}
+        if last_only:
+            inputs["logits_to_keep"] = 1
+        synchronize(self.device)
+        started = self.clock()
+        out = self.model(output_hidden_states=output_hidden_states, **inputs, **{self.cache_argument: self.cache})
+        synchronize(self.device)
+        self.stats.count(prefill, self.clock() - started, int(sum(counts)) if counts is not None else tokens)
+        counts = counts if counts is not None else [int(ids.shape[1])] * int(ids.shape[0])
+        hidden = out.hidden_states[-1] if output_hidden_states else None
+        return BatchStep(logits=out.logits.float(), counts=counts, hidden_states=hidden)

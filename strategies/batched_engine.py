@@ -1,0 +1,240 @@
+"""The decode loop at batch size B > 1: B prompts drafted and verified together, each row lossless on its own.
+
+Rows accept different numbers of tokens per step; the target's batched cache
+(:class:`harness.core.batched_lm.BatchedCausalLM`) masks out what a row
+rejected instead of recomputing it. Each row keeps its own budget, EOS, steps
+and proposer state, and its tokens are decided by the same acceptance rule as
+at batch size 1 (``strategies.verification.accept_chain``), on the logits of
+its own positions, so greedy output per row equals the batch-1 baseline's and
+sampling keeps the target's distribution per row.
+
+Batching policy: *static*. A batch is B prompts of a shard; a row that
+finishes (budget or EOS) stays idle, fed nothing, until every row is done, and
+the next B prompts start a fresh batch. The baseline runs on the same policy,
+so a throughput ratio compares like with like.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from harness.core.batched_lm import BatchedCausalLM
+from strategies.base import Step, Strategy, Trace, truncate
+from strategies.engine import Proposer
+from strategies.sampling import Sampling
+from strategies.verification import Proposal, Verification, accept_chain
+
+
+class BatchProposer(ABC):
+    """Drafts for a batch of rows; ``begin`` starts a batch, then ``propose`` / ``observe`` alternate.
+
+    ``propose`` gets every row's committed sequence and budget; a row whose
+    budget is 0 (it is finished, or may add only the target's own next token)
+    gets an empty draft.
+    """
+
+    def begin(self, prompts: list[list[int]]) -> None:
+        """Start a batch of ``prompts``."""
+
+    @abstractmethod
+    def propose(self, sequences: list[list[int]], budgets: list[int], sampling: Sampling) -> list[Proposal]:
+        """One chain per row, of at most ``budgets[b]`` tokens after ``sequences[b]``."""
+
+    def observe(self, sequences: list[list[int]], verifications: list[Verification | None]) -> None:
+        """Feedback after a step: the sequences as they were before it, and what the target kept per row (None
+        for a row that took no part)."""
+
+    def models(self) -> dict[str, BatchedCausalLM]:
+        """The batched models besides the target whose forward passes count for this method, by role."""
+        return {}
+
+
+class RowwiseProposer(BatchProposer):
+    """A batch proposer made of one single-row proposer per row, for methods that draft without a model (prompt
+    lookup, the baseline's empty draft): each row's proposer sees only its own sequence."""
+
+    def __init__(self, make: Callable[[], Proposer]) -> None:
+        self.make = make
+        self.rows: list[Proposer] = []
+
+    def begin(self, prompts: list[list[int]]) -> None:
+        self.rows = [self.make() for _ in prompts]
+        for proposer, prompt in zip(self.rows, prompts):
+            proposer.begin(prompt, None, list(prompt))  # no prefill output: these proposers read none
+
+    def propose(self, sequences: list[list[int]], budgets: list[int], sampling: Sampling) -> list[Proposal]:
+        return [proposer.propose(sequence, budget, sampling) if budget else Proposal([])
+                for proposer, sequence, budget in zip(self.rows, sequences, budgets)]
+
+    def observe(self, sequences: list[list[int]], verifications: list[Verification | None]) -> None:
+        for proposer, sequence, verification in zip(self.rows, sequences, verifications):
+            if verification is not None:
+                proposer.observe(sequence, verification)
+
+
+@dataclass
+class RowResult:
+    """One row of a batch: its new tokens, its steps, and when (on the loop's clock, seconds after the batch
+    started) its first new token and its last were committed."""
+
+    tokens: list[int]
+    steps: list[Step] = field(default_factory=list)
+    first_token_s: float = 0.0
+    finished_s: float = 0.0
+
+
+def verify_chains(target: BatchedCausalLM, sequences: list[list[int]], proposals: list[Proposal | None],
+                  sampling: Sampling) -> list[Verification | None]:
+    """Score each row's chain after its sequence in one batched target pass and accept it by ``accept_chain``;
+    each row's cache then holds its sequence plus the accepted tokens. A row whose proposal is None takes no part.
+
+    Per row this is ``strategies.verification.verify_chain``: the tokens the row's cache lacks (the previous
+    correction) are fed with the draft, and a row with nothing pending and nothing drafted reads the target's
+    distribution after its cache without a forward pass.
+    """
+    lengths = target.lengths
+    before = target.last_logits
+    pending = [sequence[lengths[row]:] if proposal is not None else [] for row, (sequence, proposal)
+               in enumerate(zip(sequences, proposals))]
+    inputs = [pending[row] + (proposal.tokens if proposal is not None else []) for row, proposal in enumerate(proposals)]
+    out = target.extend(inputs) if any(inputs) else None
+    results: list[Verification | None] = []
+    for row, proposal in enumerate(proposals):
+        if proposal is None:
+            results.append(None)
+            continue
+        drafted = proposal.tokens
+        if inputs[row]:
+            logits = out.row(row)
+            logits = logits[len(pending[row]) - 1:] if pending[row] else torch.cat([before[row][None], logits])
+        else:
+            logits = before[row][None]
+        p_rows = sampling.probs(logits)
+        if drafted:
+            q_rows = proposal.q
+            if q_rows is None and not sampling.greedy:  # a deterministic draft's distribution is one-hot
+                q_rows = torch.nn.functional.one_hot(torch.tensor(drafted, device=p_rows.device),
+                                                     p_rows.shape[-1]).float()
+            accepted, following = accept_chain(p_rows, q_rows, drafted, sampling)
+        else:
+            accepted, following = 0, sampling.choose(p_rows[-1])
+        results.append(Verification(accepted=accepted, tokens=drafted[:accepted] + [following]))
+    target.crop([lengths[row] if result is None else len(sequences[row]) + result.accepted
+                 for row, result in enumerate(results)])
+    return results
+
+
+def batch_problem(strategy: type[Strategy], params: Any) -> str | None:
+    """Why ``strategy`` with ``params`` cannot decode a batch of prompts at once (None: it can)."""
+    if not issubclass(strategy, BatchCapable):
+        return f"{strategy.name} decodes one prompt at a time"
+    return strategy.cannot_batch(params)
+
+
+def decode_batch(target: BatchedCausalLM, proposer: BatchProposer, prompts: list[list[int]], max_new_tokens: int,
+                 sampling: Sampling, clock: Callable[[], float] | None = None) -> list[RowResult]:
+    """Draft and verify ``prompts`` as one batch until every row has ``max_new_tokens`` tokens or an EOS.
+
+    ``clock`` (default: the target's) times each row's first and last committed token from the batch's start.
+    """
+    clock = clock or target.clock
+    started = clock()
+    eos = target.eos_token_id
+    target.prefill(prompts)
+    proposer.begin(prompts)
+    sequences = [list(prompt) for prompt in prompts]
+    rows = [RowResult(tokens=[]) for _ in prompts]
+    done = [False] * len(prompts)
+    while not all(done):
+        budgets = [0 if done[row] else max(0, max_new_tokens - len(rows[row].tokens) - 1) for row in range(len(rows))]
+        proposals: list[Proposal | None] = list(proposer.propose(sequences, budgets, sampling))
+        proposals = [None if done[row] else proposal for row, proposal in enumerate(proposals)]
+        verifications = verify_chains(target, sequences, proposals, sampling)
+        proposer.observe(sequences, verifications)
+        now = clock() - started
+        for row, verification in enumerate(verifications):
+            if verification is None:
+                continue
+            result = rows[row]
+            if not result.tokens:
+                result.first_token_s = now
+            result.steps.append(Step(drafted=len(proposals[row].tokens), accepted=verification.accepted))
+            result.tokens.extend(verification.tokens)
+            sequences[row].extend(verification.tokens)
+            if len(result.tokens) >= max_new_tokens or any(token in eos for token in verification.tokens):
+                done[row] = True
+                result.finished_s = now
+    return rows
+
+
+@dataclass
+class BatchTrace:
+    """What a strategy did on one batch: a Trace per row (tokens, steps; ``extras`` holds ``first_token_s`` and
+    ``finished_s``), and the forward statistics of each model over the whole batch."""
+
+    rows: list[Trace]
+    forward: dict[str, dict[str, float]]
+    wall_s: float = 0.0  # set by the runner
+    extras: dict[str, Any] = field(default_factory=dict)  # cpu_run_s, cpu_wait_s, probe_s (strategies.timing)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(row.new_tokens for row in self.rows)
+
+    def per_row(self, cost_units: Callable[[dict[str, dict[str, float]]], float]) -> list[Trace]:
+        """The rows as Traces a cell record holds: each with an equal share of the batch's wall time, CPU time and
+        forward counts (so a cell's sums over its rows are the batch's, and its speedup is the ratio of batch
+        throughputs), the batch's probe, and ``extras["batch"]``: the batch's size, the row's index, the batch's
+        wall time and the row's first- and last-token times."""
+        share = 1.0 / len(self.rows)
+        forward = {role: {key: value if key == "parameters" else value * share for key, value in stats.items()}
+                   for role, stats in self.forward.items()}
+        shared = {key: self.extras[key] * share for key in ("cpu_run_s", "cpu_wait_s") if key in self.extras}
+        if "probe_s" in self.extras:
+            shared["probe_s"] = self.extras["probe_s"]
+        traces = []
+        for index, row in enumerate(self.rows):
+            timing = {"size": len(self.rows), "row": index, "wall_s": self.wall_s,
+                      "first_token_s": row.extras.get("first_token_s"), "finished_s": row.extras.get("finished_s")}
+            extras = {key: value for key, value in row.extras.items() if key not in ("first_token_s", "finished_s")}
+            traces.append(Trace(tokens=row.tokens, steps=row.steps, forward={role: dict(stats) for role, stats
+                                                                               in forward.items()},
+                                cost_units=cost_units(forward), wall_s=self.wall_s * share,
+                                extras={**extras, **shared, "batch": timing}))
+        return traces
+
+
+class BatchCapable(ABC):
+    """Mixin of a ``Strategy`` that decodes B prompts at once (``run.batch_size`` > 1). A strategy without it
+    runs at batch size 1 only, and the sweep says so before any model loads."""
+
+    @abstractmethod
+    def batch_proposer(self) -> BatchProposer:
+        """A proposer for the next batch."""
+
+    @classmethod
+    def cannot_batch(cls, params: Any) -> str | None:
+        """Why these params cannot decode at batch size > 1 (None: they can)."""
+        return None
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
+                       clock: Callable[[], float] | None = None) -> BatchTrace:
+        """Decode ``prompts`` as one batch (see ``decode_batch``); one Trace per row."""
+        assert isinstance(self, Strategy), "BatchCapable is a mixin of Strategy classes"
+        target = BatchedCausalLM.of(self.models.target)
+        proposer = self.batch_proposer()
+        results = decode_batch(target, proposer, prompts, max_new_tokens, sampling, clock)
+        eos = target.eos_token_id
+        rows = [Trace(tokens=truncate(result.tokens, max_new_tokens, eos), steps=result.steps,
+                      extras={"first_token_s": result.first_token_s, "finished_s": result.finished_s})
+                for result in results]
+        forward = {}
+        for role, model in {"target": target, **proposer.models()}.items():
+            stats = model.reset_stats().as_dict()
+            stats["parameters"] = model.num_parameters
+            forward[role] = stats
+        return BatchTrace(rows=rows, forward=forward)
