@@ -94,8 +94,12 @@ def build_features(model, tokenizer, data: FeatureDataConfig, zoo_corpus, out_di
     })
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".building-") as scratch:
-        rows = list(target_features(model, windows, data.batch_size))
-        dataset = Dataset.from_list(rows, features=features)
+        # Streamed to Arrow files as the forward passes yield rows: held as a list, 6,144 windows of 192 x 576
+        # float32 features took 19 GB before conversion, and Ray's memory monitor killed the job.
+        dataset = Dataset.from_generator(target_features, features=features, cache_dir=str(Path(scratch) / "arrow"),
+                                         gen_kwargs={"model": model, "windows": windows,
+                                                     "batch_size": data.batch_size},
+                                         fingerprint=out_dir.name)
         staging = Path(scratch) / "dataset"
         dataset.save_to_disk(str(staging), num_shards=min(data.shards, len(dataset)))
         (staging / DONE_MARKER).write_text("ok\n")
