@@ -19,12 +19,17 @@ def ragged(prompts: list[list[int]]) -> list[list[int]]:
     return [prompts[0][:9], prompts[1], prompts[2][:23], prompts[3][:5]]
 
 
+def baseline_tokens(models, prompts: list[list[int]], limit: int = 30) -> list[list[int]]:
+    """The batch-1 baseline's greedy tokens for each prompt."""
+    baseline = build("autoregressive", {}, models)
+    return [baseline.generate(prompt, limit, Sampling()).tokens for prompt in prompts]
+
+
 @pytest.mark.parametrize("name,params", BATCHED)
 def test_greedy_rows_at_batch_4_equal_the_batch_1_baseline(zoo_models, zoo_prompts, name, params):
     models, _ = zoo_models
     prompts = ragged(zoo_prompts)
-    baseline = build("autoregressive", {}, models)
-    expected = [baseline.generate(prompt, 30, Sampling()).tokens for prompt in prompts]
+    expected = baseline_tokens(models, prompts)
     batch = build(name, params, models).generate_batch(prompts, 30, Sampling())
     assert [row.tokens for row in batch.rows] == expected
     single = build(name, params, models)
@@ -38,8 +43,7 @@ def test_greedy_rows_at_batch_4_equal_the_batch_1_baseline(zoo_models, zoo_promp
 def test_rows_stop_at_their_own_eos_and_the_others_run_on(zoo_models, zoo_prompts, name, params):
     models, _ = zoo_models
     prompts = ragged(zoo_prompts)
-    baseline = build("autoregressive", {}, models)
-    expected = [baseline.generate(prompt, 30, Sampling()).tokens for prompt in prompts]
+    expected = baseline_tokens(models, prompts)
     # a token some row emits for the first time at position >= 3 and another row never emits: it stands in for EOS
     stop = next(tokens[index] for tokens in expected for index in range(3, len(tokens))
                 if tokens[index] not in tokens[:index] and any(tokens[index] not in other for other in expected))
