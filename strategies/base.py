@@ -251,12 +251,19 @@ class Strategy(ABC):
                **extras: Any) -> Trace:
         """Build the Trace: cut ``tokens`` at EOS and ``max_new_tokens``; gather forward counts of ``used``."""
         tokens = truncate(tokens, max_new_tokens, self.models.target.eos_token_id)
-        forward = {}
-        for role, model in used.items():
-            stats = model.reset_stats().as_dict()
-            stats["parameters"] = model.num_parameters
-            forward[role] = stats
+        forward = forward_stats(used)
         return Trace(tokens=tokens, steps=steps, forward=forward, cost_units=self.cost_units(forward), extras=extras)
+
+
+def forward_stats(used: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each model's forward counts since its last reset (which this starts afresh), with its parameter count, by
+    role; ``used`` holds ``CausalLM``-like models (``reset_stats``, ``num_parameters``)."""
+    forward = {}
+    for role, model in used.items():
+        stats = model.reset_stats().as_dict()
+        stats["parameters"] = model.num_parameters
+        forward[role] = stats
+    return forward
 
 
 def truncate(tokens: list[int], max_new_tokens: int, eos: frozenset[int]) -> list[int]:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from harness.core.batched_lm import BatchedCausalLM
-from strategies.base import Step, Strategy, Trace, truncate
+from strategies.base import Step, Strategy, Trace, forward_stats, truncate
 from strategies.engine import Proposer
 from strategies.sampling import Sampling
 from strategies.verification import Proposal, Verification, accept_chain
@@ -232,9 +232,4 @@ class BatchCapable(ABC):
         rows = [Trace(tokens=truncate(result.tokens, max_new_tokens, eos), steps=result.steps,
                       extras={"first_token_s": result.first_token_s, "finished_s": result.finished_s})
                 for result in results]
-        forward = {}
-        for role, model in {"target": target, **proposer.models()}.items():
-            stats = model.reset_stats().as_dict()
-            stats["parameters"] = model.num_parameters
-            forward[role] = stats
-        return BatchTrace(rows=rows, forward=forward)
+        return BatchTrace(rows=rows, forward=forward_stats({"target": target, **proposer.models()}))

@@ -9,12 +9,12 @@ slots hold each row's committed tokens:
 * ``prefill`` left-pads the prompts; the padding slots are never valid.
 * ``extend`` appends one block of ``width`` slots (the longest row's input);
   each row's tokens attend to its own valid slots and, inside the block, to
-  their predecessors (a chain) or their tree ancestors. Positions are per row,
-  counted in valid slots, so a row's rotary positions are those it would have
-  at batch size 1.
-* ``retain`` keeps, per row, only the accepted slots of the last block:
-  rejected positions are masked out, never recomputed. ``compact`` gathers each
-  row's valid slots to the right end of a shorter cache once holes pile up.
+  their predecessors (chains; trees, for EAGLE-2 at B > 1, are not here
+  yet). Positions are per row, counted in valid slots, so a row's rotary
+  positions are those it would have at batch size 1.
+* ``crop`` keeps each row's accepted prefix: rejected positions are masked
+  out, never recomputed. ``compact`` gathers each row's valid slots to the
+  right end of a shorter cache once holes pile up.
 
 Forward passes are counted and timed like :class:`harness.core.lm.CausalLM`'s,
 once per batched pass.
@@ -29,7 +29,6 @@ from typing import Callable
 import torch
 
 from harness.core.lm import CausalLM, ForwardStats, additive_mask, cache_argument, synchronize
-from harness.core.tree import ancestor_mask, node_depths
 
 
 @dataclass
@@ -72,7 +71,6 @@ class BatchedCausalLM:
         self.cache = None
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # [batch, slots]
         self.last_logits: torch.Tensor | None = None  # [batch, vocab]: after each row's last valid token
-        self._block: tuple[int, list[int]] | None = None  # the last block's first slot and real counts
 
     @classmethod
     def of(cls, lm: CausalLM, compact_after: int = 64) -> "BatchedCausalLM":
@@ -128,16 +126,12 @@ class BatchedCausalLM:
         out = self._forward(ids, positions, allowed, prefill=True, last_only=True, tokens=int(valid.sum()))
         self.valid = valid.to(self.device)
         self.last_logits = out.logits[:, -1]
-        self._block = None
         return self.last_logits
 
     @torch.inference_mode()
-    def extend(self, rows: list[list[int]], parents: list[list[int] | None] | None = None,
-               output_hidden_states: bool = False) -> BatchStep:
-        """Append each row's tokens (a row may have none) in one forward pass; return their logits.
-
-        ``parents[b]``, when given and not None, makes row b's tokens a tree (``harness.core.tree``): each attends
-        to its ancestors and sits at its depth. Every new token is kept until ``retain`` says otherwise.
+    def extend(self, rows: list[list[int]], output_hidden_states: bool = False) -> BatchStep:
+        """Append each row's tokens (a row may have none) in one forward pass, each attending to its row's valid
+        slots and to its predecessors; return their logits. Every new token is kept until ``crop`` says otherwise.
         """
         if self.cache is None or len(rows) != self.batch_size:
             raise ValueError(f"{self.name}: extend() needs a prefill of {len(rows)} rows first")
@@ -145,30 +139,19 @@ class BatchedCausalLM:
         width = max(1, *counts)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         block = torch.zeros(len(rows), width, width, dtype=torch.bool)
-        offsets = torch.arange(width).repeat(len(rows), 1)
         for index, row in enumerate(rows):
-            count = counts[index]
-            if not count:
-                continue
-            ids[index, :count] = torch.as_tensor(row, dtype=torch.long)
-            tree = parents[index] if parents is not None else None
-            if tree is not None:
-                if len(tree) != count:
-                    raise ValueError(f"{self.name}: row {index} has {count} tokens but {len(tree)} parents")
-                block[index, :count, :count] = ancestor_mask(tree)
-                offsets[index, :count] = torch.as_tensor(node_depths(tree))
-            else:
-                block[index, :count, :count] = torch.tril(torch.ones(count, count, dtype=torch.bool))
+            if counts[index]:
+                ids[index, :counts[index]] = torch.as_tensor(row, dtype=torch.long)
+                block[index, :counts[index], :counts[index]] = torch.tril(
+                    torch.ones(counts[index], counts[index], dtype=torch.bool))
         block |= torch.eye(width, dtype=torch.bool)[None]  # padding queries see themselves
         past = self.valid.cpu()
         allowed = torch.cat([past[:, None, :].expand(-1, width, -1), block], dim=-1)
-        positions = past.sum(-1, keepdim=True) + offsets
-        first = self.slots
+        positions = past.sum(-1, keepdim=True) + torch.arange(width)[None, :]
         out = self._forward(ids, positions, allowed, prefill=False, output_hidden_states=output_hidden_states,
                             counts=counts)
         real = torch.arange(width)[None, :] < torch.as_tensor(counts)[:, None]
         self.valid = torch.cat([self.valid, real.to(self.device)], dim=-1)
-        self._block = (first, counts)
         has_new = [index for index, count in enumerate(counts) if count]
         if has_new:
             self.last_logits = self.last_logits.clone()
@@ -183,23 +166,6 @@ class BatchedCausalLM:
             raise ValueError(f"{self.name}: crop() needs one length per row, got {len(lengths)} for {self.batch_size}")
         limit = torch.as_tensor(lengths, dtype=torch.long, device=self.device)[:, None]
         self.valid = self.valid & (self.valid.long().cumsum(-1) <= limit)
-        self._block = None
-        self.compact()
-
-    def retain(self, kept: list[list[int]]) -> None:
-        """Keep, per row, only the slots ``kept[b]`` (indices into the row's tokens of the last ``extend``);
-        the rest are masked out for good. ``last_logits`` is then stale for any row that dropped a token."""
-        if self._block is None:
-            raise ValueError(f"{self.name}: retain() needs an extend() first")
-        first, counts = self._block
-        keep = torch.ones(self.valid.shape, dtype=torch.bool, device=self.device)
-        keep[:, first:] = False
-        for index, slots in enumerate(kept):
-            if any(not 0 <= slot < counts[index] for slot in slots):
-                raise ValueError(f"{self.name}: row {index} keeps {slots} of {counts[index]} new tokens")
-            keep[index, [first + slot for slot in slots]] = True
-        self.valid = self.valid & keep
-        self._block = None
         self.compact()
 
     def compact(self, force: bool = False) -> None:
@@ -222,7 +188,6 @@ class BatchedCausalLM:
                 layer.keys = layer.keys.gather(2, gather)
                 layer.values = layer.values.gather(2, gather)
         self.valid = valid
-        self._block = None
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, prefill: bool,
                  output_hidden_states: bool = False, last_only: bool = False,

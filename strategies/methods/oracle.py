@@ -91,14 +91,13 @@ def oracle_section(view: ReportView) -> list[str]:
     rows = []
     for row in frame.itertuples():
         raw = row.params_raw
+        bound = speedup_bound(row.alpha, row.drafted_per_step, 1.0, 0.0)
         rows.append({**({"target": row.target} if view.multi_target else {}), "prompt_set": row.prompt_set,
                      "batch_size": getattr(row, "batch_size", 1), "acceptance": raw.get("acceptance"),
                      "by_position": ", ".join(f"{v:g}" for v in raw.get("acceptance_by_position") or ()) or "-",
                      "gamma": raw.get("gamma"), "alpha": row.alpha, "tau": row.tau,
                      "speedup": f"{row.speedup:.2f} [{row.speedup_low:.2f}, {row.speedup_high:.2f}]",
-                     "free_bound": speedup_bound(row.alpha, row.drafted_per_step, 1.0, 0.0),
-                     "efficiency": row.speedup / speedup_bound(row.alpha, row.drafted_per_step, 1.0, 0.0)
-                     if row.alpha is not None else None})
+                     "free_bound": bound, "efficiency": row.speedup / bound if row.alpha is not None else None})
     table = pd.DataFrame(rows).sort_values([c for c in ("target", "prompt_set", "batch_size", "gamma", "acceptance")
                                             if c in rows[0]])
     columns = {**view.target_column(), "prompt_set": "prompt set", "batch_size": "B", "gamma": "γ",
