@@ -4,9 +4,10 @@ Rows accept different numbers of tokens per step; the target's batched cache
 (:class:`harness.core.batched_lm.BatchedCausalLM`) masks out what a row
 rejected instead of recomputing it. Each row keeps its own budget, EOS, steps
 and proposer state, and its tokens are decided by the same acceptance rule as
-at batch size 1 (``strategies.verification.accept_chain``), on the logits of
-its own positions, so greedy output per row equals the batch-1 baseline's and
-sampling keeps the target's distribution per row.
+at batch size 1 (``strategies.verification.accept_chain`` for a chain,
+``accept_tree`` for a tree), on the logits of its own positions, so greedy
+output per row equals the batch-1 baseline's and sampling keeps the target's
+distribution per row.
 
 Batching policy: *static*. A batch is B prompts of a shard; a row that
 finishes (budget or EOS) stays idle, fed nothing, until every row is done, and
@@ -18,15 +19,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
-from harness.core.batched_lm import BatchedCausalLM
+from harness.core.batched_lm import BatchedCausalLM, BatchPrefill
 from strategies.base import Step, Strategy, Trace, forward_stats, truncate
 from strategies.engine import Proposer
 from strategies.sampling import Sampling
-from strategies.verification import Proposal, Verification, accept_chain
+from strategies.verification import Proposal, Verification, accept_chain, accept_tree
 
 
 class BatchProposer(ABC):
@@ -34,15 +35,19 @@ class BatchProposer(ABC):
 
     ``propose`` gets every row's committed sequence and budget; a row whose
     budget is 0 (it is finished, or may add only the target's own next token)
-    gets an empty draft.
+    gets an empty draft (a chain, or a tree of its root alone).
+    ``needs_hidden_states``: the target's hidden states come with the prefill
+    (``begin``) and with every ``Verification`` (EAGLE's features).
     """
 
-    def begin(self, prompts: list[list[int]]) -> None:
-        """Start a batch of ``prompts``."""
+    needs_hidden_states: ClassVar[bool] = False
+
+    def begin(self, prompts: list[list[int]], prefill: BatchPrefill) -> None:
+        """Start a batch of ``prompts``; ``prefill`` is the target's prefill of them."""
 
     @abstractmethod
     def propose(self, sequences: list[list[int]], budgets: list[int], sampling: Sampling) -> list[Proposal]:
-        """One chain per row, of at most ``budgets[b]`` tokens after ``sequences[b]``."""
+        """One draft per row, a chain or a tree, of at most ``budgets[b]`` tokens after ``sequences[b]``."""
 
     def observe(self, sequences: list[list[int]], verifications: list[Verification | None]) -> None:
         """Feedback after a step: the sequences as they were before it, and what the target kept per row (None
@@ -50,6 +55,10 @@ class BatchProposer(ABC):
 
     def models(self) -> dict[str, BatchedCausalLM]:
         """The batched models besides the target whose forward passes count for this method, by role."""
+        return {}
+
+    def extras(self) -> dict[str, Any]:
+        """Extra fields of every row's Trace after a batch (e.g. the draft length schedule's summary)."""
         return {}
 
 
@@ -61,7 +70,7 @@ class RowwiseProposer(BatchProposer):
         self.make = make
         self.rows: list[Proposer] = []
 
-    def begin(self, prompts: list[list[int]]) -> None:
+    def begin(self, prompts: list[list[int]], prefill: BatchPrefill) -> None:
         self.rows = [self.make() for _ in prompts]
         for proposer, prompt in zip(self.rows, prompts):
             proposer.begin(prompt, None, list(prompt))  # no prefill output: these proposers read none
@@ -87,25 +96,49 @@ class RowResult:
     finished_s: float = 0.0
 
 
-def verify_chains(target: BatchedCausalLM, sequences: list[list[int]], proposals: list[Proposal | None],
-                  sampling: Sampling) -> list[Verification | None]:
-    """Score each row's chain after its sequence in one batched target pass and accept it by ``accept_chain``;
-    each row's cache then holds its sequence plus the accepted tokens. A row whose proposal is None takes no part.
+def verify_batch(target: BatchedCausalLM, sequences: list[list[int]], proposals: list[Proposal | None],
+                 sampling: Sampling, hidden_states: bool = False) -> list[Verification | None]:
+    """Score each row's draft after its sequence in one batched target pass and accept it by ``accept_chain`` (a
+    chain) or ``accept_tree`` (a tree); each row's cache then holds its sequence plus the accepted tokens. A row
+    whose proposal is None takes no part.
 
-    Per row this is ``strategies.verification.verify_chain``: the tokens the row's cache lacks (the previous
-    correction) are fed with the draft, and a row with nothing pending and nothing drafted reads the target's
-    distribution after its cache without a forward pass.
+    Per row this is ``strategies.verification.verify_chain`` or ``verify_tree``: the tokens the row's cache lacks
+    (the previous correction; a tree's root) are fed with the draft, and a row with nothing pending and nothing
+    drafted reads the target's distribution after its cache without a forward pass. ``hidden_states``: each
+    Verification carries the target's features before each of its tokens, as at batch size 1, where the row's
+    last token was pending (not in the first step after the prefill, which caches whole prompts).
     """
     lengths = target.lengths
     before = target.last_logits
     pending = [sequence[lengths[row]:] if proposal is not None else [] for row, (sequence, proposal)
                in enumerate(zip(sequences, proposals))]
-    inputs = [pending[row] + (proposal.tokens if proposal is not None else []) for row, proposal in enumerate(proposals)]
-    out = target.extend(inputs) if any(inputs) else None
+    inputs, parents = [], []
+    for row, proposal in enumerate(proposals):
+        if proposal is not None and proposal.is_tree:
+            if pending[row] != proposal.tokens[:1]:
+                raise ValueError("verify_batch: a tree's root must be its row's one pending token")
+            inputs.append(list(proposal.tokens))
+            parents.append(proposal.parents)
+        else:
+            inputs.append(pending[row] + (proposal.tokens if proposal is not None else []))
+            parents.append(None)
+    out = target.extend(inputs, output_hidden_states=hidden_states, parents=parents) if any(inputs) else None
     results: list[Verification | None] = []
+    kept: list[list[int]] = []
     for row, proposal in enumerate(proposals):
         if proposal is None:
             results.append(None)
+            kept.append([])
+            continue
+        if proposal.is_tree:
+            path, following = accept_tree(proposal.tokens, proposal.parents,
+                                          proposal.scores or [0.0] * len(proposal.tokens),
+                                          sampling.probs(out.row(row)), sampling)
+            results.append(Verification(accepted=len(path) - 1,
+                                        tokens=[proposal.tokens[node] for node in path[1:]] + [following],
+                                        hidden_states=out.row_hidden(row)[path] if hidden_states else None,
+                                        path=path))
+            kept.append(path)
             continue
         drafted = proposal.tokens
         if inputs[row]:
@@ -122,9 +155,15 @@ def verify_chains(target: BatchedCausalLM, sequences: list[list[int]], proposals
             accepted, following = accept_chain(p_rows, q_rows, drafted, sampling)
         else:
             accepted, following = 0, sampling.choose(p_rows[-1])
-        results.append(Verification(accepted=accepted, tokens=drafted[:accepted] + [following]))
-    target.crop([lengths[row] if result is None else len(sequences[row]) + result.accepted
-                 for row, result in enumerate(results)])
+        hidden = None
+        if hidden_states and pending[row]:  # none in the first step after the prefill, which caches the whole prompt
+            first = len(pending[row]) - 1
+            hidden = out.row_hidden(row)[first: first + accepted + 1]
+        results.append(Verification(accepted=accepted, tokens=drafted[:accepted] + [following],
+                                    hidden_states=hidden))
+        kept.append(list(range(len(pending[row]) + accepted)))
+    if out is not None:
+        target.keep_block(kept)
     return results
 
 
@@ -144,8 +183,7 @@ def decode_batch(target: BatchedCausalLM, proposer: BatchProposer, prompts: list
     clock = clock or target.clock
     started = clock()
     eos = target.eos_token_id
-    target.prefill(prompts)
-    proposer.begin(prompts)
+    proposer.begin(prompts, target.prefill(prompts, output_hidden_states=proposer.needs_hidden_states))
     sequences = [list(prompt) for prompt in prompts]
     rows = [RowResult(tokens=[]) for _ in prompts]
     done = [False] * len(prompts)
@@ -153,7 +191,7 @@ def decode_batch(target: BatchedCausalLM, proposer: BatchProposer, prompts: list
         budgets = [0 if done[row] else max(0, max_new_tokens - len(rows[row].tokens) - 1) for row in range(len(rows))]
         proposals: list[Proposal | None] = list(proposer.propose(sequences, budgets, sampling))
         proposals = [None if done[row] else proposal for row, proposal in enumerate(proposals)]
-        verifications = verify_chains(target, sequences, proposals, sampling)
+        verifications = verify_batch(target, sequences, proposals, sampling, proposer.needs_hidden_states)
         proposer.observe(sequences, verifications)
         now = clock() - started
         for row, verification in enumerate(verifications):
@@ -162,7 +200,7 @@ def decode_batch(target: BatchedCausalLM, proposer: BatchProposer, prompts: list
             result = rows[row]
             if not result.tokens:
                 result.first_token_s = now
-            result.steps.append(Step(drafted=len(proposals[row].tokens), accepted=verification.accepted))
+            result.steps.append(Step(drafted=proposals[row].drafted, accepted=verification.accepted))
             result.tokens.extend(verification.tokens)
             sequences[row].extend(verification.tokens)
             if len(result.tokens) >= max_new_tokens or any(token in eos for token in verification.tokens):
@@ -229,7 +267,8 @@ class BatchCapable(ABC):
         proposer = self.batch_proposer()
         results = decode_batch(target, proposer, prompts, max_new_tokens, sampling, clock)
         eos = target.eos_token_id
+        extras = proposer.extras()
         rows = [Trace(tokens=truncate(result.tokens, max_new_tokens, eos), steps=result.steps,
-                      extras={"first_token_s": result.first_token_s, "finished_s": result.finished_s})
+                      extras={**extras, "first_token_s": result.first_token_s, "finished_s": result.finished_s})
                 for result in results]
         return BatchTrace(rows=rows, forward=forward_stats({"target": target, **proposer.models()}))

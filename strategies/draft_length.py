@@ -9,6 +9,10 @@ holds on a GPU but not on a CPU: on 2 cores, SmolLM2-135M's forwards of 1, 2, 3,
 measured once per cell on the machine itself (the median forward time at every width, taken as it is), and γ = 0,
 a plain target step, is allowed: where the draft cannot pay for itself, the schedule stops drafting.
 
+At batch size B > 1 one length serves the whole batch: every drafted position costs one batched draft forward
+however many rows draft, and the target verifies all rows in one forward as wide as the longest. So the costs are
+measured with B rows (``calibrate_batched``), and α is counted over every row's steps.
+
 α is estimated from the cell's own verifications, as accepted tokens over acceptance trials (a step that drafted
 γ and kept k tries k + 1 tokens, or γ when all were kept), under a uniform Beta prior, and used optimistically
 (posterior mean plus one standard deviation), so that a short unlucky start does not stop drafting. Once the
@@ -20,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from harness.core.batched_lm import BatchedCausalLM
 from harness.core.lm import CausalLM
 
 CALIBRATION_CONTEXT = 64  # tokens before the timed forwards
@@ -99,6 +104,15 @@ class CostModelLength(DraftLength):
         target.time_steps([1], CALIBRATION_CONTEXT, 1)  # untimed: the first forwards after loading run slow
         verify = target.time_steps(list(range(1, max_gamma + 2)), CALIBRATION_CONTEXT, CALIBRATION_REPEATS)
         return cls(max_gamma, draft.time_steps([1], CALIBRATION_CONTEXT, CALIBRATION_REPEATS)[0], verify)
+
+    @classmethod
+    def calibrate_batched(cls, target: BatchedCausalLM, draft: BatchedCausalLM, max_gamma: int,
+                          batch_size: int) -> "CostModelLength":
+        """``calibrate`` at ``batch_size`` rows: a batched 1-token draft forward, and batched target forwards of
+        width 1..max_gamma + 1."""
+        target.time_steps([1], batch_size, CALIBRATION_CONTEXT, 1)  # untimed warm-up, as in ``calibrate``
+        verify = target.time_steps(list(range(1, max_gamma + 2)), batch_size, CALIBRATION_CONTEXT, CALIBRATION_REPEATS)
+        return cls(max_gamma, draft.time_steps([1], batch_size, CALIBRATION_CONTEXT, CALIBRATION_REPEATS)[0], verify)
 
     def next(self) -> int:
         return best_draft_length(self.estimate.optimistic(), self.draft_cost, self.verify_costs)

@@ -135,14 +135,17 @@ class EagleHead(nn.Module):
         use_cache: bool = False,
         output_hidden_states: bool = False,
         compute_logits: bool = True,
+        logits_to_keep: int = 0,
     ) -> HeadOutput:
-        """Predict the next features for each (feature, next-token) pair, and (unless not asked) their logits."""
+        """Predict the next features for each (feature, next-token) pair, and (unless not asked) their logits: for
+        every position, or for the last ``logits_to_keep`` (as a Hugging Face LM's argument)."""
         embedded = self.embed_tokens(input_ids).to(self.fc.weight.dtype)
         fused = self.fc(torch.cat([features.to(self.fc.weight.dtype), embedded], dim=-1))
         out = self.decoder(inputs_embeds=fused, position_ids=position_ids, attention_mask=attention_mask,
                            use_cache=use_cache, **{self.decoder_cache_argument: cache})
         predicted = out.last_hidden_state
-        return HeadOutput(logits=self.logits(predicted) if compute_logits else None, hidden_states=(predicted,))
+        scored = predicted[:, -logits_to_keep:] if logits_to_keep else predicted
+        return HeadOutput(logits=self.logits(scored) if compute_logits else None, hidden_states=(predicted,))
 
     def logits(self, predicted: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of predicted features: ``lm_head``, or its subset rows with -inf elsewhere."""

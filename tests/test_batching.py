@@ -28,12 +28,16 @@ def baseline_tokens(models, prompts: list[list[int]], limit: int = 30) -> list[l
 @pytest.mark.parametrize("name,params", BATCHED)
 def test_greedy_rows_at_batch_4_equal_the_batch_1_baseline(zoo_models, zoo_prompts, name, params):
     models, _ = zoo_models
-    prompts = ragged(zoo_prompts)
+    check_greedy_rows_equal_batch_1(models, ragged(zoo_prompts), name, params)
+
+
+def check_greedy_rows_equal_batch_1(models, prompts: list[list[int]], name: str, params: dict) -> None:
+    """Each row of a greedy batch equals the batch-1 baseline's tokens, in the steps it would take alone."""
     expected = baseline_tokens(models, prompts)
     batch = build(name, params, models).generate_batch(prompts, 30, Sampling())
     assert [row.tokens for row in batch.rows] == expected
     single = build(name, params, models)
-    for prompt, row in zip(prompts, batch.rows):  # the same steps as the row would take alone
+    for prompt, row in zip(prompts, batch.rows):
         alone = single.generate(prompt, 30, Sampling())
         assert [(step.drafted, step.accepted) for step in row.steps] == \
             [(step.drafted, step.accepted) for step in alone.steps]
@@ -42,7 +46,11 @@ def test_greedy_rows_at_batch_4_equal_the_batch_1_baseline(zoo_models, zoo_promp
 @pytest.mark.parametrize("name,params", BATCHED)
 def test_rows_stop_at_their_own_eos_and_the_others_run_on(zoo_models, zoo_prompts, name, params):
     models, _ = zoo_models
-    prompts = ragged(zoo_prompts)
+    check_rows_stop_at_their_own_eos(models, ragged(zoo_prompts), name, params)
+
+
+def check_rows_stop_at_their_own_eos(models, prompts: list[list[int]], name: str, params: dict) -> None:
+    """With a token some rows emit standing in for EOS, each row stops at its own and the others run on."""
     expected = baseline_tokens(models, prompts)
     # a token some row emits for the first time at position >= 3 and another row never emits: it stands in for EOS
     stop = next(tokens[index] for tokens in expected for index in range(3, len(tokens))
@@ -112,6 +120,36 @@ def test_a_masked_row_matches_the_same_row_alone(zoo_models, zoo_prompts):
         torch.testing.assert_close(out.row(row)[-1], alone.extend([[20 + row]]).row(0)[-1], rtol=1e-4, atol=1e-4)
 
 
+def test_the_adaptive_schedule_at_batch_4_is_lossless_and_costs_are_measured_with_4_rows(zoo_models, zoo_prompts,
+                                                                                          monkeypatch):
+    from harness.core.batched_lm import BatchedCausalLM
+
+    models, _ = zoo_models
+    prompts = ragged(zoo_prompts)
+    measured: list[int] = []  # the batch size of every timed calibration forward
+    time_steps = BatchedCausalLM.time_steps
+
+    def recording(self, widths, batch_size, *args, **kwargs):
+        measured.append(batch_size)
+        return time_steps(self, widths, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(BatchedCausalLM, "time_steps", recording)
+    strategy = build("speculative", {"draft": "draft-2l", "gamma": 4, "schedule": "adaptive"}, models)
+    strategy.prepare(prompts, 30)
+    batch = strategy.generate_batch(prompts, 30, Sampling())
+    assert [row.tokens for row in batch.rows] == baseline_tokens(models, prompts)
+    assert measured and set(measured) == {4}
+    summary = batch.rows[0].extras["draft_length"]
+    assert len(summary["verify_costs_s"]) == 5 and summary["alpha_estimate"] is not None
+    assert all(step.drafted <= 4 for row in batch.rows for step in row.steps)
+    # one length per step for the whole batch: in a step where no row's budget binds, every row drafted as many
+    committed = [0] * len(batch.rows)
+    for index in range(min(len(row.steps) for row in batch.rows)):
+        if all(30 - done - 1 >= 4 for done in committed):
+            assert len({row.steps[index].drafted for row in batch.rows}) == 1
+        committed = [done + row.steps[index].accepted + 1 for done, row in zip(committed, batch.rows)]
+
+
 def test_strategies_that_cannot_batch_say_so():
     from strategies.registry import strategy_class
 
@@ -133,17 +171,25 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor, min_expected: 
 
 
 @pytest.mark.parametrize("name,params", [("speculative", {"draft": "d", "gamma": 2}),
-                                         ("prompt_lookup", {"num_tokens": 2, "max_ngram": 2})])
+                                         ("prompt_lookup", {"num_tokens": 2, "max_ngram": 2}),
+                                         ("eagle", {"head": "head", "gamma": 2}),
+                                         ("eagle2", {"head": "head", "total_tokens": 4, "depth": 2, "top_k": 2})])
 def test_sampling_at_batch_4_keeps_each_rows_target_distribution(name, params):
     """Rows of two different prompts (one padded under the other) each sample the target's joint law of their
     first three tokens, through the batched caches, masking and acceptance (Pearson's test, p > 0.001)."""
     from harness.core.lm import CausalLM
     from strategies import ModelSet
-    from tests.test_speculative import exact_joint, tiny_llama, total_variation
+    from strategies.eagle_head import EagleHead, head_config
+    from tests.test_speculative import tiny_llama, exact_joint, total_variation
 
     vocab, length = 4, 3
-    target = CausalLM(tiny_llama(1, vocab), "target")
-    models = ModelSet(target=target, drafts={"d": CausalLM(tiny_llama(2, vocab), "draft")})
+    target_model = tiny_llama(1, vocab)
+    target = CausalLM(target_model, "target")
+    torch.manual_seed(3)  # an untrained head: its drafts are often rejected, so the residual draws are exercised
+    head = EagleHead(head_config(target_model.config), target_model.get_input_embeddings(),
+                     target_model.get_output_embeddings()).eval()
+    models = ModelSet(target=target, drafts={"d": CausalLM(tiny_llama(2, vocab), "draft")},
+                      artifacts={"head": CausalLM(head, "eagle-head")})
     prompts = [[1, 3, 2], [2, 1, 3, 1, 3], [1, 3, 2], [2, 1, 3, 1, 3]]
     truths = [exact_joint(target, prompt, vocab, length).flatten() for prompt in prompts[:2]]
     strategy = build(name, params, models)

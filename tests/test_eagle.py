@@ -145,6 +145,30 @@ def test_a_one_child_tree_drafts_exactly_the_chain(trained_models, zoo_prompts):
         assert [(s.drafted, s.accepted) for s in got.steps] == [(s.drafted, s.accepted) for s in expected.steps]
 
 
+BATCHED_HEADS = [("eagle", {"head": "head", "gamma": 4}),
+                 ("eagle2", {"head": "head", "total_tokens": 10, "depth": 4, "top_k": 3})]
+
+
+@pytest.mark.parametrize("name, params", BATCHED_HEADS)
+def test_greedy_rows_at_batch_4_equal_the_batch_1_baseline(trained_models, zoo_prompts, name, params):
+    """EAGLE's chain and EAGLE-2's tree at B = 4, prompts of different lengths: each row is the baseline's, in the
+    steps it takes alone, and the head drafted something that was kept."""
+    from strategies import Sampling, build
+    from tests.test_batching import check_greedy_rows_equal_batch_1, ragged
+
+    check_greedy_rows_equal_batch_1(trained_models, ragged(zoo_prompts), name, params)
+    batch = build(name, params, trained_models).generate_batch(ragged(zoo_prompts), 30, Sampling())
+    assert sum(step.accepted for row in batch.rows for step in row.steps) > 0
+    assert batch.forward["head"]["prefill_calls"] == 1
+
+
+@pytest.mark.parametrize("name, params", BATCHED_HEADS)
+def test_batched_rows_stop_at_their_own_eos(trained_models, zoo_prompts, name, params):
+    from tests.test_batching import check_rows_stop_at_their_own_eos, ragged
+
+    check_rows_stop_at_their_own_eos(trained_models, ragged(zoo_prompts), name, params)
+
+
 def test_tree_selection_keeps_ancestors_and_orders_parents_first():
     from strategies.methods.eagle import DraftTree
 

@@ -9,12 +9,16 @@ slots hold each row's committed tokens:
 * ``prefill`` left-pads the prompts; the padding slots are never valid.
 * ``extend`` appends one block of ``width`` slots (the longest row's input);
   each row's tokens attend to its own valid slots and, inside the block, to
-  their predecessors (chains; trees, for EAGLE-2 at B > 1, are not here
-  yet). Positions are per row, counted in valid slots, so a row's rotary
-  positions are those it would have at batch size 1.
-* ``crop`` keeps each row's accepted prefix: rejected positions are masked
-  out, never recomputed. ``compact`` gathers each row's valid slots to the
-  right end of a shorter cache once holes pile up.
+  their predecessors: a chain, or a row's tree (``parents``, EAGLE-2's
+  verification), or, for a draft tree grown level by level, further slots
+  named per token (``attend``) in blocks that were never committed
+  (``commit=False``). Positions are per row, counted in valid slots plus the
+  token's depth in the block, so a row's rotary positions are those it would
+  have at batch size 1.
+* ``crop`` keeps each row's accepted prefix and ``keep_block`` a row's
+  accepted tree path in the last block: rejected positions are masked out,
+  never recomputed. ``compact`` gathers each row's valid slots to the right
+  end of a shorter cache once holes pile up.
 
 Forward passes are counted and timed like :class:`harness.core.lm.CausalLM`'s,
 once per batched pass.
@@ -22,6 +26,8 @@ once per batched pass.
 
 from __future__ import annotations
 
+import inspect
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -51,6 +57,33 @@ class BatchStep:
         return self.hidden_states[index, : self.counts[index]]
 
 
+@dataclass
+class BatchPrefill:
+    """A batched prefill: the logits after each row's prompt, ``[batch, vocab]``, and, when asked for, each row's
+    last hidden states, ``[len(prompt), hidden]`` per row."""
+
+    last_logits: torch.Tensor
+    hidden_states: list[torch.Tensor] | None = None
+
+
+ExtraInputs = dict[str, list[torch.Tensor | None]]  # per-token model inputs by name: one [tokens, ...] tensor per row
+
+
+def pad_rows(values: list[torch.Tensor | None], counts: list[int], width: int, left: bool) -> torch.Tensor:
+    """Stack per-row ``[count, ...]`` tensors into ``[batch, width, ...]``, zero-padded on the left or the right."""
+    sample = next((value for value in values if value is not None), None)
+    if sample is None:
+        raise ValueError("extra inputs need a tensor for at least one row")
+    out = torch.zeros(len(values), width, *sample.shape[1:], dtype=sample.dtype, device=sample.device)
+    for index, (value, count) in enumerate(zip(values, counts)):
+        if count:
+            if left:
+                out[index, width - count:] = value[:count]
+            else:
+                out[index, :count] = value[:count]
+    return out
+
+
 class BatchedCausalLM:
     """A causal LM with one KV cache for a batch of sequences, each with its own length."""
 
@@ -68,8 +101,10 @@ class BatchedCausalLM:
         self.cache_argument = cache_argument(model)
         self.stats = ForwardStats()
         self.clock: Callable[[], float] = time.perf_counter
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.cache = None
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # [batch, slots]
+        self.block: tuple[int, int] = (0, 0)  # the last extend's (first slot, width)
         self.last_logits: torch.Tensor | None = None  # [batch, vocab]: after each row's last valid token
 
     @classmethod
@@ -103,16 +138,41 @@ class BatchedCausalLM:
         stats, self.stats = self.stats, ForwardStats()
         return stats
 
+    @torch.inference_mode()
+    def time_steps(self, widths: list[int], batch_size: int, context: int = 8, repeats: int = 5) -> list[float]:
+        """Median seconds of a batched decode forward of ``batch_size`` rows of each of ``widths`` tokens after a
+        fixed ``context``-token prefix, over ``repeats`` rounds that time every width once (as
+        ``CausalLM.time_steps`` does at batch size 1). The batch, cache and statistics in use are left as they were.
+        """
+        saved = (self.cache, self.valid, self.block, self.last_logits, self.stats)
+        try:
+            self.stats = ForwardStats()
+            ids = [index % self.vocab_size for index in range(context + max(widths))]
+            self.prefill([ids[:context]] * batch_size)
+            times: list[list[float]] = [[] for _ in widths]
+            for _ in range(repeats):
+                for index, width in enumerate(widths):
+                    before = self.stats.decode_seconds
+                    self.extend([ids[context:context + width]] * batch_size)
+                    times[index].append(self.stats.decode_seconds - before)
+                    self.crop([context] * batch_size)
+            return [statistics.median(samples) for samples in times]
+        finally:
+            self.cache, self.valid, self.block, self.last_logits, self.stats = saved
+
     # ------------------------------------------------------------------ forward passes
 
     @torch.inference_mode()
-    def prefill(self, rows: list[list[int]]) -> torch.Tensor:
-        """Start a batch with the prompts ``rows`` (each non-empty); return ``[batch, vocab]`` logits after each."""
+    def prefill(self, rows: list[list[int]], output_hidden_states: bool = False,
+                extra_inputs: ExtraInputs | None = None) -> BatchPrefill:
+        """Start a batch with the prompts ``rows`` (each non-empty); return the logits after each, and each row's
+        hidden states when asked for. ``extra_inputs`` hold one ``[len(row), ...]`` tensor per row."""
         from transformers import DynamicCache
 
         if not rows or any(not row for row in rows):
             raise ValueError(f"{self.name}: prefill needs at least one row and a token in every row")
-        width = max(len(row) for row in rows)
+        counts = [len(row) for row in rows]
+        width = max(counts)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         valid = torch.zeros(len(rows), width, dtype=torch.bool)
         for index, row in enumerate(rows):
@@ -121,17 +181,32 @@ class BatchedCausalLM:
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         allowed = torch.tril(torch.ones(width, width, dtype=torch.bool))[None] & valid[:, None, :]
         allowed |= torch.eye(width, dtype=torch.bool)[None]  # a padding query sees itself (no empty softmax row)
+        extras = {name: pad_rows(values, counts, width, left=True) for name, values in (extra_inputs or {}).items()}
         self.cache = DynamicCache()
         self.valid = torch.zeros(len(rows), 0, dtype=torch.bool, device=self.device)
-        out = self._forward(ids, positions, allowed, prefill=True, last_only=True, tokens=int(valid.sum()))
+        out = self._forward(ids, positions, allowed, prefill=True, last_only=True, tokens=int(valid.sum()),
+                            output_hidden_states=output_hidden_states, extras=extras)
         self.valid = valid.to(self.device)
+        self.block = (0, width)
         self.last_logits = out.logits[:, -1]
-        return self.last_logits
+        hidden = None
+        if output_hidden_states:
+            hidden = [out.hidden_states[index, width - count:] for index, count in enumerate(counts)]
+        return BatchPrefill(last_logits=self.last_logits, hidden_states=hidden)
 
     @torch.inference_mode()
-    def extend(self, rows: list[list[int]], output_hidden_states: bool = False) -> BatchStep:
-        """Append each row's tokens (a row may have none) in one forward pass, each attending to its row's valid
-        slots and to its predecessors; return their logits. Every new token is kept until ``crop`` says otherwise.
+    def extend(self, rows: list[list[int]], output_hidden_states: bool = False,
+               extra_inputs: ExtraInputs | None = None, parents: list[list[int] | None] | None = None,
+               attend: list[list[list[int]]] | None = None, depths: list[list[int]] | None = None,
+               commit: bool = True) -> BatchStep:
+        """Append each row's tokens (a row may have none) in one forward pass and return their logits.
+
+        Each token attends to its row's valid slots and, inside the new block, to its predecessors, or, where
+        ``parents[b]`` is given, to its ancestors in row b's tree (node 0 the root, parents before children).
+        ``attend[b][i]`` names further slots token i of row b sees (a draft tree's earlier levels). Its position
+        is the row's valid slots plus its depth in the block, or ``depths[b][i]`` when given. With ``commit`` the
+        new tokens are kept until ``crop`` or ``keep_block`` says otherwise; without, they are never valid (a
+        draft's scratch entries, seen only through ``attend``).
         """
         if self.cache is None or len(rows) != self.batch_size:
             raise ValueError(f"{self.name}: extend() needs a prefill of {len(rows)} rows first")
@@ -139,21 +214,42 @@ class BatchedCausalLM:
         width = max(1, *counts)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         block = torch.zeros(len(rows), width, width, dtype=torch.bool)
+        offsets = torch.zeros(len(rows), width, dtype=torch.long)
         for index, row in enumerate(rows):
-            if counts[index]:
-                ids[index, :counts[index]] = torch.as_tensor(row, dtype=torch.long)
-                block[index, :counts[index], :counts[index]] = torch.tril(
-                    torch.ones(counts[index], counts[index], dtype=torch.bool))
+            count = counts[index]
+            if not count:
+                continue
+            ids[index, :count] = torch.as_tensor(row, dtype=torch.long)
+            tree = parents[index] if parents is not None else None
+            if tree is None:
+                block[index, :count, :count] = torch.tril(torch.ones(count, count, dtype=torch.bool))
+                offsets[index, :count] = torch.arange(count)
+            else:
+                for node, parent in enumerate(tree):
+                    if parent >= 0:
+                        block[index, node] = block[index, parent]
+                        offsets[index, node] = offsets[index, parent] + 1
+                    block[index, node, node] = True
+            if depths is not None:
+                offsets[index, :count] = torch.as_tensor(depths[index], dtype=torch.long)
         block |= torch.eye(width, dtype=torch.bool)[None]  # padding queries see themselves
         past = self.valid.cpu()
-        allowed = torch.cat([past[:, None, :].expand(-1, width, -1), block], dim=-1)
-        positions = past.sum(-1, keepdim=True) + torch.arange(width)[None, :]
+        seen = past[:, None, :].expand(-1, width, -1)
+        if attend is not None:
+            seen = seen.clone()
+            for index, per_token in enumerate(attend):
+                for token, slots in enumerate(per_token):
+                    seen[index, token, slots] = True
+        allowed = torch.cat([seen, block], dim=-1)
+        positions = past.sum(-1, keepdim=True) + offsets
+        extras = {name: pad_rows(values, counts, width, left=False) for name, values in (extra_inputs or {}).items()}
         out = self._forward(ids, positions, allowed, prefill=False, output_hidden_states=output_hidden_states,
-                            counts=counts)
+                            counts=counts, extras=extras)
         real = torch.arange(width)[None, :] < torch.as_tensor(counts)[:, None]
-        self.valid = torch.cat([self.valid, real.to(self.device)], dim=-1)
+        self.block = (self.slots, width)
+        self.valid = torch.cat([self.valid, (real if commit else torch.zeros_like(real)).to(self.device)], dim=-1)
         has_new = [index for index, count in enumerate(counts) if count]
-        if has_new:
+        if commit and has_new:
             self.last_logits = self.last_logits.clone()
             for index in has_new:
                 self.last_logits[index] = out.logits[index, counts[index] - 1]
@@ -166,6 +262,22 @@ class BatchedCausalLM:
             raise ValueError(f"{self.name}: crop() needs one length per row, got {len(lengths)} for {self.batch_size}")
         limit = torch.as_tensor(lengths, dtype=torch.long, device=self.device)[:, None]
         self.valid = self.valid & (self.valid.long().cumsum(-1) <= limit)
+        self.compact()
+
+    def keep_block(self, kept: list[list[int]]) -> None:
+        """Keep, of the last ``extend``'s block, only the entries ``kept[b]`` of row b (indices into the row's
+        tokens: a chain's accepted prefix, or a tree's accepted path); ``last_logits`` is then stale for a row that
+        dropped its last token."""
+        if len(kept) != self.batch_size:
+            raise ValueError(f"{self.name}: keep_block() needs one list per row, got {len(kept)} for {self.batch_size}")
+        start, width = self.block
+        if start + width != self.slots:
+            raise ValueError(f"{self.name}: keep_block() must follow the extend() whose block it keeps")
+        mask = torch.zeros(self.batch_size, width, dtype=torch.bool)
+        for index, entries in enumerate(kept):
+            mask[index, entries] = True
+        self.valid = self.valid.clone()
+        self.valid[:, start:] &= mask.to(self.device)
         self.compact()
 
     def compact(self, force: bool = False) -> None:
@@ -188,13 +300,16 @@ class BatchedCausalLM:
                 layer.keys = layer.keys.gather(2, gather)
                 layer.values = layer.values.gather(2, gather)
         self.valid = valid
+        self.block = (self.slots, 0)  # the last block's slots moved: nothing is left for keep_block
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, prefill: bool,
                  output_hidden_states: bool = False, last_only: bool = False,
-                 counts: list[int] | None = None, tokens: int = 0) -> BatchStep:
+                 counts: list[int] | None = None, tokens: int = 0,
+                 extras: dict[str, torch.Tensor] | None = None) -> BatchStep:
         inputs = {"input_ids": ids.to(self.device), "position_ids": positions.to(self.device),
-                  "attention_mask": additive_mask(allowed.to(self.device), self.dtype), "use_cache": True}
-        if last_only:
+                  "attention_mask": additive_mask(allowed.to(self.device), self.dtype), "use_cache": True,
+                  **{name: value.to(self.device) for name, value in (extras or {}).items()}}
+        if last_only and self.keeps_logits:
             inputs["logits_to_keep"] = 1
         synchronize(self.device)
         started = self.clock()
@@ -203,4 +318,5 @@ class BatchedCausalLM:
         self.stats.count(prefill, self.clock() - started, int(sum(counts)) if counts is not None else tokens)
         counts = counts if counts is not None else [int(ids.shape[1])] * int(ids.shape[0])
         hidden = out.hidden_states[-1] if output_hidden_states else None
-        return BatchStep(logits=out.logits.float(), counts=counts, hidden_states=hidden)
+        logits = out.logits[:, -1:] if last_only else out.logits
+        return BatchStep(logits=logits.float(), counts=counts, hidden_states=hidden)

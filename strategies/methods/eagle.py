@@ -23,19 +23,28 @@ Both are proposers over the shared decode loop; the tree is verified by
 ``strategies.verification.verify_tree``, whose sampling rule is exact for
 EAGLE-2's deterministic top-k children (the reference's p/q rule is not; see
 ``accept_tree``).
+
+At batch size B > 1 (``run.batch_size``) the head keeps one batched cache of
+B rows (:class:`harness.core.batched_lm.BatchedCausalLM`) and drafts every
+row's chain step, or every row's tree level, in one head pass; a tree level's
+entries are scratch, seen only by their descendants, and the target verifies
+every row's chain or tree in one pass (``strategies.batched_engine``).
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from harness.core.batched_lm import BatchedCausalLM, BatchPrefill
 from harness.core.errors import ConfigError
 from harness.core.lm import CausalLM, StepOutput
 from strategies.base import StrategyParams
+from strategies.batched_engine import BatchCapable, BatchProposer
 from strategies.eagle_head import load_head_lm
 from strategies.engine import Proposer, ProposerStrategy
 from strategies.registry import register
@@ -236,7 +245,159 @@ class TreeHeadProposer(HeadProposer):
         return {"tree": True}  # the report's chain bound does not apply
 
 
-class HeadStrategy(ProposerStrategy):
+class BatchedHeadProposer(BatchProposer):
+    """What the batched chain and tree share: the head's batched cache, one (feature, token) entry per target
+    position per row, as ``HeadProposer`` keeps it for one row.
+
+    The first step drafts nothing: each row's first token is the target's own pick after its prompt (as at batch
+    size 1), and the head's prefill, on the prompt's features and that token, follows it in ``observe``.
+    """
+
+    needs_hidden_states = True
+
+    def __init__(self, head: BatchedCausalLM) -> None:
+        self.head = head
+        self.prompts: list[list[int]] = []
+        self.prompt_features: list[torch.Tensor] = []
+        self.logits: torch.Tensor | None = None  # [batch, vocab]: each row's next-token logits from the head
+        self.features: torch.Tensor | None = None  # [batch, hidden]: each row's predicted feature
+
+    def begin(self, prompts: list[list[int]], prefill: BatchPrefill) -> None:
+        self.prompts, self.prompt_features = prompts, prefill.hidden_states
+        self.logits = self.features = None
+
+    def propose(self, sequences: list[list[int]], budgets: list[int], sampling: Sampling) -> list[Proposal]:
+        if self.logits is None:
+            return [Proposal([]) for _ in sequences]  # the first token comes from the target's prefill
+        return self.draft(sequences, budgets, sampling)
+
+    @abstractmethod
+    def draft(self, sequences: list[list[int]], budgets: list[int], sampling: Sampling) -> list[Proposal]:
+        """Each row's draft from the head's state after its committed entries."""
+
+    def observe(self, sequences: list[list[int]], verifications: list[Verification | None]) -> None:
+        if self.logits is None:
+            rows = [prompt[1:] + verification.tokens for prompt, verification in zip(self.prompts, verifications)]
+            out = self.head.prefill(rows, output_hidden_states=True, extra_inputs={"features": self.prompt_features})
+            self.logits = out.last_logits.clone()
+            self.features = torch.stack([hidden[-1] for hidden in out.hidden_states])
+            return
+        lengths = self.head.lengths
+        self.head.crop([length if verification is None else len(sequence) - 1
+                        for length, sequence, verification in zip(lengths, sequences, verifications)])
+        rows = [verification.tokens if verification is not None else [] for verification in verifications]
+        if not any(rows):
+            return
+        features = [verification.hidden_states if verification is not None else None for verification in verifications]
+        out = self.head.extend(rows, output_hidden_states=True, extra_inputs={"features": features})
+        self.logits, self.features = self.logits.clone(), self.features.clone()
+        for row, tokens in enumerate(rows):
+            if tokens:
+                self.logits[row] = out.row(row)[-1]
+                self.features[row] = out.row_hidden(row)[-1]
+
+    def models(self) -> dict[str, BatchedCausalLM]:
+        return {"head": self.head}
+
+
+class BatchedChainHeadProposer(BatchedHeadProposer):
+    """``ChainHeadProposer`` for a batch: each drafted position of every row in one head pass."""
+
+    def __init__(self, head: BatchedCausalLM, gamma: int) -> None:
+        super().__init__(head)
+        self.gamma = gamma
+
+    def draft(self, sequences: list[list[int]], budgets: list[int], sampling: Sampling) -> list[Proposal]:
+        counts = [min(self.gamma, budget) for budget in budgets]
+        drafted: list[list[int]] = [[] for _ in sequences]
+        q_rows: list[list[torch.Tensor]] = [[] for _ in sequences]
+        logits, features = self.logits, self.features
+        for index in range(max(counts, default=0)):
+            for row, count in enumerate(counts):
+                if index < count:
+                    q = sampling.probs(logits[row])
+                    drafted[row].append(sampling.choose(q))
+                    q_rows[row].append(q)
+            feeding = [index + 1 < count for count in counts]
+            if not any(feeding):
+                break
+            out = self.head.extend([[drafted[row][-1]] if feed else [] for row, feed in enumerate(feeding)],
+                                   output_hidden_states=True,
+                                   extra_inputs={"features": [features[row][None] if feed else None
+                                                              for row, feed in enumerate(feeding)]})
+            logits, features = logits.clone(), features.clone()
+            for row, feed in enumerate(feeding):
+                if feed:
+                    logits[row] = out.row(row)[-1]
+                    features[row] = out.row_hidden(row)[-1]
+        return [Proposal(tokens, q=torch.stack(rows)) if tokens else Proposal([])
+                for tokens, rows in zip(drafted, q_rows)]
+
+
+class BatchedTreeHeadProposer(BatchedHeadProposer):
+    """``TreeHeadProposer`` for a batch: every row's tree grows one level per head pass; a level's entries are
+    scratch (never committed), each seen by its own descendants only."""
+
+    def __init__(self, head: BatchedCausalLM, params: "Eagle2Params") -> None:
+        super().__init__(head)
+        self.params = params
+
+    def draft(self, sequences: list[list[int]], budgets: list[int], sampling: Sampling) -> list[Proposal]:
+        trees = self.grow([sequence[-1] for sequence in sequences], [budget > 0 for budget in budgets])
+        proposals = []
+        for tree, budget in zip(trees, budgets):
+            tree, _ = tree.select(min(self.params.total_tokens - 1, budget))
+            proposals.append(Proposal(tree.tokens, parents=tree.parents, scores=tree.scores))
+        return proposals
+
+    def grow(self, roots: list[int], growing: list[bool]) -> list[DraftTree]:
+        """Each growing row's draft tree, expanded level by level as ``TreeHeadProposer.grow`` does for one row."""
+        top_k = self.params.top_k
+        trees = [DraftTree([root], [-1], [0.0], [0]) for root in roots]
+        values, tokens = torch.log_softmax(self.logits.float(), dim=-1).topk(top_k, dim=-1)
+        frontiers = [[tree.add(int(t), 0, float(v)) for v, t in zip(row_values, row_tokens)] if grow else []
+                     for tree, grow, row_values, row_tokens in zip(trees, growing, values, tokens)]
+        parent_features = [{node: self.features[row] for node in frontier} for row, frontier in enumerate(frontiers)]
+        slots: list[dict[int, int]] = [{} for _ in trees]  # node -> its scratch entry in the head's cache
+        for level in range(self.params.depth - 1):
+            if not any(frontiers):
+                break
+            start = self.head.slots
+            attend = []
+            for tree, frontier, row_slots in zip(trees, frontiers, slots):
+                seen = []
+                for node in frontier:
+                    ancestors, ancestor = [], tree.parents[node]
+                    while ancestor > 0:
+                        ancestors.append(row_slots[ancestor])
+                        ancestor = tree.parents[ancestor]
+                    seen.append(ancestors)
+                attend.append(seen)
+            out = self.head.extend(
+                [[tree.tokens[node] for node in frontier] for tree, frontier in zip(trees, frontiers)],
+                output_hidden_states=True, parents=[[-1] * len(frontier) for frontier in frontiers], attend=attend,
+                depths=[[level] * len(frontier) for frontier in frontiers], commit=False,
+                extra_inputs={"features": [torch.stack([features[node] for node in frontier]) if frontier else None
+                                           for frontier, features in zip(frontiers, parent_features)]})
+            for row, frontier in enumerate(frontiers):
+                if not frontier:
+                    continue
+                tree = trees[row]
+                for index, node in enumerate(frontier):
+                    slots[row][node] = start + index
+                values, tokens = torch.log_softmax(out.row(row).float(), dim=-1).topk(top_k, dim=-1)
+                scores = values + torch.tensor([tree.scores[node] for node in frontier], device=values.device)[:, None]
+                children = [[tree.add(token, node, score) for token, score in zip(row_tokens, row_scores)]
+                            for node, row_tokens, row_scores in zip(frontier, tokens.tolist(), scores.tolist())]
+                best = scores.flatten().topk(min(top_k, scores.numel())).indices.tolist()
+                frontiers[row] = [children[index // top_k][index % top_k] for index in best]
+                hidden = out.row_hidden(row)
+                parent_features[row] = {children[index // top_k][index % top_k]: hidden[index // top_k]
+                                        for index in best}
+        return trees
+
+
+class HeadStrategy(ProposerStrategy, BatchCapable):
     """A strategy drafting with an EAGLE head: the sweep's trained artefact, or a head directory loaded once."""
 
     _loaded_head: CausalLM | None = None
@@ -258,6 +419,9 @@ class Eagle(HeadStrategy):
     def proposer(self) -> Proposer:
         return ChainHeadProposer(self.head(), self.params.gamma)
 
+    def batch_proposer(self) -> BatchProposer:
+        return BatchedChainHeadProposer(BatchedCausalLM.of(self.head()), self.params.gamma)
+
 
 @register("eagle2")
 class Eagle2(HeadStrategy):
@@ -267,3 +431,6 @@ class Eagle2(HeadStrategy):
 
     def proposer(self) -> Proposer:
         return TreeHeadProposer(self.head(), self.params)
+
+    def batch_proposer(self) -> BatchProposer:
+        return BatchedTreeHeadProposer(BatchedCausalLM.of(self.head()), self.params)

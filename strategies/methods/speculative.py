@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
-from harness.core.batched_lm import BatchedCausalLM
+from harness.core.batched_lm import BatchedCausalLM, BatchPrefill
 from harness.core.errors import ConfigError
 from harness.core.lm import CausalLM
 from strategies.base import ModelSet, StrategyParams
@@ -111,17 +111,28 @@ class DraftModelProposer(Proposer):
 
 
 class BatchedDraftProposer(BatchProposer):
-    """``DraftModelProposer`` for a batch: the draft's batched cache drafts up to ``gamma`` tokens per row, one
-    batched forward per drafted position, and keeps exactly each row's accepted prefix."""
+    """``DraftModelProposer`` for a batch: the draft's batched cache drafts up to ``length`` tokens per row (one
+    length for the whole batch each step), one batched forward per drafted position, and keeps exactly each row's
+    accepted prefix.
 
-    def __init__(self, draft: BatchedCausalLM, gamma: int) -> None:
-        self.draft, self.gamma = draft, gamma
+    ``length``: a fixed count, or a ``DraftLength`` for the batch (``schedule: adaptive``: costs measured at the
+    batch's size, α counted over every row's steps); ``for_batch`` gives it the size of each new batch.
+    """
 
-    def begin(self, prompts: list[list[int]]) -> None:
+    def __init__(self, draft: BatchedCausalLM, length: int | Callable[[int], DraftLength]) -> None:
+        self.draft = draft
+        self.for_batch = length if callable(length) else (lambda batch_size: DraftLength(length))
+        self.length: DraftLength = DraftLength(0)
+        self.counts: list[int] = []  # what each row drafted in the step being verified
+
+    def begin(self, prompts: list[list[int]], prefill: BatchPrefill) -> None:
+        self.length = self.for_batch(len(prompts))
         self.draft.prefill(prompts)
 
     def propose(self, sequences: list[list[int]], budgets: list[int], sampling: Sampling) -> list[Proposal]:
-        counts = [min(self.gamma, budget) for budget in budgets]
+        length = self.length.next()
+        counts = [max(0, min(length, budget)) for budget in budgets]
+        self.counts = counts
         lengths = self.draft.lengths
         feed = [sequence[lengths[row]:] if counts[row] else [] for row, sequence in enumerate(sequences)]
         tokens: list[list[int]] = [[] for _ in sequences]
@@ -140,12 +151,19 @@ class BatchedDraftProposer(BatchProposer):
                 for row_tokens, row_probs in zip(tokens, probs)]
 
     def observe(self, sequences: list[list[int]], verifications: list[Verification | None]) -> None:
+        for drafted, verification in zip(self.counts, verifications):
+            if verification is not None:
+                self.length.observe(drafted, verification.accepted)
         lengths = self.draft.lengths
         self.draft.crop([length if verification is None else min(length, len(sequence) + verification.accepted)
                          for length, sequence, verification in zip(lengths, sequences, verifications)])
 
     def models(self) -> dict[str, BatchedCausalLM]:
         return {"draft": self.draft}
+
+    def extras(self) -> dict[str, Any]:
+        summary = self.length.summary()
+        return {"draft_length": summary} if summary else {}
 
 
 @register("speculative")
@@ -157,6 +175,7 @@ class Speculative(ProposerStrategy, BatchCapable):
     def __init__(self, params: SpeculativeParams, models: ModelSet) -> None:
         super().__init__(params, models)
         self.adaptive_length: CostModelLength | None = None  # measured on the cell's first prompt, then kept
+        self.batch_lengths: dict[int, CostModelLength] = {}  # likewise at each batch size, on its first batch
 
     def proposer(self) -> Proposer:
         draft = self.models.draft(self.params.draft)
@@ -166,10 +185,21 @@ class Speculative(ProposerStrategy, BatchCapable):
             self.adaptive_length = CostModelLength.calibrate(self.models.target, draft, self.params.gamma)
         return DraftModelProposer(draft, self.adaptive_length)
 
-    @classmethod
-    def cannot_batch(cls, params: SpeculativeParams) -> str | None:
-        return "speculative with schedule adaptive measures its draft lengths at batch size 1 only" \
-            if params.schedule != "constant" else None
+    def prepare(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        """With ``schedule: adaptive``, measure the costs at this batch's size before its first timed run."""
+        if self.params.schedule != "constant" and len(prompts) > 1:
+            self.batch_length(len(prompts))
+
+    def batch_length(self, batch_size: int) -> DraftLength:
+        """The batch's draft length: ``gamma``, or the adaptive schedule with costs measured at ``batch_size``
+        rows (once per cell and batch size)."""
+        if self.params.schedule == "constant":
+            return DraftLength(self.params.gamma)
+        if batch_size not in self.batch_lengths:
+            self.batch_lengths[batch_size] = CostModelLength.calibrate_batched(
+                BatchedCausalLM.of(self.models.target), BatchedCausalLM.of(self.models.draft(self.params.draft)),
+                self.params.gamma, batch_size)
+        return self.batch_lengths[batch_size]
 
     def batch_proposer(self) -> BatchProposer:
-        return BatchedDraftProposer(BatchedCausalLM.of(self.models.draft(self.params.draft)), self.params.gamma)
+        return BatchedDraftProposer(BatchedCausalLM.of(self.models.draft(self.params.draft)), self.batch_length)
