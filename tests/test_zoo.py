@@ -102,10 +102,10 @@ def test_an_unlimited_draft_is_never_built_on_top(tmp_path, monkeypatch):
     assert reusable_base(ZooConfig.from_dict({**MICRO, "drafts": [*MICRO["drafts"], unlimited]})) is None
 
 
-def test_default_drafts_keep_their_build_key_and_domains_are_checked():
+def test_the_zoo_key_follows_its_models_and_domains_are_checked():
     default = ZooConfig()
     without_general = dataclasses.replace(default, drafts=tuple(d for d in default.drafts if not d.domains))
-    assert without_general.key() == "5a1326d6f61ed066"  # the zoo built before drafts could be domain-limited
+    assert without_general.key() != default.key() == ZooConfig().key()
     with pytest.raises(ConfigError, match=r"zoo\.drafts\[0\]\.domains: expected a non-empty list of zoo domains"):
         ZooConfig.from_dict({"drafts": [{"name": "d", "layers": 1, "domains": ["poetry"]}]})
 
@@ -125,3 +125,23 @@ def test_a_model_added_to_the_zoo_invalidates_zoo_model_artefacts_only():
     assert key(on_own_text, default) == key(on_own_text, grown)
     corpus_changed = dataclasses.replace(default, corpus=dataclasses.replace(default.corpus, prose_chars=10_000))
     assert key(on_zoo_text, default) != key(on_zoo_text, corpus_changed)
+
+
+def test_the_zoo_key_covers_the_corpus_text_this_installation_reads(monkeypatch):
+    """Two installations whose licence files differ read different ``legal`` text: they get different keys."""
+    from harness.core import corpus
+
+    config = ZooConfig.from_dict(TINY_ZOO)
+    before = config.key()
+    original = corpus.legal_documents
+    extra = corpus.Document("legal", "another-package/LICENSE", "Permission is hereby granted. " * 20)
+    monkeypatch.setattr(corpus, "legal_documents", lambda max_chars: [*original(max_chars), extra])
+    corpus.build_corpus.cache_clear()
+    corpus.corpus_digest.cache_clear()
+    try:
+        assert config.key() != before
+    finally:
+        corpus.build_corpus.cache_clear()
+        corpus.corpus_digest.cache_clear()
+    monkeypatch.undo()
+    assert config.key() == before

@@ -188,6 +188,22 @@ def build_corpus(config: CorpusConfig) -> dict[str, tuple[list[Document], list[D
     return {domain: split_documents(docs, config.heldout_fraction) for domain, docs in by_domain.items()}
 
 
+@functools.lru_cache(maxsize=4)
+def corpus_digest(config: CorpusConfig) -> str:
+    """A hash of the text ``config`` reads on this installation (every document's domain, id and content).
+
+    The same settings read different text on different installations: ``legal`` takes the licences of whatever
+    distributions are installed (a ``.[dev]`` install adds some), ``code`` and ``prose`` the standard library of
+    the Python at hand. A zoo build's key includes this digest, so two installations never share a build (or
+    prompts) under one key unless they read the same text.
+    """
+    digest = hashlib.sha256()
+    for domain, (train, heldout) in sorted(build_corpus(config).items()):
+        for doc in (*train, *heldout):
+            digest.update(f"{domain}\0{doc.doc_id}\0{_stable_hash(doc.text):016x}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def heldout_prompts(domain: str, count: int, prompt_chars: int = 320, config: CorpusConfig | None = None) -> list[str]:
     """``count`` prompts cut from held-out documents of ``domain`` (deterministic)."""
     if domain not in DOMAINS:

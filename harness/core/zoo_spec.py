@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.core.checksums import verify_files
-from harness.core.corpus import DOMAINS, CorpusConfig
+from harness.core.corpus import DOMAINS, CorpusConfig, corpus_digest
 from harness.core.errors import ConfigError, ErrorCollector, unknown_keys
 from harness.core.paths import content_hash, specsweep_home
 
@@ -73,12 +73,13 @@ class ZooConfig:
         return (self.target.name, *(draft.name for draft in self.drafts))
 
     def key(self) -> str:
-        """Content hash of this config (the build's cache key); an empty ``domains`` is left out of it, so builds
-        from before that field existed keep their keys."""
+        """Content hash of this config and of the corpus text it reads here (``corpus_digest``): the build's cache
+        key. An empty ``domains`` is left out of it."""
         values = dataclasses.asdict(self)
         for model in (values["target"], *values["drafts"]):
             if not model["domains"]:
                 del model["domains"]
+        values["corpus_digest"] = corpus_digest(self.corpus)
         return content_hash(values)[:16]
 
     @classmethod
