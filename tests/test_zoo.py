@@ -145,3 +145,21 @@ def test_the_zoo_key_covers_the_corpus_text_this_installation_reads(monkeypatch)
         corpus.corpus_digest.cache_clear()
     monkeypatch.undo()
     assert config.key() == before
+
+
+def test_the_legal_corpus_does_not_depend_on_where_a_process_starts(tmp_path, monkeypatch):
+    """A directory on sys.path with in-tree metadata (a repository's .egg-info, seen by a Ray worker started in
+    the repository) adds no licence: the driver and its workers read one corpus and compute one zoo key."""
+    from harness.core import corpus
+
+    before = [doc.doc_id for doc in corpus.legal_documents(10_000_000)]
+    info = tmp_path / "inplace.egg-info"
+    info.mkdir()
+    (info / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: inplace\nVersion: 0.1\n")
+    (info / "SOURCES.txt").write_text("LICENSE\n")
+    (tmp_path / "LICENSE").write_text("In-tree licence text that only a process started here would see. " * 10)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib.metadata
+
+    assert "inplace" in {dist.metadata["Name"] for dist in importlib.metadata.distributions()}  # it is visible
+    assert [doc.doc_id for doc in corpus.legal_documents(10_000_000)] == before

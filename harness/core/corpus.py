@@ -15,6 +15,7 @@ import functools
 import hashlib
 import importlib.metadata
 import random
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,13 +78,20 @@ def prose_documents(max_chars: int) -> list[Document]:
     return docs
 
 
+def site_directories() -> list[str]:
+    """The ``sys.path`` entries that hold installed distributions (``site-packages``, ``dist-packages``): not the
+    working directory or a script's, whose in-tree metadata (an ``.egg-info``) would make the corpus depend on
+    where a process started (a Ray worker in the repository read one licence more than the driver)."""
+    return [entry for entry in sys.path if entry and Path(entry).name in ("site-packages", "dist-packages")]
+
+
 def legal_documents(max_chars: int) -> list[Document]:
     """Distinct licence texts of installed distributions plus CPython's own licence."""
     candidates: list[tuple[str, Path]] = []
     cpython_licence = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
     if cpython_licence.exists():
         candidates.append(("cpython/LICENSE.txt", cpython_licence))
-    for dist in importlib.metadata.distributions():
+    for dist in importlib.metadata.distributions(path=site_directories()):
         for file in dist.files or []:
             if file.name.upper().startswith(_LICENCE_PREFIXES):
                 candidates.append((f"{dist.metadata['Name']}/{file}", Path(str(dist.locate_file(file)))))
