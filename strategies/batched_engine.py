@@ -61,6 +61,10 @@ class BatchProposer(ABC):
         """Extra fields of every row's Trace after a batch (e.g. the draft length schedule's summary)."""
         return {}
 
+    def row_extras(self, row: int) -> dict[str, Any]:
+        """Extra fields of row ``row``'s Trace alone (e.g. the domain its draft was routed to)."""
+        return {}
+
 
 class RowwiseProposer(BatchProposer):
     """A batch proposer made of one single-row proposer per row, for methods that draft without a model (prompt
@@ -269,6 +273,7 @@ class BatchCapable(ABC):
         eos = target.eos_token_id
         extras = proposer.extras()
         rows = [Trace(tokens=truncate(result.tokens, max_new_tokens, eos), steps=result.steps,
-                      extras={**extras, "first_token_s": result.first_token_s, "finished_s": result.finished_s})
-                for result in results]
+                      extras={**extras, **proposer.row_extras(index), "first_token_s": result.first_token_s,
+                              "finished_s": result.finished_s})
+                for index, result in enumerate(results)]
         return BatchTrace(rows=rows, forward=forward_stats({"target": target, **proposer.models()}))

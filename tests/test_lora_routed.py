@@ -87,6 +87,45 @@ def test_lora_routed_greedy_equals_autoregressive(routed_models, zoo_models, tin
                 assert trace.extras["domain"] in ("code", "math") and trace.extras["domain"] != domain
 
 
+def test_a_batch_drafts_each_row_with_its_own_adapter(routed_models, zoo_prompts):
+    """One batched draft pass with per-row adapter names gives each row the logits its adapter gives alone."""
+    from harness.core.batched_lm import BatchedCausalLM
+    from strategies.methods.lora_routed import BASE_ROW
+
+    adapters = routed_models.artifact("adapters")
+    prompts = [zoo_prompts[0][:12], zoo_prompts[4], zoo_prompts[2][:7]]
+    domains = ["code", "math", None]
+    alone = []
+    for prompt, domain in zip(prompts, domains):
+        adapters.activate(domain)
+        with torch.no_grad():
+            alone.append(adapters.model(input_ids=torch.tensor([prompt])).logits[0, -1])
+    adapters.activate("code")
+    batched = BatchedCausalLM.of(adapters.lm)
+    batched.forward_kwargs = {"adapter_names": [domain or BASE_ROW for domain in domains]}
+    logits = batched.prefill(prompts).last_logits
+    for row, expected in enumerate(alone):
+        torch.testing.assert_close(logits[row], expected.float(), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(alone[0], alone[2])  # the rows' adapters differ, so the check can fail
+
+
+def test_routed_rows_at_batch_4_equal_the_baseline_in_their_batch_1_steps(routed_models, zoo_prompts):
+    from strategies import Sampling, build
+    from tests.test_batching import baseline_tokens
+
+    prompts = [zoo_prompts[0][:15], zoo_prompts[5], zoo_prompts[2][:11], zoo_prompts[4]]  # code, math, prose, math
+    params = {"adapters": "adapters", "router": "router", "arm": "routed", "gamma": 3}
+    batch = build("lora_routed", params, routed_models).generate_batch(prompts, 20, Sampling())
+    assert [row.tokens for row in batch.rows] == baseline_tokens(routed_models, prompts, 20)
+    single = build("lora_routed", params, routed_models)
+    for prompt, row in zip(prompts, batch.rows):
+        alone = single.generate(prompt, 20, Sampling())
+        assert row.extras["domain"] == alone.extras["domain"]
+        assert [(step.drafted, step.accepted) for step in row.steps] == \
+            [(step.drafted, step.accepted) for step in alone.steps]
+    assert len({row.extras["domain"] for row in batch.rows}) >= 2  # the batch mixed adapters
+
+
 def test_routed_arm_needs_a_router(tmp_path, tiny_zoo):
     from harness.driver.config import load_sweep
 

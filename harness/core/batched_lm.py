@@ -30,7 +30,7 @@ import inspect
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -102,6 +102,7 @@ class BatchedCausalLM:
         self.stats = ForwardStats()
         self.clock: Callable[[], float] = time.perf_counter
         self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.forward_kwargs: dict[str, Any] = {}  # further arguments of every forward (peft's per-row adapter_names)
         self.cache = None
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # [batch, slots]
         self.block: tuple[int, int] = (0, 0)  # the last extend's (first slot, width)
@@ -308,7 +309,7 @@ class BatchedCausalLM:
                  extras: dict[str, torch.Tensor] | None = None) -> BatchStep:
         inputs = {"input_ids": ids.to(self.device), "position_ids": positions.to(self.device),
                   "attention_mask": additive_mask(allowed.to(self.device), self.dtype), "use_cache": True,
-                  **{name: value.to(self.device) for name, value in (extras or {}).items()}}
+                  **{name: value.to(self.device) for name, value in (extras or {}).items()}, **self.forward_kwargs}
         if last_only and self.keeps_logits:
             inputs["logits_to_keep"] = 1
         synchronize(self.device)

@@ -10,19 +10,26 @@ true domain, its category), ``wrong`` (a domain other than the true one),
 (e.g. those a general draft never saw); prompts of the others are drafted by the
 plain draft under ``routed`` and ``oracle``, and by an adapter under ``wrong``.
 Adapters touch only the draft, so the output is the target's own (lossless).
+
+At batch size B > 1 each row is routed on its own prompt and the draft runs
+every row under its own adapter (or none) in one batched pass, with peft's
+per-row ``adapter_names``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
+from harness.core.batched_lm import BatchedCausalLM, BatchPrefill
 from harness.core.errors import ConfigError
 from harness.core.tables import ReportView, fmt, markdown_table, params_label
 from strategies.base import ModelSet, Strategy, StrategyParams, Trace
-from strategies.methods.speculative import Speculative, SpeculativeParams
+from strategies.batched_engine import BatchCapable, BatchProposer
+from strategies.methods.speculative import BatchedDraftProposer, Speculative, SpeculativeParams
 from strategies.registry import register
 from strategies.sampling import Sampling
 
@@ -89,8 +96,30 @@ def lora_arms_section(view: ReportView) -> list[str]:
             markdown_table(frame.fillna("-"), columns), ""]
 
 
+BASE_ROW = "__base__"  # peft's per-row adapter name for "no adapter"
+
+
+class RoutedDraftProposer(BatchedDraftProposer):
+    """``BatchedDraftProposer`` over the adapted draft, each row drafting with the adapter its prompt routes to
+    (peft's per-row ``adapter_names``; a row routed to no adapter uses the plain draft)."""
+
+    def __init__(self, strategy: "LoraRouted", adapters: Any) -> None:
+        super().__init__(BatchedCausalLM.of(adapters.lm), strategy.params.gamma)
+        self.strategy, self.adapters = strategy, adapters
+        self.domains: list[str | None] = []
+
+    def begin(self, prompts: list[list[int]], prefill: BatchPrefill) -> None:
+        self.domains = [self.strategy.domain_for(prompt, self.adapters.domains) for prompt in prompts]
+        self.adapters.activate(self.adapters.domains[0])  # adapter layers on: each row then names its own
+        self.draft.forward_kwargs = {"adapter_names": [domain or BASE_ROW for domain in self.domains]}
+        super().begin(prompts, prefill)
+
+    def row_extras(self, row: int) -> dict[str, Any]:
+        return {"domain": self.domains[row]}
+
+
 @register("lora_routed")
-class LoraRouted(Strategy):
+class LoraRouted(Strategy, BatchCapable):
     """Route the prompt to a domain LoRA on the draft, then draft ``gamma`` tokens and verify them."""
 
     Params = LoraRoutedParams
@@ -123,3 +152,5 @@ class LoraRouted(Strategy):
         trace.extras["domain"] = domain
         return trace
 
+    def batch_proposer(self) -> BatchProposer:
+        return RoutedDraftProposer(self, self.models.artifact(self.params.adapters))
