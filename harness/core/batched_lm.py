@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from harness.core.lm import CausalLM, ForwardStats, additive_mask, cache_argument, synchronize
+from harness.core.tree import ancestor_mask, node_depths
 
 
 @dataclass
@@ -224,15 +225,12 @@ class BatchedCausalLM:
             tree = parents[index] if parents is not None else None
             if tree is None:
                 block[index, :count, :count] = torch.tril(torch.ones(count, count, dtype=torch.bool))
-                offsets[index, :count] = torch.arange(count)
             else:
-                for node, parent in enumerate(tree):
-                    if parent >= 0:
-                        block[index, node] = block[index, parent]
-                        offsets[index, node] = offsets[index, parent] + 1
-                    block[index, node, node] = True
+                block[index, :count, :count] = ancestor_mask(tree)
             if depths is not None:
                 offsets[index, :count] = torch.as_tensor(depths[index], dtype=torch.long)
+            else:
+                offsets[index, :count] = torch.arange(count) if tree is None else torch.tensor(node_depths(tree))
         block |= torch.eye(width, dtype=torch.bool)[None]  # padding queries see themselves
         past = self.valid.cpu()
         seen = past[:, None, :].expand(-1, width, -1)
