@@ -126,6 +126,43 @@ def test_prompt_lookup_is_lossless(zoo_models, zoo_prompts):
     assert drafted > 0
 
 
+BATCHED_K = [K_MATRICES[0], K_MATRICES[1], K_MATRICES[4], K_MATRICES[5]]
+
+
+@pytest.mark.parametrize("params", BATCHED_K, ids=lambda p: f"{len(p['drafts'])}d-mag{p.get('use_mag', False)}"
+                         f"-l{p.get('lenience', 1)}")
+def test_cascade_rows_at_batch_4_equal_the_batch_1_baseline_with_each_rows_reviews(cascade_models, zoo_prompts,
+                                                                                     params):
+    from tests.test_batching import check_greedy_rows_equal_batch_1, ragged
+
+    prompts = ragged(zoo_prompts)
+    check_greedy_rows_equal_batch_1(cascade_models, prompts, "cascade", params)
+    batch = build("cascade", params, cascade_models).generate_batch(prompts, 30, Sampling())
+    single = build("cascade", params, cascade_models)
+    for prompt, row in zip(prompts, batch.rows):  # every level reviewed each row as it reviews the row alone
+        assert row.extras["levels"] == single.generate(prompt, 30, Sampling()).extras["levels"]
+
+
+def test_batched_cascade_serves_rows_waiting_on_one_draft_in_one_forward(cascade_models, zoo_prompts):
+    from tests.test_batching import ragged
+
+    params = K_MATRICES[0]
+    prompts = ragged(zoo_prompts)
+    batch = build("cascade", params, cascade_models).generate_batch(prompts, 30, Sampling())
+    single = build("cascade", params, cascade_models)
+    alone = [single.generate(prompt, 30, Sampling()) for prompt in prompts]
+    for role in ("draft:draft-2l", "draft:draft-1l"):
+        calls = batch.forward[role]["decode_calls"]
+        most_alone = max(trace.forward[role]["decode_calls"] for trace in alone)
+        assert most_alone <= calls < sum(trace.forward[role]["decode_calls"] for trace in alone)
+
+
+def test_cascade_rows_stop_at_their_own_eos(cascade_models, zoo_prompts):
+    from tests.test_batching import check_rows_stop_at_their_own_eos, ragged
+
+    check_rows_stop_at_their_own_eos(cascade_models, ragged(zoo_prompts), "cascade", K_MATRICES[3])
+
+
 BAD_K = {
     "not square": ({"drafts": ["small"], "k_matrix": [[2, 1]]}, "k_matrix: must be square 1x1"),
     "size mismatch": ({"drafts": ["small"], "k_matrix": [[2, 1], [0, 1]]}, "k_matrix: must be square 1x1"),

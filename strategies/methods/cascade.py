@@ -36,7 +36,7 @@ temperature > 0 is rejected.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,11 +44,13 @@ from typing import Any
 import pandas as pd
 import torch
 
+from harness.core.batched_lm import BatchedCausalLM, BatchPrefill
 from harness.core.errors import ConfigError
 from harness.core.lm import CausalLM, StepOutput
 from harness.core.records import PromptRecord
 from harness.core.tables import ReportView, markdown_table
 from strategies.base import StrategyParams
+from strategies.batched_engine import BatchCapable, BatchProposer
 from strategies.engine import Proposer, ProposerStrategy
 from strategies.ngram import BigramTable, mag_propose
 from strategies.registry import register
@@ -135,6 +137,19 @@ class LevelStats:
         return {"reviews": self.reviews, "proposed": self.proposed, "accepted": self.accepted}
 
 
+@dataclass(frozen=True)
+class LogitsRequest:
+    """What the cascade needs next from model draft ``level``: its logits at positions ``start ..
+    len(sequence) - 1`` of ``sequence``."""
+
+    level: int
+    sequence: list[int]
+    start: int
+
+
+Drafting = Generator[LogitsRequest, torch.Tensor, tuple[list[int], list[torch.Tensor | None]]]
+
+
 class CachedModel:
     """A ``CausalLM`` plus the token ids its KV cache holds, so any sequence can reuse their common prefix."""
 
@@ -159,69 +174,85 @@ class CachedModel:
         self.tokens = list(sequence)
         return logits[start - keep:]
 
-    def append(self, token: int) -> torch.Tensor:
-        """Logits after feeding one more token to the cached sequence."""
-        logits = self.lm.extend([token]).logits[-1]
-        self.tokens.append(token)
-        return logits
+
+class BatchedCachedModel:
+    """``CachedModel`` for a batch: a ``BatchedCausalLM`` plus the token ids each row's cache holds; one batched
+    forward serves the requests of several rows."""
+
+    def __init__(self, lm: BatchedCausalLM) -> None:
+        self.lm = lm
+        self.tokens: list[list[int]] = []
+
+    def start(self, prompts: list[list[int]]) -> None:
+        self.lm.prefill(prompts)
+        self.tokens = [list(prompt) for prompt in prompts]
+
+    def logits_from(self, requests: dict[int, LogitsRequest]) -> dict[int, torch.Tensor]:
+        """Per requesting row, the logits ``CachedModel.logits_from`` gives for its request, in one forward at most
+        (rows that asked for nothing take no part)."""
+        answers: dict[int, torch.Tensor] = {}
+        lengths, feeds, keeps = self.lm.lengths, [[] for _ in self.tokens], {}
+        for row, request in requests.items():
+            sequence, start = request.sequence, request.start
+            if start == len(sequence) - 1 and self.tokens[row] == sequence:
+                answers[row] = self.lm.last_logits[row][None]
+                continue
+            keep = min(common_prefix(self.tokens[row], sequence), start)
+            keeps[row], lengths[row], feeds[row] = keep, keep, sequence[keep:]
+            self.tokens[row] = list(sequence)
+        if keeps:
+            self.lm.crop(lengths)
+            out = self.lm.extend(feeds)
+            for row, keep in keeps.items():
+                answers[row] = out.row(row)[requests[row].start - keep:]
+        return answers
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two token lists."""
     limit = min(len(a), len(b))
-    index = 0
-    while index < limit and a[index] == b[index]:
-        index += 1
-    return index
+    if a[:limit] == b[:limit]:
+        return limit
+    low, high = 0, limit  # a[:low] == b[:low], and the first difference lies below high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
 
 
-class CascadeProposer(Proposer):
-    """The whole cascade below the target: a draft of at most ``min(sum(k[0]), budget)`` tokens per step.
+class CascadeDrafting:
+    """The cascade below the target for one sequence, written as a generator of ``LogitsRequest`` s: it yields
+    what it needs from a model draft and is sent the logits, so the same cascade runs against one row's caches
+    (``answer_alone``) or, in lockstep with other rows, against batched ones (``BatchedCascadeProposer``).
 
-    Intermediate model drafts are lenient verifiers of the sub-cascades below
-    them (``_review``); the target's exact review is the shared chain verifier.
+    Intermediate model drafts are lenient verifiers of the sub-cascades below them (``_review``); the target's
+    exact review is the shared verifier. ``stats`` counts each level's reviews.
     """
 
-    def __init__(self, params: "CascadeParams", drafts: dict[str, CausalLM], table: BigramTable | None) -> None:
-        self.params, self.draft_models, self.table = params, drafts, table
+    def __init__(self, params: "CascadeParams", table: BigramTable | None) -> None:
+        self.params, self.table = params, table
         self.k = torch.tensor(params.k_matrix, dtype=torch.long)
-        self.stats: dict[str, LevelStats] = {}
-        self.proposed = 0
-        self.drafts: list[CachedModel] = []
-        self.levels: list[Any] = []
+        self.levels: list[int | str] = [*range(len(params.drafts)), *([MAG] if params.use_mag else [])]
 
-    def begin(self, prompt_ids: list[int], prefill: StepOutput, sequence: list[int]) -> None:
-        self.drafts = [CachedModel(self.draft_models[name]) for name in self.params.drafts]
-        self.levels = [*self.drafts, *([MAG] if self.params.use_mag else [])]
-        for model in self.drafts:
-            model.start(prompt_ids)
-        self.stats = {name: LevelStats() for name in ("target", *self.params.drafts)}
+    def new_stats(self) -> dict[str, LevelStats]:
+        """Empty review counts for the target and every model draft."""
+        return {name: LevelStats() for name in ("target", *self.params.drafts)}
 
-    def propose(self, sequence: list[int], budget: int, sampling: Sampling) -> Proposal:
-        tokens, _ = self._cascade(self.levels, self.k, sequence, budget) if budget > 0 else ([], [])
-        self.proposed = len(tokens)
-        return Proposal(tokens)
+    def draft(self, context: list[int], limit: int, stats: dict[str, LevelStats]) -> Drafting:
+        """At most ``min(sum(k[0]), limit)`` tokens drafted after ``context`` (with one distribution, or ``None``
+        for MaG, per token)."""
+        return self._cascade(self.levels, self.k, context, limit, stats)
 
-    def observe(self, sequence: list[int], verification: Verification) -> None:
-        stats = self.stats["target"]  # the target's exact review, counted like the drafts' in _review
-        stats.reviews += 1
-        stats.proposed += self.proposed
-        stats.accepted += verification.accepted
-
-    def models(self) -> dict[str, CausalLM]:
-        return {f"draft:{name}": self.draft_models[name] for name in self.params.drafts}
-
-    def extras(self) -> dict[str, Any]:
-        return {"levels": {name: stats.as_dict() for name, stats in self.stats.items()}}
-
-    def _cascade(self, levels: list[Any], k: torch.Tensor, context: list[int], limit: int
-                 ) -> tuple[list[int], list[torch.Tensor | None]]:
+    def _cascade(self, levels: list[int | str], k: torch.Tensor, context: list[int], limit: int,
+                 stats: dict[str, LevelStats]) -> Drafting:
         """Tokens drafted by ``levels`` under k-matrix ``k`` (row 0: horizontal thresholds), at most ``limit``.
 
         Level i adds tokens only while fewer than ``min(k[0][0] + ... + k[0][i], limit)``
         are drafted, and never more than that threshold still needs, so at most
-        ``min(sum(k[0]), limit)`` tokens come back (with one distribution, or
-        ``None`` for MaG, per token).
+        ``min(sum(k[0]), limit)`` tokens come back.
         """
         tokens: list[int] = []
         probs: list[torch.Tensor | None] = []
@@ -236,37 +267,38 @@ class CascadeProposer(Proposer):
                                       self.params.mag_max_ngram)
                     new_probs: list[torch.Tensor | None] = [None] * len(new)
                 elif index == len(levels) - 1:
-                    new, new_probs = self._autoregressive(drafter, sequence, need)
+                    new, new_probs = yield from self._autoregressive(drafter, sequence, need)
                 else:
                     # the sub-cascade leaves room for the reviewer's own next token within the threshold
                     room = need - 1
-                    sub, sub_probs = self._cascade(levels[index + 1:], k[index + 1:, index + 1:], sequence, room) \
-                        if room > 0 else ([], [])
-                    name = self.params.drafts[index]
-                    accepted, following, rows = self._review(drafter, name, sequence, sub, sub_probs,
-                                                             self.params.lenience)
+                    sub, sub_probs = (yield from self._cascade(levels[index + 1:], k[index + 1:, index + 1:],
+                                                               sequence, room, stats)) if room > 0 else ([], [])
+                    accepted, following, rows = yield from self._review(drafter, sequence, sub, sub_probs, stats)
                     new, new_probs = sub[:accepted] + [following], list(rows)
                 tokens.extend(new[:need])
                 probs.extend(new_probs[:need])
         return tokens, probs
 
     @staticmethod
-    def _autoregressive(model: CachedModel, context: list[int], count: int) -> tuple[list[int], list[torch.Tensor]]:
+    def _autoregressive(level: int, context: list[int], count: int) -> Drafting:
         """The lowest model draft: ``count`` greedy tokens, with its distributions (for lenience above it)."""
-        logits = model.logits_from(context, len(context) - 1)[-1]
+        logits = (yield LogitsRequest(level, context, len(context) - 1))[-1]
         tokens, probs = [], []
         for index in range(count):
             token = int(logits.argmax())
             tokens.append(token)
             probs.append(torch.softmax(logits, -1))
             if index + 1 < count:
-                logits = model.append(token)
+                sequence = context + tokens
+                logits = (yield LogitsRequest(level, sequence, len(sequence) - 1))[-1]
         return tokens, probs
 
-    def _review(self, reviewer: CachedModel, name: str, context: list[int], proposal: list[int],
-                probs: list[torch.Tensor | None], lenience: float) -> tuple[int, int, list[torch.Tensor]]:
+    def _review(self, level: int, context: list[int], proposal: list[int], probs: list[torch.Tensor | None],
+                stats: dict[str, LevelStats]) -> Generator[LogitsRequest, torch.Tensor,
+                                                           tuple[int, int, list[torch.Tensor]]]:
         """Greedy (lenient) review of ``proposal``: (accepted count, the reviewer's next token, its distributions)."""
-        logits = reviewer.logits_from(context + proposal, len(context) - 1)
+        lenience = self.params.lenience
+        logits = yield LogitsRequest(level, context + proposal, len(context) - 1)
         best = logits.argmax(-1).tolist()
         distributions = torch.softmax(logits, -1) if lenience > 1 else None
         accepted = 0
@@ -280,14 +312,121 @@ class CascadeProposer(Proposer):
                     accepted += 1
                     continue
             break
-        stats = self.stats[name]
-        stats.reviews += 1
-        stats.proposed += len(proposal)
-        stats.accepted += accepted
+        counts = stats[self.params.drafts[level]]
+        counts.reviews += 1
+        counts.proposed += len(proposal)
+        counts.accepted += accepted
         if distributions is None:
             distributions = torch.softmax(logits[: accepted + 1], -1)
         return accepted, best[accepted], list(distributions[: accepted + 1])
 
+
+def answer_alone(drafting: Drafting, models: list[CachedModel]) -> list[int]:
+    """Run one row's cascade to its end, answering each request from that row's own cached models."""
+    try:
+        request = next(drafting)
+        while True:
+            request = drafting.send(models[request.level].logits_from(request.sequence, request.start))
+    except StopIteration as finished:
+        return finished.value[0]
+
+
+class CascadeProposer(Proposer):
+    """The whole cascade below the target: a draft of at most ``min(sum(k[0]), budget)`` tokens per step."""
+
+    def __init__(self, params: "CascadeParams", drafts: dict[str, CausalLM], table: BigramTable | None) -> None:
+        self.params, self.draft_models = params, drafts
+        self.cascade = CascadeDrafting(params, table)
+        self.stats: dict[str, LevelStats] = {}
+        self.proposed = 0
+        self.drafts: list[CachedModel] = []
+
+    def begin(self, prompt_ids: list[int], prefill: StepOutput, sequence: list[int]) -> None:
+        self.drafts = [CachedModel(self.draft_models[name]) for name in self.params.drafts]
+        for model in self.drafts:
+            model.start(prompt_ids)
+        self.stats = self.cascade.new_stats()
+
+    def propose(self, sequence: list[int], budget: int, sampling: Sampling) -> Proposal:
+        tokens = answer_alone(self.cascade.draft(sequence, budget, self.stats), self.drafts) if budget > 0 else []
+        self.proposed = len(tokens)
+        return Proposal(tokens)
+
+    def observe(self, sequence: list[int], verification: Verification) -> None:
+        count_target_review(self.stats, self.proposed, verification.accepted)
+
+    def models(self) -> dict[str, CausalLM]:
+        return {f"draft:{name}": self.draft_models[name] for name in self.params.drafts}
+
+    def extras(self) -> dict[str, Any]:
+        return {"levels": {name: stats.as_dict() for name, stats in self.stats.items()}}
+
+
+def count_target_review(stats: dict[str, LevelStats], proposed: int, accepted: int) -> None:
+    """Count the target's exact review of a step like the drafts' reviews in ``CascadeDrafting._review``."""
+    target = stats["target"]
+    target.reviews += 1
+    target.proposed += proposed
+    target.accepted += accepted
+
+
+class BatchedCascadeProposer(BatchProposer):
+    """``CascadeProposer`` for a batch: every row runs its own cascade (the same ``CascadeDrafting``, so the same
+    reviews and tokens as alone), in lockstep; requests to one model draft from several rows share one batched
+    forward.
+
+    Scheduling: while any row waits, the smallest model draft that some row waits on (the last in ``drafts``)
+    is served, so rows that wait on a larger reviewer gather until every row is there and the reviewer runs
+    once for all of them.
+    """
+
+    def __init__(self, params: "CascadeParams", drafts: dict[str, BatchedCausalLM], table: BigramTable | None) -> None:
+        self.params, self.draft_models = params, drafts
+        self.cascade = CascadeDrafting(params, table)
+        self.drafts: list[BatchedCachedModel] = []
+        self.stats: list[dict[str, LevelStats]] = []
+        self.proposed: list[int] = []
+
+    def begin(self, prompts: list[list[int]], prefill: BatchPrefill) -> None:
+        self.drafts = [BatchedCachedModel(self.draft_models[name]) for name in self.params.drafts]
+        for model in self.drafts:
+            model.start(prompts)
+        self.stats = [self.cascade.new_stats() for _ in prompts]
+        self.proposed = [0] * len(prompts)
+
+    def propose(self, sequences: list[list[int]], budgets: list[int], sampling: Sampling) -> list[Proposal]:
+        tokens: list[list[int]] = [[] for _ in sequences]
+        running = {row: self.cascade.draft(sequence, budget, self.stats[row])
+                   for row, (sequence, budget) in enumerate(zip(sequences, budgets)) if budget > 0}
+        waiting: dict[int, LogitsRequest] = {}
+
+        def advance(row: int, answer: torch.Tensor | None) -> None:
+            try:
+                waiting[row] = running[row].send(answer)  # type: ignore[arg-type]  (None starts a generator)
+            except StopIteration as finished:
+                tokens[row] = finished.value[0]
+                waiting.pop(row, None)
+
+        for row in running:
+            advance(row, None)
+        while waiting:
+            level = max(request.level for request in waiting.values())
+            served = {row: request for row, request in waiting.items() if request.level == level}
+            for row, logits in self.drafts[level].logits_from(served).items():
+                advance(row, logits)
+        self.proposed = [len(row_tokens) for row_tokens in tokens]
+        return [Proposal(row_tokens) for row_tokens in tokens]
+
+    def observe(self, sequences: list[list[int]], verifications: list[Verification | None]) -> None:
+        for row, verification in enumerate(verifications):
+            if verification is not None:
+                count_target_review(self.stats[row], self.proposed[row], verification.accepted)
+
+    def models(self) -> dict[str, BatchedCausalLM]:
+        return {f"draft:{name}": self.draft_models[name] for name in self.params.drafts}
+
+    def row_extras(self, row: int) -> dict[str, Any]:
+        return {"levels": {name: stats.as_dict() for name, stats in self.stats[row].items()}}
 
 
 # ---------------------------------------------------------------------------- stats and report section
@@ -385,7 +524,7 @@ def plot_kmatrix_heatmaps(cascades: pd.DataFrame, run_dir: Path) -> list[Path]:
 
 
 @register("cascade")
-class Cascade(ProposerStrategy):
+class Cascade(ProposerStrategy, BatchCapable):
     """CS Drafting: k-matrix cascades of model drafts (and MaG), reviewed greedily up to the target."""
 
     Params = CascadeParams
@@ -398,6 +537,11 @@ class Cascade(ProposerStrategy):
     def proposer(self) -> Proposer:
         table = self.models.artifact(MAG_TABLE) if self.params.use_mag else None
         return CascadeProposer(self.params, {name: self.models.draft(name) for name in self.params.drafts}, table)
+
+    def batch_proposer(self) -> BatchProposer:
+        table = self.models.artifact(MAG_TABLE) if self.params.use_mag else None
+        return BatchedCascadeProposer(self.params, {name: BatchedCausalLM.of(self.models.draft(name))
+                                                    for name in self.params.drafts}, table)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling):
         if not sampling.greedy:
