@@ -179,3 +179,39 @@ def test_cells_run_with_a_retrained_artefact_are_reported_apart_from_the_earlier
     assert len(rows) == 2
     by_key = {("aaaaaaaa" in params, "bbbbbbbb" in params): speedup for params, speedup in zip(rows.params, rows.speedup)}
     assert by_key == {(True, False): pytest.approx(1.0), (False, True): pytest.approx(2.0)}
+
+
+def test_compare_sets_the_runs_ranking_beside_each_published_one():
+    import pandas as pd
+
+    from harness.driver.compare import beside_published
+
+    def row(strategy, params, overall, tau):
+        return {"run": "r/1", "device": "cpu", "dtype": "float32", "target": "zoo:target", "strategy": strategy,
+                "params": params, "τ": tau, "overall": overall, "suspect": False}
+
+    frame = pd.DataFrame([row("speculative", "gamma=2", 1.1, 1.8), row("speculative", "gamma=4", 2.0, 2.9),
+                          row("prompt_lookup", "-", 1.5, 2.2), row("lookahead", "-", 1.2, 2.5),
+                          row("cascade", "-", 3.0, 3.0)])  # in no published table
+    table = beside_published(frame)
+    seven = table[table["published"] == "spec-bench-a100-vicuna-7b"].set_index("method")
+    assert list(seven.index) == ["PLD", "SpS", "Lookahead"]  # published order, among the methods the run has
+    assert list(seven["published rank"]) == [1, 2, 3] and list(seven["rank"]) == [2, 1, 3]
+    assert list(seven["moved"]) == [-1, 1, 0]
+    assert seven.loc["SpS", "speedup"] == 2.0 and seven.loc["SpS", "specsweep"] == "speculative gamma=4"  # its best
+    assert "cascade" not in " ".join(table["specsweep"])
+
+
+def test_the_shipped_published_rankings_are_ordered_by_speedup():
+    from harness.core.published import published_rankings
+    from strategies.registry import available
+
+    entries = published_rankings()
+    tables = {entry.table for entry in entries}
+    assert {"spec-bench-a100-vicuna-7b", "spec-bench-a100-vicuna-13b", "eagle3-paper-vicuna-13b"} <= tables
+    for table in tables:
+        rows = [entry for entry in entries if entry.table == table]
+        assert [entry.rank for entry in rows] == list(range(1, len(rows) + 1))
+        assert [entry.speedup for entry in rows] == sorted((entry.speedup for entry in rows), reverse=True)
+    known = set(available()) | {"eagle3"}  # EAGLE-3 is published and not yet a specsweep method
+    assert {entry.strategy for entry in entries if entry.strategy} <= known

@@ -96,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="a leaderboard across run directories (markdown and CSV)")
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    compare.add_argument("--by", default="category", choices=("category", "target", "strategy", "batch"),
-                         help="columns: speedup per prompt category (default), per target, per strategy or per batch size")
+    compare.add_argument("--by", default="category",
+                         choices=("category", "target", "strategy", "batch", "published"),
+                         help="columns: speedup per prompt category (default), per target, per strategy or per batch "
+                              "size; or the run's ranking beside the published ones (published)")
     compare.add_argument("--out", default="results/compare", help="where compare.md and compare.csv go")
     compare.set_defaults(handler=cmd_compare)
 

@@ -6,7 +6,11 @@ Rows are a method (strategy and its resolved params) on a target in one run; ``-
   categories, else per prompt set), then mean accepted tokens (τ) and the overall speedup;
 - ``target``: the overall speedup per target (rows are methods);
 - ``strategy``: the best overall speedup of each strategy (rows are targets);
-- ``batch``: the overall speedup per batch size (rows are methods; ``run.batch_size`` and grids over it).
+- ``batch``: the overall speedup per batch size (rows are methods; ``run.batch_size`` and grids over it);
+- ``published``: each published ranking shipped with specsweep (Spec-Bench's leaderboards, EAGLE-3's table;
+  ``harness.core.published``) beside the run's: per published method that specsweep implements, its published
+  speedup, τ and rank, and the run's best cell of that strategy with its speedup, τ and rank; ``moved`` is the
+  published rank minus the run's (both among the methods present in both), so every inversion shows.
 
 Every speedup is the run's own paired throughput ratio (``harness.core.metrics``). Runs measured on different
 device models are not comparable in wall time: when the rows span more than one device name, each row names
@@ -24,13 +28,14 @@ import pandas as pd
 
 from harness.core.errors import ConfigError
 from harness.core.metrics import summarize
+from harness.core.published import published_rankings
 from harness.core.records import PromptRecord
 from harness.core.results import ResultStore
 from harness.core.tables import markdown_table
 from harness.driver.batch_report import batch_size_of, method_label
 from harness.driver.report import SPEC_BENCH_COLUMNS, grouped_prompts, in_leaderboard, is_spec_bench_source
 
-BY = ("category", "target", "strategy", "batch")
+BY = ("category", "target", "strategy", "batch", "published")
 
 
 def run_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -74,6 +79,8 @@ def leaderboard(run_dirs: list[Path], by: str = "category") -> pd.DataFrame:
         raise ConfigError("--by", f"unknown {by!r}", f"use one of {', '.join(BY)}")
     rows = [row for run_dir in run_dirs for row in run_rows(Path(run_dir))]
     frame = pd.DataFrame(rows)
+    if by == "published":
+        return beside_published(frame)
     mixed = frame["device"].nunique() > 1
     frame["method"] = frame["strategy"] + " " + frame["params"].where(frame["params"] != "-", "")
     if by == "category":
@@ -101,6 +108,32 @@ def leaderboard(run_dirs: list[Path], by: str = "category") -> pd.DataFrame:
     if frame["dtype"].nunique() > 1:
         table = table.assign(dtype=table["dtype"] + " ‡")
     return table.reset_index(drop=True)
+
+
+def beside_published(frame: pd.DataFrame) -> pd.DataFrame:
+    """For each published table and each (run, target): the published methods specsweep implements, with their
+    published figures and rank, beside the run's best cell of that strategy, its figures and its rank."""
+    best = frame.loc[frame.groupby(["run", "target", "strategy"])["overall"].idxmax()]
+    rows = []
+    for table in dict.fromkeys(entry.table for entry in published_rankings()):
+        entries = [entry for entry in published_rankings() if entry.table == table and entry.strategy]
+        for (run, target), ours in best.groupby(["run", "target"], sort=False):
+            ours = ours.set_index("strategy")
+            present = [entry for entry in entries if entry.strategy in ours.index]
+            theirs = {entry.strategy: rank for rank, entry in enumerate(sorted(present, key=lambda e: e.rank), 1)}
+            ranked = sorted(present, key=lambda e: -ours.loc[e.strategy, "overall"])
+            mine = {entry.strategy: rank for rank, entry in enumerate(ranked, 1)}
+            for entry in present:
+                cell = ours.loc[entry.strategy]
+                rows.append({"published": table, "method": entry.method, "published speedup": entry.speedup,
+                             "published τ": entry.tau, "published rank": theirs[entry.strategy], "run": run,
+                             "device": cell["device"], "dtype": cell["dtype"], "target": target,
+                             "specsweep": f"{entry.strategy} {cell['params']}", "speedup": cell["overall"],
+                             "τ": cell["τ"], "rank": mine[entry.strategy],
+                             "moved": theirs[entry.strategy] - mine[entry.strategy]})
+    columns = ["published", "method", "published speedup", "published τ", "published rank", "run", "device", "dtype",
+               "target", "specsweep", "speedup", "τ", "rank", "moved"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def write_leaderboard(run_dirs: list[Path], out_dir: Path, by: str = "category") -> tuple[Path, Path]:

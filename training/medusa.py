@@ -1,0 +1,133 @@
+"""Training Medusa-1 heads on a frozen target's features, through the trainer skeleton (Ray Train + DeepSpeed).
+
+Medusa-1: the target stays frozen; head k (0-based) at position t is trained with cross-entropy against the
+token at t + k + 2 of the training text, the heads' losses weighted ``decay ** k`` and summed (the paper's
+λ_k = 0.8^k; the reference's Medusa-1 script sums them unweighted, its Medusa-2 fork weights them 0.8^k). The
+text is the target's own (``answers:<source>``, its self-generated chat; or the zoo's text for the zoo target),
+and the features are the target's last hidden states after the final norm, the same feature dataset EAGLE trains
+on (``training.eagle_data``), shared on disk when the data settings are equal. After training, each head's rank
+accuracies on the held-out windows are measured and saved with the heads (Medusa's sparse-tree calibration)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from harness.core.errors import ConfigError
+from harness.core.models import ModelSpec, load_model, load_tokenizer
+from strategies.medusa_heads import MedusaHeads, load_heads, save_heads
+from training.artifacts import ArtifactKind
+from training.eagle_data import FeatureDataConfig, build_features, features_dir
+from training.launch import launch
+from training.settings import check_ranges, mapping, parse_settings
+from training.trainer import OptimSettings, Worker
+
+
+@dataclass(frozen=True)
+class MedusaTrainConfig(OptimSettings):
+    """Everything that determines trained Medusa heads (its hash names the artefact)."""
+
+    target: ModelSpec = ModelSpec("zoo:target")
+    data: FeatureDataConfig = field(default_factory=FeatureDataConfig)
+    num_heads: int = 4
+    num_layers: int = 1
+    decay: float = 0.8
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    eval_fraction: float = 0.05
+
+
+def parse_medusa_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]
+                        ) -> MedusaTrainConfig:
+    """Validated Medusa training settings from a training-config mapping (``kind: medusa``)."""
+    config = parse_settings(MedusaTrainConfig, raw, where, base_dir, zoo_names, allowed_note="kind", fields={
+        "data": lambda value, path: FeatureDataConfig.from_dict(mapping(value, path), path),
+    })
+    check_ranges(config, where, {"num_heads": 1, "num_layers": 1})
+    if not 0 < config.decay <= 1:
+        raise ConfigError(f"{where}.decay", f"must be in (0, 1], got {config.decay}", "Medusa uses 0.8")
+    return config
+
+
+def medusa_loss(heads: MedusaHeads, batch: dict[str, torch.Tensor], decay: float
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Medusa-1's loss on a batch of (input_ids, hidden, loss_mask), and each head's top-1 accuracy."""
+    ids, hidden, mask = batch["input_ids"], batch["hidden"], batch["loss_mask"].float()
+    dtype = heads.heads[0][-1].weight.dtype
+    logits = heads(hidden.to(dtype))  # [heads, batch, seq, vocab]
+    total = torch.zeros((), device=hidden.device)
+    stats: dict[str, float] = {}
+    for k in range(heads.num_heads):
+        shift = k + 2
+        if ids.shape[1] <= shift:
+            break
+        predicted = logits[k, :, :-shift].float()
+        wanted = ids[:, shift:]
+        weight = mask[:, shift:]
+        denominator = weight.sum().clamp(min=1.0)
+        loss = (F.cross_entropy(predicted.transpose(1, 2), wanted, reduction="none") * weight).sum() / denominator
+        total = total + decay ** k * loss
+        stats[f"top1_head{k}"] = (((predicted.argmax(-1) == wanted).float() * weight).sum() / denominator).item()
+    stats["loss"] = total.item()
+    return total, stats
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: build or read the features, train the heads, report them."""
+    import datasets
+    import torch.distributed as dist
+
+    datasets.disable_progress_bars()
+    worker = Worker.start(loop_config)
+    config: MedusaTrainConfig = worker.config
+    rank, world, device = worker.rank, worker.world, worker.device
+
+    target = load_model(replace(config.target, dtype="float32"), worker.zoo, device, "target").model
+    data_dir = Path(loop_config["features_dir"])
+    if rank == 0:
+        build_features(target, load_tokenizer(config.target, worker.zoo), config.data, worker.zoo.corpus, data_dir,
+                       [config.target.as_dict(), loop_config["target_key"]])
+    if world > 1:
+        dist.barrier()
+    rows = datasets.load_from_disk(str(data_dir)).with_format("torch")
+    split = rows.train_test_split(test_size=config.eval_fraction, seed=config.data.seed)
+    train_rows = split["train"].shard(world, rank)
+    eval_rows = split["test"][:]
+    heads = MedusaHeads.for_target(target, config.num_heads, config.num_layers).to(device)
+
+    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: value.to(device) for name, value in batch.items()}
+
+    def draw(generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return to_device(train_rows[torch.randint(0, len(train_rows), (config.batch_size,),
+                                                  generator=generator).tolist()])
+
+    fitted = worker.fit(heads, draw, lambda module, batch, generator: medusa_loss(module, batch, config.decay),
+                        worker.generator(config.seed * 1000 + rank),
+                        evaluate=lambda module: medusa_loss(module, to_device(eval_rows), config.decay)[1],
+                        progress="medusa heads", shown=("loss", "top1_head0"))
+    module = fitted.module
+    module.eval()
+    module.measure_rank_accuracy(eval_rows["hidden"].to(device), eval_rows["input_ids"].to(device))
+    metrics = {"eval_before": fitted.before, "eval_after": fitted.after, "train_loss_first": fitted.loss_first(),
+               "train_loss_last": fitted.loss_last(), "steps": config.steps, "train_windows": len(split["train"]),
+               "parameters": module.own_parameters()}
+    worker.finish(metrics, lambda directory: save_heads(module.float().eval(), directory,
+                                                        config.target.id, {"metrics": metrics}))
+
+
+def build_medusa(config: MedusaTrainConfig, zoo, out_dir: Path, target_key: str, name: str,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train heads for ``config`` and write them (published layout) to ``out_dir``; return their metrics."""
+    return launch(train_loop, config, zoo, name, out_dir, log,
+                  features_dir=str(features_dir(config.target, target_key, config.data)), target_key=target_key)
+
+
+KIND = ArtifactKind("medusa", parse_medusa_config, build_medusa,
+                    lambda request, target: load_heads(request.directory, target.device))
