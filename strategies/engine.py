@@ -16,26 +16,28 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar
 
-from harness.core.lm import CausalLM, StepOutput
+from harness.core.lm import CausalLM, HiddenStates, StepOutput
 from strategies.base import Step, Strategy, Trace
 from strategies.sampling import Sampling
 from strategies.verification import Proposal, Verification, verify
 
-Verifier = Callable[[CausalLM, list[int], Proposal, Sampling, bool], Verification]  # (target, sequence, draft, ...)
+# (target, sequence, draft, sampling, hidden states) -> what the target kept
+Verifier = Callable[[CausalLM, list[int], Proposal, Sampling, HiddenStates], Verification]
 
 
 class Proposer(ABC):
     """Drafts for one prompt at a time; ``begin`` starts a prompt, then ``propose`` / ``observe`` alternate.
 
     ``needs_hidden_states``: the target's hidden states come back in every
-    ``Verification`` (and the prefill's in ``begin``). ``first_token_from_prefill``:
+    ``Verification`` (and the prefill's in ``begin``): the last layer's (True), or named layers' concatenated (a
+    tuple of ``output_hidden_states`` indices; EAGLE-3 sets it per target). ``first_token_from_prefill``:
     the first new token is the target's own pick after the prompt, counted as a
     step with nothing drafted (EAGLE, whose head needs the target's feature of
     the last prompt token); the target's cache then always holds the sequence
     minus its last token, as a tree verifier requires.
     """
 
-    needs_hidden_states: ClassVar[bool] = False
+    needs_hidden_states: HiddenStates = False
     first_token_from_prefill: ClassVar[bool] = False
 
     def begin(self, prompt_ids: list[int], prefill: StepOutput, sequence: list[int]) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.core.lm import CausalLM
+from harness.core.lm import CausalLM, HiddenStates
 from harness.core.tree import greedy_path, tree_inputs
 from strategies.sampling import Sampling
 
@@ -128,7 +128,7 @@ def accept_tree(tokens: list[int], parents: list[int], scores: list[float], p_ro
 
 
 def verify_chain(target: CausalLM, sequence: list[int], proposal: Proposal, sampling: Sampling,
-                 hidden_states: bool = False) -> Verification:
+                 hidden_states: HiddenStates = False) -> Verification:
     """Score a chain after ``sequence`` in one target pass, accept by ``accept_chain`` and crop the target's cache.
 
     With nothing drafted it is a plain target step. Hidden states need the
@@ -182,7 +182,7 @@ def keep_path(target: CausalLM, committed: int, proposal: Proposal, path: list[i
 
 
 def verify_tree(target: CausalLM, sequence: list[int], proposal: Proposal, sampling: Sampling,
-                hidden_states: bool = False) -> Verification:
+                hidden_states: HiddenStates = False) -> Verification:
     """Score a tree rooted at ``sequence``'s last token in one tree-masked pass; keep the accepted path's cache."""
     committed = tree_root(target, sequence, proposal, "verify_tree")
     mask, positions = tree_inputs(proposal.parents, committed, target.device)
@@ -193,7 +193,7 @@ def verify_tree(target: CausalLM, sequence: list[int], proposal: Proposal, sampl
 
 
 def verify(target: CausalLM, sequence: list[int], proposal: Proposal, sampling: Sampling,
-           hidden_states: bool = False) -> Verification:
+           hidden_states: HiddenStates = False) -> Verification:
     """The verifier for ``proposal``'s shape: ``verify_tree`` for a tree, ``verify_chain`` for a chain."""
     check = verify_tree if proposal.is_tree else verify_chain
     return check(target, sequence, proposal, sampling, hidden_states)

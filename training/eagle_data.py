@@ -8,8 +8,9 @@ the target's own chat answers to one of those (``answers:<source>``,
 The text of each source is tokenised into one stream (documents separated by
 EOS) and cut into ``seq_len``-token windows, balanced across sources. Each
 row holds ``input_ids``, ``hidden`` (the target's features after the final
-norm, ``[seq_len, hidden]``) and ``loss_mask`` (1 where a position is
-trained on). The dataset is saved with ``save_to_disk`` in ``shards`` files
+norm, ``[seq_len, hidden]``), ``loss_mask`` (1 where a position is trained
+on) and, for EAGLE-3, ``fused`` (named layers' hidden states, concatenated).
+The dataset is saved with ``save_to_disk`` in ``shards`` files
 under ``$SPECSWEEP_HOME/artifacts/eagle-data/<hash of target + data>``.
 """
 
@@ -61,25 +62,35 @@ class FeatureDataConfig:
         return config
 
 
-def features_dir(target: ModelSpec, target_key: str, data: FeatureDataConfig) -> Path:
-    """Where the features of ``target`` (identified by ``target_key``) on ``data`` are cached."""
-    key = content_hash(["eagle-data", target.as_dict(), target_key, asdict(data)])[:16]
+def features_dir(target: ModelSpec, target_key: str, data: FeatureDataConfig,
+                 fused_layers: tuple[int, ...] = ()) -> Path:
+    """Where the features of ``target`` (identified by ``target_key``) on ``data`` are cached (with the fused
+    features of ``fused_layers`` too, when named)."""
+    identity = ["eagle-data", target.as_dict(), target_key, asdict(data)]
+    key = content_hash(identity + ([list(fused_layers)] if fused_layers else []))[:16]
     return specsweep_home() / "artifacts" / "eagle-data" / key
 
 
 @torch.inference_mode()
-def target_features(model, windows: torch.Tensor, batch_size: int) -> Iterator[dict[str, Any]]:
-    """Rows of (input_ids, hidden, loss_mask) from forward passes of ``model`` over ``windows``."""
+def target_features(model, windows: torch.Tensor, batch_size: int, fused_layers: tuple[int, ...] = ()
+                    ) -> Iterator[dict[str, Any]]:
+    """Rows of (input_ids, hidden, loss_mask) from forward passes of ``model`` over ``windows``, plus ``fused``
+    (the hidden states of ``fused_layers`` concatenated, EAGLE-3's input) when layers are named."""
     device = next(model.parameters()).device
     for start in range(0, len(windows), batch_size):
         batch = windows[start:start + batch_size].to(device)
-        hidden = model(input_ids=batch, output_hidden_states=True).hidden_states[-1].float().cpu()
-        for ids, states in zip(batch.cpu(), hidden):
-            yield {"input_ids": ids.tolist(), "hidden": states.numpy(), "loss_mask": [1] * len(ids)}
+        states = model(input_ids=batch, output_hidden_states=True).hidden_states
+        hidden = states[-1].float().cpu()
+        fused = torch.cat([states[index] for index in fused_layers], -1).float().cpu() if fused_layers else None
+        for row, (ids, last) in enumerate(zip(batch.cpu(), hidden)):
+            entry = {"input_ids": ids.tolist(), "hidden": last.numpy(), "loss_mask": [1] * len(ids)}
+            if fused is not None:
+                entry["fused"] = fused[row].numpy()
+            yield entry
 
 
 def build_features(model, tokenizer, data: FeatureDataConfig, zoo_corpus, out_dir: Path, target_identity: Any,
-                   log: Callable[[str], None] = print) -> Path:
+                   log: Callable[[str], None] = print, fused_layers: tuple[int, ...] = ()) -> Path:
     """Compute and save the feature dataset to ``out_dir`` (skipped if it is already there)."""
     from datasets import Array2D, Dataset, Features, Sequence, Value
 
@@ -91,6 +102,8 @@ def build_features(model, tokenizer, data: FeatureDataConfig, zoo_corpus, out_di
         "input_ids": Sequence(Value("int32")),
         "hidden": Array2D(shape=(data.seq_len, hidden_size), dtype="float32"),
         "loss_mask": Sequence(Value("int8")),
+        **({"fused": Array2D(shape=(data.seq_len, hidden_size * len(fused_layers)), dtype="float32")}
+           if fused_layers else {}),
     })
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".building-") as scratch:
@@ -98,7 +111,7 @@ def build_features(model, tokenizer, data: FeatureDataConfig, zoo_corpus, out_di
         # float32 features took 19 GB before conversion, and Ray's memory monitor killed the job.
         dataset = Dataset.from_generator(target_features, features=features, cache_dir=str(Path(scratch) / "arrow"),
                                          gen_kwargs={"model": model, "windows": windows,
-                                                     "batch_size": data.batch_size},
+                                                     "batch_size": data.batch_size, "fused_layers": fused_layers},
                                          fingerprint=out_dir.name)
         staging = Path(scratch) / "dataset"
         dataset.save_to_disk(str(staging), num_shards=min(data.shards, len(dataset)))

@@ -86,12 +86,27 @@ class ForwardStats:
         }
 
 
+HiddenStates = bool | tuple[int, ...]
+"""Which hidden states a forward returns: none (False), the last layer's after the final norm (True), or the
+concatenation of ``output_hidden_states[i]`` for each named i (EAGLE-3's low, middle and high features)."""
+
+
+def select_hidden(states: tuple[torch.Tensor, ...], which: HiddenStates) -> torch.Tensor | None:
+    """The hidden states ``which`` asks for, from a Hugging Face model's ``hidden_states`` tuple."""
+    if not which:
+        return None
+    if which is True:
+        return states[-1]
+    return torch.cat([states[index] for index in which], dim=-1)
+
+
 @dataclass
 class StepOutput:
     """What one forward pass returns: logits for each new token, and hidden states if asked for."""
 
     logits: torch.Tensor  # [new_tokens, vocab], float32
-    hidden_states: torch.Tensor | None = None  # [new_tokens, hidden]: the last hidden states (after the final norm)
+    hidden_states: torch.Tensor | None = None  # [new_tokens, hidden]: the last hidden states (after the final norm),
+    # or, when the forward named layers (``HiddenStates``), those layers' states concatenated
     extras: dict = field(default_factory=dict)
 
 
@@ -166,7 +181,7 @@ class CausalLM:
     # ------------------------------------------------------------------ forward passes
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int] | torch.Tensor, output_hidden_states: bool = False,
+    def prefill(self, ids: list[int] | torch.Tensor, output_hidden_states: HiddenStates = False,
                 extra_inputs: dict[str, torch.Tensor] | None = None, all_logits: bool = False) -> StepOutput:
         """Start a new sequence with ``ids``; return the logits of its last position (of every one if ``all_logits``).
 
@@ -186,7 +201,7 @@ class CausalLM:
         ids: list[int] | torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: HiddenStates = False,
         extra_inputs: dict[str, torch.Tensor] | None = None,
     ) -> StepOutput:
         """Append ``ids`` to the cached sequence; return logits for each of them.
@@ -217,7 +232,7 @@ class CausalLM:
         prefill: bool,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: HiddenStates = False,
         extra_inputs: dict[str, torch.Tensor] | None = None,
         last_logits_only: bool = False,
     ) -> StepOutput:
@@ -242,7 +257,8 @@ class CausalLM:
         else:
             if last_logits_only and self.keeps_logits:
                 inputs["logits_to_keep"] = 1
-            out = self.model(output_hidden_states=output_hidden_states, **inputs, **{self.cache_argument: self.cache})
+            out = self.model(output_hidden_states=bool(output_hidden_states), **inputs,
+                             **{self.cache_argument: self.cache})
             logits = out.logits[0, -1:].float() if last_logits_only else out.logits[0].float()
         synchronize(self.device)
         self.stats.count(prefill, self.clock() - started, n_new)
@@ -250,7 +266,8 @@ class CausalLM:
         if out is None:
             hidden = hidden[0] if output_hidden_states else None
         else:
-            hidden = out.hidden_states[-1][0] if output_hidden_states else None
+            hidden = select_hidden(out.hidden_states, output_hidden_states)
+            hidden = None if hidden is None else hidden[0]
         return StepOutput(logits=logits, hidden_states=hidden)
 
 
