@@ -32,7 +32,7 @@ from harness.core.models import ModelSpec, load_model, load_tokenizer
 from strategies.eagle_head import EagleHead, head_config, load_head_lm, save_head
 from training.artifacts import ArtifactKind
 from training.draft import frequent_tokens
-from training.eagle_data import FeatureDataConfig, build_features, features_dir
+from training.eagle_data import FeatureDataConfig, features_dir, worker_features
 from training.launch import launch
 from training.settings import check_ranges, mapping, parse_settings
 from training.trainer import OptimSettings, Worker
@@ -124,47 +124,34 @@ def training_head(target: torch.nn.Module, intermediate_size: int | None, subset
 def train_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: build or read the features, train the head, report it."""
     import datasets
-    import torch.distributed as dist
 
     datasets.disable_progress_bars()
     worker = Worker.start(loop_config)
     config: EagleTrainConfig = worker.config
-    rank, world, device = worker.rank, worker.world, worker.device
+    rank, device = worker.rank, worker.device
 
     target = load_model(replace(config.target, dtype="float32"), worker.zoo, device, "target").model
-    data_dir = Path(loop_config["features_dir"])
-    if rank == 0:
-        build_features(target, load_tokenizer(config.target, worker.zoo), config.data, worker.zoo.corpus, data_dir,
-                       [config.target.as_dict(), loop_config["target_key"]])
-    if world > 1:
-        dist.barrier()
-    rows = datasets.load_from_disk(str(data_dir)).with_format("torch")
-    split = rows.train_test_split(test_size=config.eval_fraction, seed=config.data.seed)
-    train_rows = split["train"].shard(world, rank)
-    eval_rows = split["test"][:]
+    features = worker_features(worker, target, load_tokenizer(config.target, worker.zoo), config.data,
+                               Path(loop_config["features_dir"]),
+                               [config.target.as_dict(), loop_config["target_key"]], config.eval_fraction)
+    eval_rows = features.eval_rows
 
     vocab = target.get_output_embeddings().weight.shape[0]
     subset = None
     if config.vocab_subset and config.vocab_subset < vocab:
         tokenizer = load_tokenizer(config.target, worker.zoo)
-        train_ids = split["train"].select_columns(["input_ids"])[:]["input_ids"]
+        train_ids = features.train.select_columns(["input_ids"])[:]["input_ids"]
         subset = frequent_tokens(torch.as_tensor(train_ids), vocab, config.vocab_subset, tokenizer)
     head = training_head(target, config.intermediate_size, subset).to(device)
 
-    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: value.to(device) for name, value in batch.items()}
-
-    def draw(generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return to_device(train_rows[torch.randint(0, len(train_rows), (config.batch_size,),
-                                                  generator=generator).tolist()])
-
-    fitted = worker.fit(head, draw, lambda module, batch, generator: eagle_loss(module, batch, config, generator),
+    fitted = worker.fit(head, lambda generator: features.draw(generator, config.batch_size),
+                        lambda module, batch, generator: eagle_loss(module, batch, config, generator),
                         worker.generator(config.seed * 1000 + rank),
-                        evaluate=lambda module: eagle_loss(module, to_device(eval_rows), config)[1],
+                        evaluate=lambda module: eagle_loss(module, features.to_device(eval_rows), config)[1],
                         progress="eagle head", shown=("loss", "top1"))
     module = fitted.module
     metrics = {"eval_before": fitted.before, "eval_after": fitted.after, "train_loss_first": fitted.loss_first(),
-               "train_loss_last": fitted.loss_last(), "steps": config.steps, "train_windows": len(split["train"]),
+               "train_loss_last": fitted.loss_last(), "steps": config.steps, "train_windows": len(features.train),
                "parameters": module.own_parameters()}
 
     def write(directory: Path) -> None:

@@ -121,3 +121,40 @@ def build_features(model, tokenizer, data: FeatureDataConfig, zoo_corpus, out_di
         staging.replace(out_dir)
     log(f"EAGLE features: {len(windows)} windows x {data.seq_len} tokens from {', '.join(data.sources)} -> {out_dir}")
     return out_dir
+
+
+@dataclass
+class WorkerFeatures:
+    """A training worker's view of a feature dataset: the whole training split (for vocabulary counts), this
+    worker's shard of it, and the held-out rows, all on ``device``."""
+
+    train: Any
+    shard: Any
+    eval_rows: dict[str, torch.Tensor]
+    device: torch.device
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: value.to(self.device) for name, value in batch.items()}
+
+    def draw(self, generator: torch.Generator, batch_size: int) -> dict[str, torch.Tensor]:
+        """``batch_size`` rows of this worker's shard, drawn with replacement, on the device."""
+        picks = torch.randint(0, len(self.shard), (batch_size,), generator=generator).tolist()
+        return self.to_device(self.shard[picks])
+
+
+def worker_features(worker: Any, model, tokenizer, data: FeatureDataConfig, data_dir: Path, target_identity: Any,
+                    eval_fraction: float, fused_layers: tuple[int, ...] = ()) -> WorkerFeatures:
+    """Rank 0 builds the features in ``data_dir`` (if missing), every rank waits for them, then reads its shard
+    and the held-out split (``eval_fraction`` of the windows, split by ``data.seed``)."""
+    import datasets
+    import torch.distributed as dist
+
+    if worker.rank == 0:
+        build_features(model, tokenizer, data, worker.zoo.corpus, data_dir, target_identity,
+                       fused_layers=fused_layers)
+    if worker.world > 1:
+        dist.barrier()
+    rows = datasets.load_from_disk(str(data_dir)).with_format("torch")
+    split = rows.train_test_split(test_size=eval_fraction, seed=data.seed)
+    return WorkerFeatures(train=split["train"], shard=split["train"].shard(worker.world, worker.rank),
+                          eval_rows=split["test"][:], device=worker.device)

@@ -21,7 +21,7 @@ from harness.core.errors import ConfigError
 from harness.core.models import ModelSpec, load_model, load_tokenizer
 from strategies.medusa_heads import MedusaHeads, load_heads, save_heads
 from training.artifacts import ArtifactKind
-from training.eagle_data import FeatureDataConfig, build_features, features_dir
+from training.eagle_data import FeatureDataConfig, features_dir, worker_features
 from training.launch import launch
 from training.settings import check_ranges, mapping, parse_settings
 from training.trainer import OptimSettings, Worker
@@ -81,42 +81,30 @@ def medusa_loss(heads: MedusaHeads, batch: dict[str, torch.Tensor], decay: float
 def train_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: build or read the features, train the heads, report them."""
     import datasets
-    import torch.distributed as dist
 
     datasets.disable_progress_bars()
     worker = Worker.start(loop_config)
     config: MedusaTrainConfig = worker.config
-    rank, world, device = worker.rank, worker.world, worker.device
+    rank, device = worker.rank, worker.device
 
     target = load_model(replace(config.target, dtype="float32"), worker.zoo, device, "target").model
-    data_dir = Path(loop_config["features_dir"])
-    if rank == 0:
-        build_features(target, load_tokenizer(config.target, worker.zoo), config.data, worker.zoo.corpus, data_dir,
-                       [config.target.as_dict(), loop_config["target_key"]])
-    if world > 1:
-        dist.barrier()
-    rows = datasets.load_from_disk(str(data_dir)).with_format("torch")
-    split = rows.train_test_split(test_size=config.eval_fraction, seed=config.data.seed)
-    train_rows = split["train"].shard(world, rank)
-    eval_rows = split["test"][:]
+    features = worker_features(worker, target, load_tokenizer(config.target, worker.zoo), config.data,
+                               Path(loop_config["features_dir"]),
+                               [config.target.as_dict(), loop_config["target_key"]], config.eval_fraction)
+    eval_rows = features.eval_rows
     heads = MedusaHeads.for_target(target, config.num_heads, config.num_layers).to(device)
 
-    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: value.to(device) for name, value in batch.items()}
-
-    def draw(generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return to_device(train_rows[torch.randint(0, len(train_rows), (config.batch_size,),
-                                                  generator=generator).tolist()])
-
-    fitted = worker.fit(heads, draw, lambda module, batch, generator: medusa_loss(module, batch, config.decay),
+    fitted = worker.fit(heads, lambda generator: features.draw(generator, config.batch_size),
+                        lambda module, batch, generator: medusa_loss(module, batch, config.decay),
                         worker.generator(config.seed * 1000 + rank),
-                        evaluate=lambda module: medusa_loss(module, to_device(eval_rows), config.decay)[1],
+                        evaluate=lambda module: medusa_loss(module, features.to_device(eval_rows),
+                                                             config.decay)[1],
                         progress="medusa heads", shown=("loss", "top1_head0"))
     module = fitted.module
     module.eval()
     module.measure_rank_accuracy(eval_rows["hidden"].to(device), eval_rows["input_ids"].to(device))
     metrics = {"eval_before": fitted.before, "eval_after": fitted.after, "train_loss_first": fitted.loss_first(),
-               "train_loss_last": fitted.loss_last(), "steps": config.steps, "train_windows": len(split["train"]),
+               "train_loss_last": fitted.loss_last(), "steps": config.steps, "train_windows": len(features.train),
                "parameters": module.own_parameters()}
     worker.finish(metrics, lambda directory: save_heads(module.float().eval(), directory,
                                                         config.target.id, {"metrics": metrics}))
