@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import torch
 
 from harness.core.batched_lm import BatchedCausalLM, BatchPrefill
+from harness.core.lm import HiddenStates
 from strategies.base import Step, Strategy, Trace, forward_stats, truncate
 from strategies.engine import Proposer
 from strategies.sampling import Sampling
@@ -37,10 +38,11 @@ class BatchProposer(ABC):
     budget is 0 (it is finished, or may add only the target's own next token)
     gets an empty draft (a chain, or a tree of its root alone).
     ``needs_hidden_states``: the target's hidden states come with the prefill
-    (``begin``) and with every ``Verification`` (EAGLE's features).
+    (``begin``) and with every ``Verification`` (EAGLE's features; a tuple of ``output_hidden_states`` indices
+    asks for those layers concatenated, as EAGLE-3 does).
     """
 
-    needs_hidden_states: ClassVar[bool] = False
+    needs_hidden_states: HiddenStates = False
 
     def begin(self, prompts: list[list[int]], prefill: BatchPrefill) -> None:
         """Start a batch of ``prompts``; ``prefill`` is the target's prefill of them."""
@@ -101,7 +103,7 @@ class RowResult:
 
 
 def verify_batch(target: BatchedCausalLM, sequences: list[list[int]], proposals: list[Proposal | None],
-                 sampling: Sampling, hidden_states: bool = False) -> list[Verification | None]:
+                 sampling: Sampling, hidden_states: HiddenStates = False) -> list[Verification | None]:
     """Score each row's draft after its sequence in one batched target pass and accept it by ``accept_chain`` (a
     chain) or ``accept_tree`` (a tree); each row's cache then holds its sequence plus the accepted tokens. A row
     whose proposal is None takes no part.

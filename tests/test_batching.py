@@ -175,33 +175,42 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor, min_expected: 
                                          ("eagle", {"head": "head", "gamma": 2}),
                                          ("eagle2", {"head": "head", "total_tokens": 4, "depth": 2, "top_k": 2})])
 def test_sampling_at_batch_4_keeps_each_rows_target_distribution(name, params):
-    """Rows of two different prompts (one padded under the other) each sample the target's joint law of their
-    first three tokens, through the batched caches, masking and acceptance (Pearson's test, p > 0.001)."""
     from harness.core.lm import CausalLM
     from strategies import ModelSet
     from strategies.eagle_head import EagleHead, head_config
-    from tests.test_speculative import tiny_llama, exact_joint, total_variation
+    from tests.test_speculative import tiny_llama
 
-    vocab, length = 4, 3
-    target_model = tiny_llama(1, vocab)
-    target = CausalLM(target_model, "target")
+    target_model = tiny_llama(1, SAMPLED_VOCAB)
     torch.manual_seed(3)  # an untrained head: its drafts are often rejected, so the residual draws are exercised
     head = EagleHead(head_config(target_model.config), target_model.get_input_embeddings(),
                      target_model.get_output_embeddings()).eval()
-    models = ModelSet(target=target, drafts={"d": CausalLM(tiny_llama(2, vocab), "draft")},
+    models = ModelSet(target=CausalLM(target_model, "target"),
+                      drafts={"d": CausalLM(tiny_llama(2, SAMPLED_VOCAB), "draft")},
                       artifacts={"head": CausalLM(head, "eagle-head")})
+    check_rows_sample_their_target_distribution(models, name, params)
+
+
+SAMPLED_VOCAB = 4  # the sampling checks' vocabulary: 4 ** 3 joint outcomes of 3 tokens
+
+
+def check_rows_sample_their_target_distribution(models, name: str, params: dict, draws: int = 300) -> None:
+    """Rows of two different prompts (one padded under the other) each sample the target's joint law of their
+    first three tokens, through the batched caches, masking and acceptance (Pearson's test, p > 0.001); the test
+    tells a row that read the other row's prompt. ``models.target`` has ``SAMPLED_VOCAB`` tokens."""
+    from tests.test_speculative import exact_joint, total_variation
+
+    length = 3
     prompts = [[1, 3, 2], [2, 1, 3, 1, 3], [1, 3, 2], [2, 1, 3, 1, 3]]
-    truths = [exact_joint(target, prompt, vocab, length).flatten() for prompt in prompts[:2]]
+    truths = [exact_joint(models.target, prompt, SAMPLED_VOCAB, length).flatten() for prompt in prompts[:2]]
     strategy = build(name, params, models)
     generator = torch.Generator().manual_seed(99)
-    counts = [torch.zeros((vocab,) * length) for _ in range(2)]
-    for _ in range(300):
+    counts = [torch.zeros((SAMPLED_VOCAB,) * length) for _ in range(2)]
+    for _ in range(draws):
         batch = strategy.generate_batch(prompts, length, Sampling(temperature=1.0, generator=generator))
         for row, trace in enumerate(batch.rows):
             counts[row % 2][tuple(trace.tokens)] += 1
     for count, truth in zip(counts, truths):
         assert chi_square_p_value(count.flatten(), truth) > 1e-3
-        # the test tells a row that read the other row's prompt
         assert chi_square_p_value(count.flatten(), truths[1] if truth is truths[0] else truths[0]) < 1e-6
     assert total_variation(truths[0], truths[1]) > 0.2
 

@@ -158,3 +158,40 @@ def test_greedy_eagle3_equals_autoregressive(trained_eagle3, zoo_models, zoo_pro
         got = strategy.generate(ids, 40, Sampling())
         assert got.tokens == baseline.generate(ids, 40, Sampling()).tokens
         assert got.drafted > 0
+
+
+BATCHED_TREES = [{"total_tokens": 8, "depth": 4, "top_k": 2}, {"total_tokens": 12, "depth": 3, "top_k": 3}]
+
+
+@pytest.mark.parametrize("params", BATCHED_TREES)
+def test_greedy_rows_at_batch_4_equal_the_batch_1_baseline(trained_eagle3, zoo_models, zoo_prompts, params):
+    from dataclasses import replace
+
+    from tests.test_batching import check_greedy_rows_equal_batch_1, ragged
+
+    head, _ = trained_eagle3
+    models = replace(zoo_models[0], artifacts={**zoo_models[0].artifacts, "head3": head})
+    check_greedy_rows_equal_batch_1(models, ragged(zoo_prompts), "eagle3", {"head": "head3", **params})
+
+
+def test_batched_rows_stop_at_their_own_eos(trained_eagle3, zoo_models, zoo_prompts):
+    from dataclasses import replace
+
+    from tests.test_batching import check_rows_stop_at_their_own_eos, ragged
+
+    head, _ = trained_eagle3
+    models = replace(zoo_models[0], artifacts={**zoo_models[0].artifacts, "head3": head})
+    check_rows_stop_at_their_own_eos(models, ragged(zoo_prompts), "eagle3", {"head": "head3", **BATCHED_TREES[0]})
+
+
+def test_sampling_at_batch_4_keeps_each_rows_target_distribution():
+    from harness.core.lm import CausalLM
+    from strategies import ModelSet
+    from tests.test_batching import SAMPLED_VOCAB, check_rows_sample_their_target_distribution
+    from tests.test_speculative import tiny_llama
+
+    target_model = tiny_llama(1, SAMPLED_VOCAB)
+    models = ModelSet(target=CausalLM(target_model, "target"),
+                      artifacts={"head3": CausalLM(random_head(target_model, seed=3), "eagle3-head")})
+    check_rows_sample_their_target_distribution(models, "eagle3", {"head": "head3", "total_tokens": 4, "depth": 2,
+                                                                   "top_k": 2})

@@ -96,23 +96,13 @@ def test_greedy_lookahead_equals_autoregressive(zoo_models, zoo_prompts, params)
 def test_sampling_keeps_the_target_distribution():
     from harness.core.lm import CausalLM
     from strategies import ModelSet
-    from tests.test_speculative import exact_joint, tiny_llama, total_variation
+    from tests.test_speculative import check_sampling_keeps_the_joint_law, tiny_llama
 
-    vocab, length = 4, 3
-    target = CausalLM(tiny_llama(1, vocab), "target")
+    target = CausalLM(tiny_llama(1, 4), "target")
     prompt = [0, 1, 3, 2, 1, 3, 0, 2, 2, 1, 0, 3]
-    truth = exact_joint(target, prompt, vocab, length).flatten()
     params = {"pool_from_prompt": True, "window_size": 2, "ngram_size": 3}
-    strategy = build("lookahead", params, ModelSet(target=target))
-    generator = torch.Generator().manual_seed(5)
-    counts = torch.zeros((vocab,) * length)
-    runs, drafted = 2000, 0
-    for _ in range(runs):
-        trace = strategy.generate(prompt, length, Sampling(temperature=1.0, generator=generator))
-        counts[tuple(trace.tokens)] += 1
-        drafted += trace.drafted
-    assert drafted >= runs
-    assert total_variation(counts.flatten() / runs, truth) < 0.06
+    check_sampling_keeps_the_joint_law(build("lookahead", params, ModelSet(target=target)), target, prompt, runs=2000,
+                                       seed=5)
 
 
 def test_lookahead_cannot_batch_and_says_so(tmp_path, capsys):

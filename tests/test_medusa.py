@@ -132,25 +132,56 @@ def test_greedy_medusa_equals_autoregressive(trained_heads, zoo_models, zoo_prom
 def test_sampling_keeps_the_target_distribution(tmp_path):
     from harness.core.lm import CausalLM
     from strategies import ModelSet
-    from tests.test_speculative import exact_joint, tiny_llama, total_variation
+    from tests.test_speculative import check_sampling_keeps_the_joint_law, tiny_llama
 
-    vocab, length = 4, 3
-    target_model = tiny_llama(1, vocab)
+    target_model = tiny_llama(1, 4)
     target = CausalLM(target_model, "target")
-    heads = random_heads(hidden=int(target_model.config.hidden_size), vocab=vocab, num_heads=2, num_layers=1, seed=8)
+    heads = random_heads(hidden=int(target_model.config.hidden_size), vocab=4, num_heads=2, num_layers=1, seed=8)
     save_heads(heads, tmp_path)
-    prompt = [0, 1, 3, 2, 1]
-    truth = exact_joint(target, prompt, vocab, length).flatten()
     strategy = build("medusa", {"heads_dir": str(tmp_path), "total_tokens": 5, "top_k": 2}, ModelSet(target=target))
-    generator = torch.Generator().manual_seed(11)
-    counts = torch.zeros((vocab,) * length)
-    runs, drafted = 2000, 0
-    for _ in range(runs):
-        trace = strategy.generate(prompt, length, Sampling(temperature=1.0, generator=generator))
-        counts[tuple(trace.tokens)] += 1
-        drafted += trace.drafted
-    assert drafted >= runs
-    assert total_variation(counts.flatten() / runs, truth) < 0.06
+    check_sampling_keeps_the_joint_law(strategy, target, [0, 1, 3, 2, 1], runs=2000, seed=11)
+
+
+BATCHED_TREES = [{}, {"choices": [[0], [1], [0, 0], [0, 0, 0]]}]
+
+
+@pytest.mark.parametrize("params", BATCHED_TREES, ids=["default", "choices"])
+def test_greedy_rows_at_batch_4_equal_the_batch_1_baseline(trained_heads, zoo_models, zoo_prompts, params):
+    from dataclasses import replace
+
+    from tests.test_batching import check_greedy_rows_equal_batch_1, ragged
+
+    heads, _, _ = trained_heads
+    models = replace(zoo_models[0], artifacts={**zoo_models[0].artifacts, "medusa": heads})
+    check_greedy_rows_equal_batch_1(models, ragged(zoo_prompts), "medusa", {"heads": "medusa", **params})
+
+
+def test_batched_rows_stop_at_their_own_eos_and_the_heads_read_all_rows_at_once(trained_heads, zoo_models,
+                                                                                 zoo_prompts):
+    from dataclasses import replace
+
+    from tests.test_batching import check_rows_stop_at_their_own_eos, ragged
+
+    heads, _, _ = trained_heads
+    models = replace(zoo_models[0], artifacts={**zoo_models[0].artifacts, "medusa": heads})
+    check_rows_stop_at_their_own_eos(models, ragged(zoo_prompts), "medusa", {"heads": "medusa"})
+    batch = build("medusa", {"heads": "medusa"}, models).generate_batch(ragged(zoo_prompts), 30, Sampling())
+    steps = max(len(row.steps) for row in batch.rows)
+    assert batch.forward["heads"]["calls"] <= steps - 1 < sum(len(row.steps) - 1 for row in batch.rows)
+
+
+def test_sampling_at_batch_4_keeps_each_rows_target_distribution(tmp_path):
+    from harness.core.lm import CausalLM
+    from strategies import ModelSet
+    from tests.test_batching import SAMPLED_VOCAB, check_rows_sample_their_target_distribution
+    from tests.test_speculative import tiny_llama
+
+    target_model = tiny_llama(1, SAMPLED_VOCAB)
+    heads = random_heads(hidden=int(target_model.config.hidden_size), vocab=SAMPLED_VOCAB, num_heads=2, num_layers=1,
+                         seed=8)
+    save_heads(heads, tmp_path)
+    check_rows_sample_their_target_distribution(ModelSet(target=CausalLM(target_model, "target")), "medusa",
+                                                {"heads_dir": str(tmp_path), "total_tokens": 5, "top_k": 2})
 
 
 def test_bad_medusa_params_are_one_line_errors(tmp_path, capsys):

@@ -107,23 +107,16 @@ def test_sampling_keeps_the_target_distribution(params):
     from harness.core.lm import CausalLM
     from strategies import ModelSet
     from tests.test_batching import chi_square_p_value
-    from tests.test_speculative import exact_joint, tiny_llama, total_variation
+    from tests.test_speculative import check_sampling_keeps_the_joint_law, exact_joint, tiny_llama
 
     vocab, length = 4, 3
     target = CausalLM(tiny_llama(1, vocab), "target")
     models = ModelSet(target=target)
     prompt = [0, 1, 3, 2, 1, 3, 0, 2, 2, 1]  # every token occurs with continuations: each run drafts
-    truth = exact_joint(target, prompt, vocab, length).flatten()
     strategy = build("suffix", {"max_spec_factor": 2.0, **params}, models)
-    generator = torch.Generator().manual_seed(77)
-    counts = torch.zeros((vocab,) * length)
-    runs, drafted = 2000, 0
-    for _ in range(runs):
-        trace = strategy.generate(prompt, length, Sampling(temperature=1.0, generator=generator))
-        counts[tuple(trace.tokens)] += 1
-        drafted += trace.drafted
-    assert drafted >= runs
-    assert total_variation(counts.flatten() / runs, truth) < 0.06
+    check_sampling_keeps_the_joint_law(strategy, target, prompt, runs=2000, seed=77)
+    truth = exact_joint(target, prompt, vocab, length).flatten()
+    generator = torch.Generator().manual_seed(78)
     batch_counts = torch.zeros((vocab,) * length)
     for _ in range(150):
         batch = strategy.generate_batch([prompt[:7], prompt, prompt[:7], prompt],

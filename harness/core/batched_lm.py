@@ -34,7 +34,8 @@ from typing import Any, Callable
 
 import torch
 
-from harness.core.lm import CausalLM, ForwardStats, additive_mask, cache_argument, synchronize
+from harness.core.lm import (CausalLM, ForwardStats, HiddenStates, additive_mask, cache_argument, select_hidden,
+                             synchronize)
 from harness.core.tree import ancestor_mask, node_depths
 
 
@@ -165,10 +166,11 @@ class BatchedCausalLM:
     # ------------------------------------------------------------------ forward passes
 
     @torch.inference_mode()
-    def prefill(self, rows: list[list[int]], output_hidden_states: bool = False,
+    def prefill(self, rows: list[list[int]], output_hidden_states: HiddenStates = False,
                 extra_inputs: ExtraInputs | None = None) -> BatchPrefill:
         """Start a batch with the prompts ``rows`` (each non-empty); return the logits after each, and each row's
-        hidden states when asked for. ``extra_inputs`` hold one ``[len(row), ...]`` tensor per row."""
+        hidden states when asked for (the last layer's, or named layers' concatenated, as ``CausalLM`` gives them).
+        ``extra_inputs`` hold one ``[len(row), ...]`` tensor per row."""
         from transformers import DynamicCache
 
         if not rows or any(not row for row in rows):
@@ -197,7 +199,7 @@ class BatchedCausalLM:
         return BatchPrefill(last_logits=self.last_logits, hidden_states=hidden)
 
     @torch.inference_mode()
-    def extend(self, rows: list[list[int]], output_hidden_states: bool = False,
+    def extend(self, rows: list[list[int]], output_hidden_states: HiddenStates = False,
                extra_inputs: ExtraInputs | None = None, parents: list[list[int] | None] | None = None,
                attend: list[list[list[int]]] | None = None, depths: list[list[int]] | None = None,
                commit: bool = True) -> BatchStep:
@@ -302,7 +304,7 @@ class BatchedCausalLM:
         self.block = (self.slots, 0)  # the last block's slots moved: nothing is left for keep_block
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, prefill: bool,
-                 output_hidden_states: bool = False, last_only: bool = False,
+                 output_hidden_states: HiddenStates = False, last_only: bool = False,
                  counts: list[int] | None = None, tokens: int = 0,
                  extras: dict[str, torch.Tensor] | None = None) -> BatchStep:
         inputs = {"input_ids": ids.to(self.device), "position_ids": positions.to(self.device),
@@ -312,10 +314,10 @@ class BatchedCausalLM:
             inputs["logits_to_keep"] = 1
         synchronize(self.device)
         started = self.clock()
-        out = self.model(output_hidden_states=output_hidden_states, **inputs, **{self.cache_argument: self.cache})
+        out = self.model(output_hidden_states=bool(output_hidden_states), **inputs, **{self.cache_argument: self.cache})
         synchronize(self.device)
         self.stats.count(prefill, self.clock() - started, int(sum(counts)) if counts is not None else tokens)
         counts = counts if counts is not None else [int(ids.shape[1])] * int(ids.shape[0])
-        hidden = out.hidden_states[-1] if output_hidden_states else None
+        hidden = select_hidden(out.hidden_states, output_hidden_states) if output_hidden_states else None
         logits = out.logits[:, -1:] if last_only else out.logits
         return BatchStep(logits=logits.float(), counts=counts, hidden_states=hidden)

@@ -6,7 +6,10 @@ position, rebuilt after each verification from the target's real features of the
 level is one head pass. What changes is what the target hands over: every prefill and verification returns the
 concatenated hidden states entering layers 2, L // 2 and L - 3 (``feature_layers``), which the head's ``fc``
 projects; deeper nodes carry the head's own h. The tree is verified by the shared tree verifier, so greedy output
-equals the target's and sampling keeps its distribution. Batch size 1 only.
+equals the target's and sampling keeps its distribution.
+
+At batch size B > 1 the batched tree proposer of EAGLE-2 (``BatchedTreeHeadProposer``) drafts every row's level in
+one head pass over a batched cache, with the batched target handing over the same fused features.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.core.batched_lm import BatchedCausalLM
 from harness.core.lm import CausalLM
+from strategies.batched_engine import BatchCapable, BatchProposer
 from strategies.eagle3_head import feature_layers, load_eagle3_lm
 from strategies.engine import Proposer, ProposerStrategy
-from strategies.methods.eagle import Eagle2Params, TreeHeadProposer
+from strategies.methods.eagle import BatchedTreeHeadProposer, Eagle2Params, TreeHeadProposer
 from strategies.registry import register
 
 
@@ -38,8 +43,16 @@ class Eagle3TreeProposer(TreeHeadProposer):
         self.needs_hidden_states = layers
 
 
+class BatchedEagle3TreeProposer(BatchedTreeHeadProposer):
+    """EAGLE-2's batched tree proposer over an EAGLE-3 head, asking the batched target for its fused features."""
+
+    def __init__(self, head: BatchedCausalLM, params: Eagle3Params, layers: tuple[int, ...]) -> None:
+        super().__init__(head, params)
+        self.needs_hidden_states = layers
+
+
 @register("eagle3")
-class Eagle3(ProposerStrategy):
+class Eagle3(ProposerStrategy, BatchCapable):
     """EAGLE-3: fused multi-layer features, a head trained with training-time test, EAGLE-2's dynamic tree."""
 
     Params = Eagle3Params
@@ -51,6 +64,12 @@ class Eagle3(ProposerStrategy):
             return self.models.artifact(self.params.head)
         return load_eagle3_lm(Path(self.params.head_dir).expanduser(), self.models.target)
 
+    def feature_layers(self) -> tuple[int, ...]:
+        """The target's layers whose entering states the head reads, fused."""
+        return feature_layers(int(self.models.target.model.config.num_hidden_layers))
+
     def proposer(self) -> Proposer:
-        layers = feature_layers(int(self.models.target.model.config.num_hidden_layers))
-        return Eagle3TreeProposer(self.head, self.params, layers)
+        return Eagle3TreeProposer(self.head, self.params, self.feature_layers())
+
+    def batch_proposer(self) -> BatchProposer:
+        return BatchedEagle3TreeProposer(BatchedCausalLM.of(self.head), self.params, self.feature_layers())

@@ -11,7 +11,10 @@ Published heads without measured accuracies fall back to a prior of 1 / (r + 1) 
 
 Verification is the shared tree verifier (``strategies.verification.verify_tree``): greedy output equals the
 target's, and sampling keeps its distribution (a node's children are distinct tokens chosen deterministically).
-Medusa's typical acceptance, which is lossy, is not offered. Batch size 1 only.
+Medusa's typical acceptance, which is lossy, is not offered.
+
+At batch size B > 1 the heads read every row's last hidden state in one pass and each row gets the same tree of
+its own candidates; the batched target verifies every row's tree in one pass (``strategies.batched_engine``).
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from typing import Any
 
 import torch
 
+from harness.core.batched_lm import BatchPrefill
 from harness.core.errors import ConfigError
 from harness.core.lm import CausalLM, ForwardStats, StepOutput
 from strategies.base import StrategyParams
+from strategies.batched_engine import BatchCapable, BatchProposer
 from strategies.engine import Proposer, ProposerStrategy
 from strategies.medusa_heads import MedusaHeads, load_heads
 from strategies.registry import register
@@ -102,14 +107,37 @@ class MedusaHeadsLM:
 
     @torch.inference_mode()
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[num_heads, ..., vocab]`` of the heads on ``hidden`` (``[hidden]``, or ``[rows, hidden]``)."""
         started = time.perf_counter()
         logits = self.heads(hidden.to(self.heads.heads[0][-1].weight.dtype)).float()
-        self.stats.count(False, time.perf_counter() - started, 1)
+        self.stats.count(False, time.perf_counter() - started, hidden.shape[0] if hidden.dim() > 1 else 1)
         return logits
 
     def reset_stats(self) -> ForwardStats:
         stats, self.stats = self.stats, ForwardStats()
         return stats
+
+
+def candidate_tree(root: int, logits: torch.Tensor | None, choices: list[tuple[int, ...]], budget: int) -> Proposal:
+    """The tree ``choices`` over the heads' ranked tokens (``logits``: ``[depth, vocab]``, head k's at row k) after
+    ``root``, its paths no deeper than ``budget``; scored by cumulative head log-probability."""
+    tokens, parents, scores = [root], [-1], [0.0]
+    if budget <= 0 or logits is None:
+        return Proposal(tokens, parents=parents, scores=scores)
+    top = max(rank for path in choices for rank in path) + 1
+    values, ranked = torch.log_softmax(logits, dim=-1).topk(top, dim=-1)
+    values, ranked = values.tolist(), ranked.tolist()
+    index = {(): 0}
+    for path in choices:
+        depth = len(path)
+        if depth > budget:
+            continue
+        parent = index[path[:-1]]
+        index[path] = len(tokens)
+        tokens.append(ranked[depth - 1][path[-1]])
+        parents.append(parent)
+        scores.append(scores[parent] + values[depth - 1][path[-1]])
+    return Proposal(tokens, parents=parents, scores=scores)
 
 
 class MedusaProposer(Proposer):
@@ -120,7 +148,6 @@ class MedusaProposer(Proposer):
 
     def __init__(self, heads: MedusaHeadsLM, choices: list[tuple[int, ...]]) -> None:
         self.heads, self.choices = heads, choices
-        self.top = max(rank for path in choices for rank in path) + 1
         self.depth = max(len(path) for path in choices)
         self.hidden: torch.Tensor | None = None  # the target's last hidden state before the root
 
@@ -128,23 +155,8 @@ class MedusaProposer(Proposer):
         self.hidden = prefill.hidden_states[-1]
 
     def propose(self, sequence: list[int], budget: int, sampling: Sampling) -> Proposal:
-        tokens, parents, scores = [sequence[-1]], [-1], [0.0]
-        if budget <= 0:
-            return Proposal(tokens, parents=parents, scores=scores)
-        log_probs = torch.log_softmax(self.heads(self.hidden)[: self.depth], dim=-1)
-        values, ranked = log_probs.topk(self.top, dim=-1)
-        values, ranked = values.tolist(), ranked.tolist()
-        index = {(): 0}
-        for path in self.choices:
-            depth = len(path)
-            if depth > budget:
-                continue
-            parent = index[path[:-1]]
-            index[path] = len(tokens)
-            tokens.append(ranked[depth - 1][path[-1]])
-            parents.append(parent)
-            scores.append(scores[parent] + values[depth - 1][path[-1]])
-        return Proposal(tokens, parents=parents, scores=scores)
+        logits = self.heads(self.hidden)[: self.depth] if budget > 0 else None
+        return candidate_tree(sequence[-1], logits, self.choices, budget)
 
     def observe(self, sequence: list[int], verification: Verification) -> None:
         self.hidden = verification.hidden_states[-1]
@@ -156,8 +168,50 @@ class MedusaProposer(Proposer):
         return {"tree": True}
 
 
+class BatchedMedusaProposer(BatchProposer):
+    """``MedusaProposer`` for a batch: the heads read every row's last hidden state in one pass.
+
+    The first step drafts nothing: each row's first token is the target's own pick after its prompt, and the
+    prompt's last hidden state stays the one before that token, the next step's root.
+    """
+
+    needs_hidden_states = True
+
+    def __init__(self, heads: MedusaHeadsLM, choices: list[tuple[int, ...]]) -> None:
+        self.heads, self.choices = heads, choices
+        self.depth = max(len(path) for path in choices)
+        self.hidden: torch.Tensor | None = None  # [batch, hidden]: each row's target hidden state before its root
+        self.started = False
+
+    def begin(self, prompts: list[list[int]], prefill: BatchPrefill) -> None:
+        self.hidden = torch.stack([states[-1] for states in prefill.hidden_states])
+        self.started = False
+
+    def propose(self, sequences: list[list[int]], budgets: list[int], sampling: Sampling) -> list[Proposal]:
+        if not self.started:
+            return [Proposal([]) for _ in sequences]  # the first token comes from the target's prefill
+        logits = self.heads(self.hidden)[: self.depth] if any(budget > 0 for budget in budgets) else None
+        return [candidate_tree(sequence[-1], None if logits is None else logits[:, row], self.choices, budget)
+                for row, (sequence, budget) in enumerate(zip(sequences, budgets))]
+
+    def observe(self, sequences: list[list[int]], verifications: list[Verification | None]) -> None:
+        if not self.started:
+            self.started = True
+            return
+        self.hidden = self.hidden.clone()
+        for row, verification in enumerate(verifications):
+            if verification is not None:
+                self.hidden[row] = verification.hidden_states[-1]
+
+    def models(self) -> dict[str, Any]:
+        return {"heads": self.heads}
+
+    def extras(self) -> dict[str, Any]:
+        return {"tree": True}
+
+
 @register("medusa")
-class Medusa(ProposerStrategy):
+class Medusa(ProposerStrategy, BatchCapable):
     """Medusa-1: K heads on the target's last hidden state, a fixed sparse candidate tree verified in one pass."""
 
     Params = MedusaParams
@@ -170,7 +224,8 @@ class Medusa(ProposerStrategy):
         target: CausalLM = self.models.target
         return load_heads(Path(self.params.heads_dir).expanduser(), target.device)
 
-    def proposer(self) -> Proposer:
+    def choices(self) -> list[tuple[int, ...]]:
+        """The candidate tree's paths of ranks: the given ``choices``, or the sparse tree from the heads' accuracies."""
         heads = self.heads
         choices = [tuple(path) for path in self.params.choices]
         if not choices:
@@ -180,4 +235,10 @@ class Medusa(ProposerStrategy):
         if max(len(path) for path in choices) > heads.num_heads:
             raise ConfigError("strategies.medusa.choices", f"a path is deeper than the {heads.num_heads} heads",
                               "keep every path at most as long as the number of heads")
-        return MedusaProposer(MedusaHeadsLM(heads), choices)
+        return choices
+
+    def proposer(self) -> Proposer:
+        return MedusaProposer(MedusaHeadsLM(self.heads), self.choices())
+
+    def batch_proposer(self) -> BatchProposer:
+        return BatchedMedusaProposer(MedusaHeadsLM(self.heads), self.choices())
