@@ -118,15 +118,23 @@ class MedusaHeadsLM:
         return stats
 
 
-def candidate_tree(root: int, logits: torch.Tensor | None, choices: list[tuple[int, ...]], budget: int) -> Proposal:
-    """The tree ``choices`` over the heads' ranked tokens (``logits``: ``[depth, vocab]``, head k's at row k) after
-    ``root``, its paths no deeper than ``budget``; scored by cumulative head log-probability."""
-    tokens, parents, scores = [root], [-1], [0.0]
-    if budget <= 0 or logits is None:
-        return Proposal(tokens, parents=parents, scores=scores)
-    top = max(rank for path in choices for rank in path) + 1
+Ranking = tuple[list[list[float]], list[list[int]]]  # per head: log-probabilities and ids of its top tokens
+
+
+def rank_candidates(logits: torch.Tensor, top: int) -> tuple[list, list]:
+    """Each head's ``top`` tokens and their log-probabilities, as lists shaped like ``logits`` without its last axis
+    (``[depth, vocab]`` for one row, ``[depth, rows, vocab]`` for a batch), plus a last axis of ``top``."""
     values, ranked = torch.log_softmax(logits, dim=-1).topk(top, dim=-1)
-    values, ranked = values.tolist(), ranked.tolist()
+    return values.tolist(), ranked.tolist()
+
+
+def candidate_tree(root: int, ranking: Ranking | None, choices: list[tuple[int, ...]], budget: int) -> Proposal:
+    """The tree ``choices`` over the heads' ranked tokens (``ranking``: head k's at row k) after ``root``, its
+    paths no deeper than ``budget``; scored by cumulative head log-probability. Without a ranking, the root alone."""
+    tokens, parents, scores = [root], [-1], [0.0]
+    if ranking is None:
+        return Proposal(tokens, parents=parents, scores=scores)
+    values, ranked = ranking
     index = {(): 0}
     for path in choices:
         depth = len(path)
@@ -148,6 +156,7 @@ class MedusaProposer(Proposer):
 
     def __init__(self, heads: MedusaHeadsLM, choices: list[tuple[int, ...]]) -> None:
         self.heads, self.choices = heads, choices
+        self.top = max(rank for path in choices for rank in path) + 1
         self.depth = max(len(path) for path in choices)
         self.hidden: torch.Tensor | None = None  # the target's last hidden state before the root
 
@@ -155,8 +164,8 @@ class MedusaProposer(Proposer):
         self.hidden = prefill.hidden_states[-1]
 
     def propose(self, sequence: list[int], budget: int, sampling: Sampling) -> Proposal:
-        logits = self.heads(self.hidden)[: self.depth] if budget > 0 else None
-        return candidate_tree(sequence[-1], logits, self.choices, budget)
+        ranking = rank_candidates(self.heads(self.hidden)[: self.depth], self.top) if budget > 0 else None
+        return candidate_tree(sequence[-1], ranking, self.choices, budget)
 
     def observe(self, sequence: list[int], verification: Verification) -> None:
         self.hidden = verification.hidden_states[-1]
@@ -179,6 +188,7 @@ class BatchedMedusaProposer(BatchProposer):
 
     def __init__(self, heads: MedusaHeadsLM, choices: list[tuple[int, ...]]) -> None:
         self.heads, self.choices = heads, choices
+        self.top = max(rank for path in choices for rank in path) + 1
         self.depth = max(len(path) for path in choices)
         self.hidden: torch.Tensor | None = None  # [batch, hidden]: each row's target hidden state before its root
         self.started = False
@@ -190,8 +200,11 @@ class BatchedMedusaProposer(BatchProposer):
     def propose(self, sequences: list[list[int]], budgets: list[int], sampling: Sampling) -> list[Proposal]:
         if not self.started:
             return [Proposal([]) for _ in sequences]  # the first token comes from the target's prefill
-        logits = self.heads(self.hidden)[: self.depth] if any(budget > 0 for budget in budgets) else None
-        return [candidate_tree(sequence[-1], None if logits is None else logits[:, row], self.choices, budget)
+        if not any(budget > 0 for budget in budgets):
+            return [candidate_tree(sequence[-1], None, self.choices, 0) for sequence in sequences]
+        values, ranked = rank_candidates(self.heads(self.hidden)[: self.depth], self.top)  # all rows at once
+        return [candidate_tree(sequence[-1], ([head[row] for head in values], [head[row] for head in ranked])
+                               if budget > 0 else None, self.choices, budget)
                 for row, (sequence, budget) in enumerate(zip(sequences, budgets))]
 
     def observe(self, sequences: list[list[int]], verifications: list[Verification | None]) -> None:
