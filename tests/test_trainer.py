@@ -53,6 +53,10 @@ def test_a_setting_that_was_fixed_in_code_enters_the_key_only_when_set_away_from
     spadec = parsed({"kind": "spadec", "head": {"kind": "eagle", "schedule": "warmup_constant"}})
     assert spadec.identity()["head"]["schedule"] == "warmup_constant"
     assert "schedule" not in parsed({"kind": "spadec"}).identity()["head"]
+    # bfloat16 autocast on the CPU was added later: every kind's existing artefacts keep their keys
+    for kind in ("eagle", "eagle3", "medusa", "draft", "router", "alora", "adapters"):
+        assert "cpu_autocast" not in parsed({"kind": kind}).identity(), kind
+        assert parsed({"kind": kind, "cpu_autocast": True}).identity()["cpu_autocast"] is True, kind
 
 
 def test_optimiser_settings_out_of_range_are_refused_naming_each_field():
@@ -63,5 +67,7 @@ def test_optimiser_settings_out_of_range_are_refused_naming_each_field():
                  "warmup_cosine or warmup_constant", "config.grad_clip: must be > 0, got 0",
                  "config.warmup_steps: must be >= 0, got -1"):
         assert line in text
+    with pytest.raises(ConfigError, match=r"config\.cpu_autocast: expected true or false, got 'yes please'"):
+        parsed({"kind": "eagle3", "cpu_autocast": "yes please"})
     with pytest.raises(ConfigError, match=r"config\.weight_decay: must be >= 0"):
         parsed({"kind": "eagle", "weight_decay": -0.1})

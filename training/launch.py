@@ -8,6 +8,11 @@ wraps the model and a ``torch.optim`` optimizer with the DeepSpeed config from
 ``configs/train/`` (ZeRO stage set per job, bf16 on GPU, fp32 on CPU), and
 :func:`report_files` hands rank 0's output files back as a Ray Train
 checkpoint, which the launcher copies into the artefact directory.
+
+A job whose ``launch.checkpoint_every`` is set saves DeepSpeed checkpoints in
+:func:`resume_dir` (beside the artefact's directory and named after it, so
+after the artefact's key); launched again after an interruption, it continues
+from the newest one. The directory is removed once the artefact is written.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class LaunchSettings:
     cpus_per_worker: int = 1
     deepspeed_config: str = ""  # a DeepSpeed JSON file; empty = the built-in ZeRO config below
     zero_stage: int = 1
+    checkpoint_every: int = 0  # save a resumable DeepSpeed checkpoint every N steps (0: never)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str, base_dir: Path) -> "LaunchSettings":
@@ -47,7 +53,7 @@ class LaunchSettings:
         if isinstance(values.get("use_gpu"), bool):
             values["use_gpu"] = "true" if values["use_gpu"] else "false"
         settings = cls(**values)
-        for name, low in (("num_workers", 1), ("cpus_per_worker", 1)):
+        for name, low in (("num_workers", 1), ("cpus_per_worker", 1), ("checkpoint_every", 0)):
             value = getattr(settings, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{where}.{name}", f"expected an integer >= {low}, got {value!r}")
@@ -98,6 +104,11 @@ def deepspeed_settings(settings: LaunchSettings, micro_batch: int, grad_clip: fl
     return config
 
 
+def resume_dir(out_dir: Path) -> Path:
+    """Where a job building ``out_dir`` keeps its resumable checkpoints."""
+    return out_dir.parent / f".resume-{out_dir.name}"
+
+
 def uses_gpu(settings: LaunchSettings) -> bool:
     """Whether the job's workers take GPUs (``auto``: when the Ray cluster has any)."""
     import ray
@@ -126,8 +137,10 @@ def launch(loop: Callable[[dict[str, Any]], None], config: Any, zoo: Any, name: 
         start_local_ray(os.cpu_count() or 1)
     settings: LaunchSettings = config.launch
     gpu = uses_gpu(settings)
+    resume = resume_dir(out_dir)
     loop_config = {"config": config, "zoo": zoo, **extra, "home": str(specsweep_home()), "gpu": gpu,
-                   "cpus_per_worker": settings.cpus_per_worker,
+                   "cpus_per_worker": settings.cpus_per_worker, "checkpoint_every": settings.checkpoint_every,
+                   "resume_dir": str(resume),
                    "deepspeed": deepspeed_settings(settings, config.batch_size, config.grad_clip, gpu)}
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     storage = specsweep_home() / "ray_train"
@@ -153,6 +166,7 @@ def launch(loop: Callable[[dict[str, Any]], None], config: Any, zoo: Any, name: 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.replace(out_dir)
+    shutil.rmtree(resume, ignore_errors=True)
     metrics = dict(result.metrics or {})
     metrics["train_seconds"] = time.perf_counter() - started
     return metrics

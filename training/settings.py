@@ -110,7 +110,11 @@ def _parse_field(cls: type, name: str, value: Any, path: str, default: Any,
         return value
     if isinstance(default, tuple):
         return string_list(value, path)
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)):
         return read_number(value, type(default), path)
     raise TypeError(f"{cls.__name__}.{name}: no parser for a field with default {default!r}")
 

@@ -19,7 +19,8 @@ trained before keep their keys.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -46,10 +47,12 @@ class OptimSettings(TrainSettings):
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     grad_clip: float = 1.0
+    cpu_autocast: bool = False  # on a CPU worker, forward and loss under bfloat16 autocast (weights stay float32)
     seed: int = 0
     launch: LaunchSettings = field(default_factory=LaunchSettings)
 
-    KEYED_ONLY_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"schedule", "adam_beta1", "adam_beta2"})
+    KEYED_ONLY_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"schedule", "adam_beta1", "adam_beta2",
+                                                               "cpu_autocast"})
 
     def check(self, where: str) -> None:
         """Refuse optimisation settings out of range, naming every field at fault."""
@@ -77,8 +80,10 @@ class OptimSettings(TrainSettings):
         return self.lr * warmup_cosine(step, self.steps, self.warmup_steps)
 
 
-LEGACY_ADAMW = frozenset({"schedule", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "grad_clip"})
-"""The fields a kind trained with torch's AdamW defaults, a constant rate and clipping at 1 fixed in code."""
+LEGACY_ADAMW = frozenset({"schedule", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "grad_clip",
+                          "cpu_autocast"})
+"""The fields a kind trained with torch's AdamW defaults, a constant rate and clipping at 1 fixed in code (and
+float32), which its key hashes only when set away from those."""
 
 
 def warmup_cosine(step: int, steps: int, warmup_steps: int) -> float:
@@ -115,6 +120,7 @@ class Worker:
     rank: int
     world: int
     device: torch.device
+    fits: int = 0
 
     @classmethod
     def start(cls, loop_config: dict[str, Any]) -> "Worker":
@@ -147,31 +153,98 @@ class Worker:
             settings: OptimSettings | None = None, progress: str = "", shown: tuple[str, ...] = ()) -> Fitted:
         """Train ``model``'s trainable parameters for ``settings.steps`` steps (the job's config by default) and
         return it with its evaluations before and after; ``progress`` names the run in ten progress lines of
-        rank 0, which show the stats named in ``shown``."""
+        rank 0, which show the stats named in ``shown``. With ``launch.checkpoint_every`` set, the run saves a
+        checkpoint every that many steps and continues from the newest one it finds. ``cpu_autocast`` runs each
+        step's forward and loss in bfloat16 on a CPU worker (evaluations stay float32); a GPU worker trains in
+        DeepSpeed's bf16 either way."""
         settings = settings or self.config
         trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=settings.lr, betas=(settings.adam_beta1, settings.adam_beta2),
                                       weight_decay=settings.weight_decay)
         engine = deepspeed_engine(model, optimizer, self.loop_config["deepspeed"])
         module = engine.module
-        before = evaluated(module, evaluate)
+        checkpoints = self.next_checkpoints()
+        resumed = checkpoints.load(engine, generator) if checkpoints else None
+        if resumed is None:
+            start, before, losses = 0, evaluated(module, evaluate), []
+        else:
+            start, before, losses = resumed.step, resumed.before, resumed.losses
+            if progress and self.rank == 0:
+                print(f"{progress}: resumed at step {start}/{settings.steps}", flush=True)
         module.train()
-        losses: list[float] = []
-        for step in range(settings.steps):
+        autocast = settings.cpu_autocast and self.device.type == "cpu"
+        for step in range(start, settings.steps):
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr_at(step)
-            value, stats = loss(module, batch(generator), generator)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                value, stats = loss(module, batch(generator), generator)
             engine.backward(value)
             engine.step()
             losses.append(value.item())
             if progress and self.rank == 0 and (step + 1) % max(1, settings.steps // 10) == 0:
                 shown_stats = "".join(f" {name} {stats[name]:.4f}" for name in shown)
                 print(f"{progress} step {step + 1}/{settings.steps}:{shown_stats}", flush=True)
+            if checkpoints and checkpoints.due(step + 1, settings.steps):
+                checkpoints.save(engine, generator, TrainingState(step + 1, before, losses))
         return Fitted(module, before, evaluated(module, evaluate), losses)
+
+    def next_checkpoints(self) -> "Checkpoints | None":
+        """The checkpoints of this worker's next ``fit`` (a job may fit more than once); ``None`` when the job
+        saves none."""
+        every = int(self.loop_config.get("checkpoint_every") or 0)
+        self.fits += 1
+        if not every or not self.loop_config.get("resume_dir"):
+            return None
+        return Checkpoints(Path(self.loop_config["resume_dir"]) / f"fit{self.fits}", every)
 
     def finish(self, metrics: dict[str, Any], write: Callable[[Any], None]) -> None:
         """Report ``metrics``; rank 0 also hands over the files ``write(directory)`` creates."""
         report_files(metrics, write)
+
+
+@dataclass
+class TrainingState:
+    """What a run needs beside the DeepSpeed engine's state to continue: the steps done, the evaluation before
+    training, and the loss history."""
+
+    step: int
+    before: dict[str, float]
+    losses: list[float]
+
+
+@dataclass
+class Checkpoints:
+    """One ``fit``'s resumable checkpoints in ``directory`` (DeepSpeed's layout, its ``latest`` tag), every
+    ``every`` steps. Beside the engine's module and optimizer states they hold the training state and the random
+    states (the batch generator's and torch's), so that a resumed run draws the batches and noise an
+    uninterrupted one would."""
+
+    directory: Path
+    every: int
+
+    def due(self, done: int, steps: int) -> bool:
+        """Whether to save after ``done`` of ``steps`` steps (never after the last: the artefact follows)."""
+        return done % self.every == 0 and done < steps
+
+    def save(self, engine: Any, generator: torch.Generator, state: TrainingState) -> None:
+        """Save the engine and ``state`` as the newest checkpoint (every rank saves its share)."""
+        client = {"training": asdict(state), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        engine.save_checkpoint(str(self.directory), tag=f"step{state.step}", client_state=client)
+
+    def load(self, engine: Any, generator: torch.Generator) -> TrainingState | None:
+        """Restore the engine and the random states from the newest checkpoint and return its training state;
+        ``None`` when there is none."""
+        if not (self.directory / "latest").is_file():
+            return None
+        path, client = engine.load_checkpoint(str(self.directory))
+        if path is None:
+            return None
+        generator.set_state(client["generator"])
+        torch.set_rng_state(client["torch_rng"])
+        if client["cuda_rng"]:
+            torch.cuda.set_rng_state_all(client["cuda_rng"])
+        return TrainingState(**client["training"])
 
 
 def mean_stats(stats: list[dict[str, float]]) -> dict[str, float]:
