@@ -63,6 +63,10 @@ class SuffixTrie:
             self.counts[0] = len(self.text)
             self.open = grown[1:] if len(grown) >= self.max_depth else grown
 
+    def end_document(self) -> None:
+        """End the current document: the next token starts new suffixes instead of extending this document's."""
+        self.open = []
+
     def node(self, pattern: list[int]) -> int | None:
         """The node of ``pattern`` (None when it never occurs or is longer than ``max_depth``)."""
         if len(pattern) > self.max_depth:

@@ -37,6 +37,20 @@ def test_trie_counts_equal_brute_force_occurrences(seed):
         assert trie.count(pattern) == expected, pattern
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_documents_count_only_the_substrings_inside_each_one(seed):
+    """The global tree's outputs are documents of their own: no counted substring spans two."""
+    rng = random.Random(50 + seed)
+    documents = [random_text(rng, rng.randint(3, 25), 3) for _ in range(6)]
+    trie = SuffixTrie(max_depth=5)
+    for document in documents:
+        trie.extend(document)
+        trie.end_document()
+    for _ in range(300):
+        pattern = random_text(rng, rng.randint(1, 5), 3)
+        assert trie.count(pattern) == sum(len(occurrences(document, pattern)) for document in documents), pattern
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_matches_are_the_suffixes_that_occurred_before_with_a_continuation(seed):
     rng = random.Random(100 + seed)
@@ -94,6 +108,39 @@ def test_greedy_suffix_drafting_equals_autoregressive(zoo_models, zoo_prompts, p
     assert drafted > 0
 
 
+def test_the_global_tree_drafts_from_earlier_outputs_and_stays_lossless(zoo_models, zoo_prompts):
+    """Decoding the same prompts again, the global tree holds their outputs: fewer steps, the same tokens."""
+    models, _ = zoo_models
+    baseline = build("autoregressive", {}, models)
+    local_only = build("suffix", {}, models)
+    strategy = build("suffix", {"global_tree": True}, models)
+    first = [strategy.generate(ids, 40, Sampling()) for ids in zoo_prompts]
+    second = [strategy.generate(ids, 40, Sampling()) for ids in zoo_prompts]
+    for ids, before, again in zip(zoo_prompts, first, second):
+        wanted = baseline.generate(ids, 40, Sampling()).tokens
+        assert before.tokens == again.tokens == wanted
+    assert [trace.extras["suffix"]["global_tree_steps"] for trace in first][0] == 0  # nothing decoded before
+    assert sum(trace.extras["suffix"]["global_tree_steps"] for trace in second) > 0
+    assert sum(len(trace.steps) for trace in second) < sum(len(trace.steps) for trace in first)
+    once, twice = ([len(local_only.generate(ids, 40, Sampling()).steps) for ids in zoo_prompts] for _ in range(2))
+    assert once == twice  # without the global tree a strategy remembers nothing between requests
+
+
+def test_batched_rows_share_the_global_tree_of_earlier_batches(zoo_models, zoo_prompts):
+    """At B = 4 the rows read the tree as it was before their batch and join it after: a second batch of the same
+    prompts takes fewer steps, and every row keeps the baseline's tokens."""
+    from tests.test_batching import baseline_tokens
+
+    models, _ = zoo_models
+    prompts = ragged(zoo_prompts)
+    strategy = build("suffix", {"global_tree": True}, models)
+    first, second = (strategy.generate_batch(prompts, 30, Sampling()) for _ in range(2))
+    expected = baseline_tokens(models, prompts)
+    assert [row.tokens for row in first.rows] == [row.tokens for row in second.rows] == expected
+    assert all(row.extras["suffix"]["global_tree_steps"] == 0 for row in first.rows)
+    assert sum(len(row.steps) for row in second.rows) < sum(len(row.steps) for row in first.rows)
+
+
 @pytest.mark.parametrize("params", SETTINGS[:2], ids=["tree", "chain"])
 def test_suffix_rows_at_batch_4_equal_the_batch_1_baseline(zoo_models, zoo_prompts, params):
     models, _ = zoo_models
@@ -101,7 +148,7 @@ def test_suffix_rows_at_batch_4_equal_the_batch_1_baseline(zoo_models, zoo_promp
     check_rows_stop_at_their_own_eos(models, ragged(zoo_prompts), "suffix", params)
 
 
-@pytest.mark.parametrize("params", SETTINGS[:2], ids=["tree", "chain"])
+@pytest.mark.parametrize("params", [*SETTINGS[:2], {"global_tree": True}], ids=["tree", "chain", "global"])
 def test_sampling_keeps_the_target_distribution(params):
     """The joint law of the first three sampled tokens equals the target's, alone and per row at B = 4."""
     from harness.core.lm import CausalLM

@@ -12,22 +12,26 @@ of D, the expected accepted tokens; ties: the longer match) is verified in one t
 The candidates are deterministic and a node's children are distinct tokens, so ``accept_tree``'s rule keeps the
 target's distribution exactly when sampling, and greedy output equals the target's. No training.
 
-Where this differs from SuffixDecoding: its global tree over earlier requests' outputs is not built here (each
-request drafts from its own prompt and output only; cells in a sweep are independent and repeatable).
+``global_tree: true`` adds SuffixDecoding's global tree: a second trie over the outputs of the requests this
+cell decoded before (its warm-up prompts included; each output a document of its own, so no suffix spans two).
+Each step speculates from both tries and keeps the higher-scoring tree (ties: the request's own). The global tree
+grows in the order a cell decodes its prompts, so a cell's τ depends on that order and on its shard, and is
+repeatable for both. At batch size > 1 a batch's rows read the tree as it was before the batch and their outputs
+join it after.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from harness.core.batched_lm import BatchPrefill
 from harness.core.errors import ConfigError
 from harness.core.lm import StepOutput
-from strategies.base import StrategyParams
-from strategies.batched_engine import BatchCapable, BatchProposer, RowwiseProposer
+from strategies.base import ModelSet, StrategyParams, Trace
+from strategies.batched_engine import BatchCapable, BatchProposer, BatchTrace, RowwiseProposer
 from strategies.engine import Proposer, ProposerStrategy
 from strategies.registry import register
 from strategies.sampling import Sampling
@@ -39,7 +43,8 @@ from strategies.verification import Proposal, Verification
 class SuffixParams(StrategyParams):
     """``max_depth``: the trie's depth (the longest pattern plus what follows it); ``max_spec_tokens``: the most
     tokens one step drafts; a match of p tokens drafts at most ``max_spec_factor * p + max_spec_offset``;
-    ``min_token_prob``: the least estimated acceptance of a drafted node; ``tree``: a tree, or one path."""
+    ``min_token_prob``: the least estimated acceptance of a drafted node; ``tree``: a tree, or one path;
+    ``global_tree``: also draft from the outputs of the cell's earlier requests."""
 
     max_depth: int = 24
     max_spec_tokens: int = 16
@@ -47,6 +52,9 @@ class SuffixParams(StrategyParams):
     max_spec_offset: float = 0.0
     min_token_prob: float = 0.1
     tree: bool = True
+    global_tree: bool = False
+
+    added_later: ClassVar[tuple[str, ...]] = ("global_tree",)
 
     def problems(self, where: str) -> Iterator[ConfigError]:
         if self.max_depth < 2:
@@ -80,20 +88,28 @@ class SuffixProposer(Proposer):
 
     first_token_from_prefill = True  # a tree needs the sequence's last token pending in the target's cache
 
-    def __init__(self, params: SuffixParams) -> None:
+    def __init__(self, params: SuffixParams, outputs: SuffixTrie | None = None) -> None:
         self.params = params
         self.trie = SuffixTrie(params.max_depth)
+        self.outputs = outputs  # the global tree over earlier requests' outputs (read only here)
         self.matched: list[int] = []  # the pattern length behind each step's draft (0: nothing drafted)
+        self.from_outputs = 0  # steps whose draft came from the global tree
 
     def begin(self, prompt_ids: list[int], prefill: StepOutput | None, sequence: list[int]) -> None:
         self.trie = SuffixTrie(self.params.max_depth)
         self.trie.extend(sequence)
         self.matched = []
+        self.from_outputs = 0
 
     def propose(self, sequence: list[int], budget: int, sampling: Sampling) -> Proposal:
         speculation = Speculation()
         if budget > 0:
             speculation = best_speculation(self.trie, sequence, budget, self.params)
+            if self.outputs is not None:
+                earlier = best_speculation(self.outputs, sequence, budget, self.params)
+                if earlier.tokens and earlier.score > speculation.score:
+                    speculation = earlier
+                    self.from_outputs += 1
             self.matched.append(speculation.pattern_length)
         if not self.params.tree:
             return Proposal(speculation.tokens)
@@ -106,16 +122,19 @@ class SuffixProposer(Proposer):
 
     def extras(self) -> dict[str, Any]:
         drafted = [length for length in self.matched if length]
-        return {"suffix": {"drafting_steps": len(drafted), "searched_steps": len(self.matched),
-                           "mean_pattern": sum(drafted) / len(drafted) if drafted else None}}
+        stats = {"drafting_steps": len(drafted), "searched_steps": len(self.matched),
+                 "mean_pattern": sum(drafted) / len(drafted) if drafted else None}
+        if self.outputs is not None:
+            stats["global_tree_steps"] = self.from_outputs
+        return {"suffix": stats}
 
 
 class BatchedSuffixProposer(RowwiseProposer):
     """One ``SuffixProposer`` per row; every row's first token is the target's pick after its prefill (nothing
     drafted), as at batch size 1."""
 
-    def __init__(self, params: SuffixParams) -> None:
-        super().__init__(lambda: SuffixProposer(params))
+    def __init__(self, params: SuffixParams, outputs: SuffixTrie | None = None) -> None:
+        super().__init__(lambda: SuffixProposer(params, outputs))
         self.started = False
 
     def begin(self, prompts: list[list[int]], prefill: BatchPrefill) -> None:
@@ -138,8 +157,31 @@ class SuffixDrafting(ProposerStrategy, BatchCapable):
 
     Params = SuffixParams
 
+    def __init__(self, params: SuffixParams, models: ModelSet) -> None:
+        super().__init__(params, models)
+        self.outputs = SuffixTrie(params.max_depth) if params.global_tree else None
+
     def proposer(self) -> Proposer:
-        return SuffixProposer(self.params)
+        return SuffixProposer(self.params, self.outputs)
 
     def batch_proposer(self) -> BatchProposer:
-        return BatchedSuffixProposer(self.params)
+        return BatchedSuffixProposer(self.params, self.outputs)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Trace:
+        trace = super().generate(prompt_ids, max_new_tokens, sampling)
+        self.remember([trace.tokens])
+        return trace
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
+                       clock: Callable[[], float] | None = None) -> BatchTrace:
+        traces = super().generate_batch(prompts, max_new_tokens, sampling, clock)
+        self.remember([row.tokens for row in traces.rows])
+        return traces
+
+    def remember(self, outputs: list[list[int]]) -> None:
+        """Add finished requests' outputs to the global tree (when there is one), one document each."""
+        if self.outputs is None:
+            return
+        for tokens in outputs:
+            self.outputs.extend(tokens)
+            self.outputs.end_document()
