@@ -26,7 +26,7 @@ TINY_EAGLE3 = {
     "batch_size": 8,
     "lr": 0.003,
     "warmup_steps": 4,
-    "launch": {"num_workers": 1, "cpus_per_worker": 1, "zero_stage": 1},
+    "launch": {"num_workers": 1, "cpus_per_worker": 1, "zero_stage": 1, "checkpoint_every": 15},  # saves at 15, 30
 }
 
 
@@ -142,6 +142,15 @@ def test_training_lowers_the_loss_of_every_unrolled_step(trained_eagle3):
     assert after["loss"] < before["loss"]
     assert after["top1_step0"] > before["top1_step0"]
     assert metrics["feature_layers"] == list(feature_layers(4))
+
+
+def test_a_finished_job_leaves_no_resume_checkpoints(trained_eagle3, tiny_zoo):
+    from harness.core.paths import specsweep_home
+    from training.artifacts import load_train_config
+    from training.launch import resume_dir
+
+    request = load_train_config(TINY_EAGLE3, "eagle3", specsweep_home(), tiny_zoo)
+    assert request.built() and not resume_dir(request.directory).exists()
 
 
 @pytest.mark.parametrize("params", [{"total_tokens": 8, "depth": 4, "top_k": 2}, {"total_tokens": 12, "depth": 3,

@@ -89,6 +89,7 @@ def test_an_interrupted_run_resumes_to_what_an_uninterrupted_run_reaches(process
         worker(tmp_path, 2).fit(model(), draw, loss_failing_at(5), torch.Generator().manual_seed(1),
                                 evaluation([]))
     assert (tmp_path / "fit1" / "latest").read_text().strip() == "step4"
+    assert sorted(path.name for path in (tmp_path / "fit1").glob("step*")) == ["step4"]  # step 2's is dropped
 
     evaluations = []
     resumed = worker(tmp_path, 2).fit(model(), draw, loss_failing_at(None), torch.Generator().manual_seed(1),

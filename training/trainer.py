@@ -19,6 +19,7 @@ trained before keep their keys.
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -227,10 +228,16 @@ class Checkpoints:
         return done % self.every == 0 and done < steps
 
     def save(self, engine: Any, generator: torch.Generator, state: TrainingState) -> None:
-        """Save the engine and ``state`` as the newest checkpoint (every rank saves its share)."""
+        """Save the engine and ``state`` as the newest checkpoint (every rank saves its share), then drop the
+        older ones."""
         client = {"training": asdict(state), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                   "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        engine.save_checkpoint(str(self.directory), tag=f"step{state.step}", client_state=client)
+        tag = f"step{state.step}"
+        engine.save_checkpoint(str(self.directory), tag=tag, client_state=client)  # ends at a barrier
+        if engine.global_rank == 0:
+            for older in self.directory.glob("step*"):
+                if older.name != tag:
+                    shutil.rmtree(older, ignore_errors=True)
 
     def load(self, engine: Any, generator: torch.Generator) -> TrainingState | None:
         """Restore the engine and the random states from the newest checkpoint and return its training state;
