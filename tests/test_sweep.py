@@ -31,6 +31,27 @@ def test_a_local_ray_runs_its_workers_at_the_drivers_niceness(ray_local):
     assert ray_local.get(ray_local.remote(lambda: os.nice(0)).remote()) == os.nice(0) == 0
 
 
+def test_a_local_ray_never_asks_another_clusters_state_api(ray_local):
+    """Ray Train's placement-group cleaner asks the State API whether its controller lives; on a machine where a
+    later cluster has a dashboard, an unaddressed query reads that cluster and killed our training jobs."""
+    import os
+
+    from harness.core.local_ray import STATE_API_NOWHERE, STATE_API_VARIABLE
+
+    def ask() -> tuple[str | None, str]:
+        from ray.util.state import get_actor
+        from ray.util.state.exception import RayStateApiException
+
+        try:
+            get_actor("ff" * 16, timeout=2)
+        except RayStateApiException:
+            return os.environ.get(STATE_API_VARIABLE), "refused"
+        return os.environ.get(STATE_API_VARIABLE), "answered"
+
+    assert ray_local.get(ray_local.remote(ask).remote()) == (STATE_API_NOWHERE, "refused")
+    assert os.environ.get(STATE_API_VARIABLE) != STATE_API_NOWHERE  # the driver's own environment is untouched
+
+
 def test_two_cell_sweep_through_ray(tmp_path, tiny_zoo, ray_local, capsys):
     path = write_sweep(tmp_path / "sweep.yaml")
     results = tmp_path / "results"
