@@ -139,7 +139,7 @@ def verify_chain(target: CausalLM, sequence: list[int], proposal: Proposal, samp
     before = target.last_logits  # the distribution after the cached sequence (extend replaces it)
     hidden = None
     if not pending and not drafted:
-        p_rows = sampling.probs(before[None])
+        logits = before[None]
     else:
         out = target.extend(pending + drafted, output_hidden_states=hidden_states)
         if pending:
@@ -150,14 +150,20 @@ def verify_chain(target: CausalLM, sequence: list[int], proposal: Proposal, samp
             if hidden_states:
                 raise ValueError("verify_chain: hidden states need the sequence's last token pending in the cache")
             logits = torch.cat([before[None], out.logits])
-        p_rows = sampling.probs(logits)
-    if drafted:
-        q_rows = proposal.q
-        if q_rows is None and not sampling.greedy:  # a deterministic draft's distribution is one-hot
-            q_rows = torch.nn.functional.one_hot(torch.tensor(drafted, device=target.device), target.vocab_size).float()
-        accepted, following = accept_chain(p_rows, q_rows, drafted, sampling)
+    if sampling.greedy:  # accept_chain's greedy rule on the logits themselves: one argmax, one transfer
+        best = logits.argmax(-1).tolist()
+        accepted = next((index for index, token in enumerate(drafted) if token != best[index]), len(drafted))
+        following = best[accepted]
     else:
-        accepted, following = 0, sampling.choose(p_rows[-1])
+        p_rows = sampling.probs(logits)
+        if drafted:
+            q_rows = proposal.q
+            if q_rows is None:  # a deterministic draft's distribution is one-hot
+                q_rows = torch.nn.functional.one_hot(torch.tensor(drafted, device=target.device),
+                                                     target.vocab_size).float()
+            accepted, following = accept_chain(p_rows, q_rows, drafted, sampling)
+        else:
+            accepted, following = 0, sampling.choose(p_rows[-1])
     target.crop(len(sequence) + accepted)
     return Verification(accepted=accepted, tokens=drafted[:accepted] + [following],
                         hidden_states=None if hidden is None else hidden[: accepted + 1])

@@ -152,6 +152,8 @@ class ChainHeadProposer(HeadProposer):
         count = min(self.gamma, budget)
         drafted, q_rows = [], []
         logits, feature = self.state.logits, self.state.feature
+        if sampling.greedy and count:
+            return Proposal(self.greedy(logits, feature, count))
         for index in range(count):
             q = sampling.probs(logits)
             token = sampling.choose(q)
@@ -161,6 +163,15 @@ class ChainHeadProposer(HeadProposer):
                 out = self.head.extend([token], output_hidden_states=True, extra_inputs={"features": feature[None]})
                 logits, feature = out.logits[-1], out.hidden_states[-1]
         return Proposal(drafted, q=torch.stack(q_rows) if q_rows else None)
+
+    def greedy(self, logits: torch.Tensor, feature: torch.Tensor, count: int) -> list[int]:
+        """``count`` greedy head steps with every argmax kept on the device (one transfer for the draft)."""
+        chosen = [logits.argmax(-1, keepdim=True)]
+        while len(chosen) < count:
+            out = self.head.extend(chosen[-1], output_hidden_states=True, extra_inputs={"features": feature[None]})
+            logits, feature = out.logits[-1], out.hidden_states[-1]
+            chosen.append(logits.argmax(-1, keepdim=True))
+        return torch.cat(chosen).tolist()
 
 
 @dataclass

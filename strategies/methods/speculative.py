@@ -62,6 +62,8 @@ def draft_tokens(draft: CausalLM, sequence: list[int], count: int, sampling: Sam
     """
     pending = sequence[draft.length:]
     logits = draft.extend(pending).logits[-1] if pending else draft.last_logits
+    if sampling.greedy:
+        return greedy_draft(draft, logits, count), []
     tokens, probs = [], []
     for index in range(count):
         q = sampling.probs(logits)
@@ -71,6 +73,16 @@ def draft_tokens(draft: CausalLM, sequence: list[int], count: int, sampling: Sam
         if index + 1 < count:
             logits = draft.extend([token]).logits[-1]
     return tokens, probs
+
+
+def greedy_draft(draft: CausalLM, logits: torch.Tensor, count: int) -> list[int]:
+    """``count`` greedy tokens of ``draft`` from ``logits`` on: each argmax stays on the device and feeds the next
+    forward, so the draft costs one device-to-host transfer, not one per token (and no distribution: greedy
+    verification reads none)."""
+    chosen = [logits.argmax(-1, keepdim=True)]
+    while len(chosen) < count:
+        chosen.append(draft.extend(chosen[-1]).logits[-1].argmax(-1, keepdim=True))
+    return torch.cat(chosen).tolist()
 
 
 class DraftModelProposer(Proposer):
@@ -96,7 +108,7 @@ class DraftModelProposer(Proposer):
         if count <= 0:
             return Proposal([])
         tokens, probs = draft_tokens(self.draft, sequence, count, sampling)
-        return Proposal(tokens, q=torch.stack(probs))
+        return Proposal(tokens, q=torch.stack(probs) if probs else None)
 
     def observe(self, sequence: list[int], verification: Verification) -> None:
         self.length.observe(self.drafted, verification.accepted)
