@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -199,6 +200,8 @@ def measure_mode(mode: str, target_model, draft_model, head_dir: Path | None, pr
     reference = reference or baseline["outputs"]
     listed = [("baseline", "autoregressive", {})] + strategy_list(mode, args.gammas, args.acceptances,
                                                                    head_dir is not None, device)
+    if args.rows:
+        listed = [row for row in listed if row[0] == "baseline" or re.search(args.rows, row[0])]
     if mode == "peer":  # transformers' compiled generate(), run last: compiling takes the longest
         listed = [("baseline", "autoregressive", {}), ("hf_greedy compile", "hf_greedy", {"compile": True})]
     for label, name, params in listed:
@@ -279,6 +282,7 @@ def main() -> None:
     parser.add_argument("--gammas", type=int, nargs="+", default=[3, 5])
     parser.add_argument("--acceptances", type=float, nargs="*", default=[0.6, 0.9])
     parser.add_argument("--max-width", type=int, default=11, help="target forwards timed at widths 1..this")
+    parser.add_argument("--rows", help="only the rows whose label matches this regular expression (and the baseline)")
     parser.add_argument("--floor", action="store_true", help="also measure the launch/bandwidth floor (CUDA)")
     parser.add_argument("--out", type=Path, help="write every row as JSON here")
     args = parser.parse_args()

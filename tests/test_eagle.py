@@ -279,3 +279,21 @@ def test_spadec_with_the_predictor_on_verifies_one_path_and_stays_exact_on_a_den
         assert tokens == baseline.generate(prompt, 24, Sampling()).tokens
         assert verifier.log.deep_nodes < verifier.log.tree_nodes
         assert len(verifier.log.probabilities) == len(verifier.log.accepted) > 0
+
+
+@pytest.mark.parametrize("name, params", [("eagle", {"head": "head", "gamma": 4}),
+                                          ("eagle2", {"head": "head", "total_tokens": 10, "depth": 4, "top_k": 3})])
+def test_eagle_on_the_static_path_decodes_what_it_decodes_on_the_dynamic_one(trained_models, zoo_prompts, name, params):
+    from harness.core.static_lm import StaticCausalLM
+    from strategies import ModelSet, Sampling, build
+
+    target = StaticCausalLM(trained_models.target.model, "target", capacity=16, graphs=False)
+    head = trained_models.artifact("head")
+    static = ModelSet(target=target, artifacts={"head": StaticCausalLM(head.model, "eagle-head", capacity=16,
+                                                                       graphs=False)})
+    dynamic, compiled = build(name, params, trained_models), build(name, params, static)
+    for prompt in zoo_prompts:
+        expected = dynamic.generate(prompt, 24, Sampling())
+        trace = compiled.generate(prompt, 24, Sampling())
+        assert trace.tokens == expected.tokens
+        assert [(s.drafted, s.accepted) for s in trace.steps] == [(s.drafted, s.accepted) for s in expected.steps]

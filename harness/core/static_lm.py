@@ -139,8 +139,9 @@ class StaticCausalLM(CausalLM):
     CUDA). Decodes exactly what ``CausalLM`` decodes from the same model (the tests check it in float32)."""
 
     def __init__(self, model: torch.nn.Module, name: str, num_parameters: int | None = None,
-                 capacity: int = INITIAL_CAPACITY, graphs: bool | None = None) -> None:
-        super().__init__(model, name, num_parameters=num_parameters)
+                 vocab_subset: list[int] | None = None, capacity: int = INITIAL_CAPACITY,
+                 graphs: bool | None = None) -> None:
+        super().__init__(model, name, num_parameters=num_parameters, vocab_subset=vocab_subset)
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise ValueError(f"{name}: CUDA graphs need a CUDA device, the model is on {self.device}")
@@ -148,6 +149,7 @@ class StaticCausalLM(CausalLM):
         self.state = self._new_state(capacity)
         self.started = False
         self.pending: list[tuple[bool, Any, Any, int]] = []  # (prefill, start event, end event, tokens)
+        self.spare_events: list[tuple[Any, Any]] = []  # event pairs already read, for reuse
         self.captures = 0
 
     # ------------------------------------------------------------------ state
@@ -288,6 +290,11 @@ class StaticCausalLM(CausalLM):
             slots = self.state.slots[:inputs["input_ids"].shape[1]]
             allowed = self.state.columns[None, :] <= slots[:, None]
             arguments.update(position_ids=slots[None], attention_mask=additive_mask(allowed, self.dtype))
+        if self.subset is not None:  # a draft cut to a vocabulary subset: its body, then the subset's rows
+            states = self.subset.body(use_cache=True, **arguments,
+                                      **{self.subset.cache_argument: self.state.cache}).last_hidden_state
+            logits = self.subset.logits(states[0, -1:] if last_logits_only else states[0])
+            return logits, states[0] if hidden else None
         if last_logits_only and self.keeps_logits:
             arguments["logits_to_keep"] = 1
         out = self.model(output_hidden_states=bool(hidden), use_cache=True, **arguments,
@@ -300,7 +307,7 @@ class StaticCausalLM(CausalLM):
                 hidden: HiddenStates) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The forward of ``inputs`` by its shape's CUDA graph (captured on first use); outputs are copies, so a
         later replay does not overwrite what a strategy still holds."""
-        key = (hidden, *sorted((name, tuple(value.shape), value.dtype) for name, value in inputs.items()))
+        key = (hidden, inputs["input_ids"].shape[1], *inputs)  # the other shapes follow from the width
         captured = self.state.forwards.get(key)
         if captured is None:
             captured = self._capture(inputs, hidden)
@@ -341,7 +348,10 @@ class StaticCausalLM(CausalLM):
     def _clock_start(self) -> tuple[Any, Any]:
         if self.device.type != "cuda":
             return self.clock(), None
-        started, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if self.spare_events:
+            started, ended = self.spare_events.pop()
+        else:
+            started, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         started.record()
         return started, ended
 
@@ -357,12 +367,13 @@ class StaticCausalLM(CausalLM):
         for prefill, started, ended, tokens in pending:
             ended.synchronize()
             self._stats.count(prefill, started.elapsed_time(ended) / 1e3, tokens)
+            self.spare_events.append((started, ended))
 
 
 def compiled(lm: CausalLM, capacity: int = INITIAL_CAPACITY) -> StaticCausalLM:
     """``lm``'s model on the static path (graphs on CUDA), timed by the same clock; the model is shared."""
-    if lm.subset is not None:
-        raise ValueError(f"{lm.name}: run.compile does not support a draft cut to a vocabulary subset")
-    static = StaticCausalLM(lm.model, lm.name, num_parameters=lm.num_parameters, capacity=capacity)
+    subset = None if lm.subset is None else lm.subset.ids.tolist()
+    static = StaticCausalLM(lm.model, lm.name, num_parameters=lm.num_parameters, vocab_subset=subset,
+                            capacity=capacity)
     static.clock = lm.clock
     return static

@@ -65,6 +65,7 @@ class RunSettings:
     max_cpu_wait: float = 0.10  # flag a cell when its worker's threads waited for a CPU more than this share of the time
     cell_timeout_s: float | None = None  # a cell running longer fails as timed out (None: scaled to its token budget)
     batch_size: int = 1  # prompts decoded at once (static batches; strategies.batched_engine); a grid may sweep it
+    compile: bool = False  # on CUDA: static KV caches and one CUDA graph per forward shape (harness.core.static_lm)
 
     @property
     def sampled(self) -> bool:
@@ -145,6 +146,7 @@ class Cell:
                 "pairing": self.run.pairing,
                 "repeats": self.run.repeats,
                 **({"batch_size": self.run.batch_size} if self.run.batch_size != 1 else {}),  # ids of batch 1 kept
+                **({"compile": True} if self.run.compile else {}),  # ids of eager cells kept
             },
             "device": self.device,
         }
@@ -178,7 +180,8 @@ class Cell:
         where = f"{self.prompt_set.name}[{self.shard}/{self.prompt_set.shards}]"
         name = "baseline" if self.kind == "baseline" else f"{self.strategy}({params})"
         batch = f" at batch {self.run.batch_size}" if self.run.batch_size != 1 else ""
-        return f"{name} {where} on {self.target}{batch}"
+        compiled = " compiled" if self.run.compile else ""
+        return f"{name} {where} on {self.target}{batch}{compiled}"
 
 
 def plugin_identity(plugin: str) -> str:
@@ -651,6 +654,13 @@ def _parse_run(raw: Any) -> RunSettings:
         optional = key in ("num_cpus", "address", "max_prompt_tokens", "cache_memory_gb", "cell_timeout_s")
         if value is None and optional:
             values[key] = None
+            continue
+        if key == "compile":
+            if not isinstance(value, bool):
+                problems.add(ConfigError("run.compile", f"expected true or false, got {value!r}",
+                                         "write compile: true (or leave it out for eager decoding)"))
+                continue
+            values[key] = value
             continue
         if str in expected:
             if not isinstance(value, str):

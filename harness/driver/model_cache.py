@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from harness.core.lm import CausalLM
 from harness.core.models import ModelSpec, load_model, load_tokenizer, pick_device
+from harness.core.static_lm import compiled
 from training.artifacts import load_artifact
 
 
@@ -22,8 +23,9 @@ class ModelCache:
     times every forward and run (a test injects a virtual one)."""
 
     def __init__(self, zoo_config: Any, device: str = "auto", max_bytes: int | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, compile: bool = False) -> None:
         self.zoo_config = zoo_config
+        self.compile = compile  # wrap every model and artefact on the static path (harness.core.static_lm)
         self.clock = clock  # what every model it loads times its forwards by, and the runner its runs
         self.device = pick_device(device)
         self.max_bytes = max_bytes
@@ -45,6 +47,8 @@ class ModelCache:
             return self.models[key]
         model = load_model(spec, self.zoo_config, self.device, name)
         model.clock = self.clock
+        if self.compile:
+            model = compiled(model)
         self.models[key] = model
         self.loads[spec.id] = self.loads.get(spec.id, 0) + 1
         self._evict(keep=key)
@@ -80,6 +84,8 @@ class ModelCache:
             artifact = load_artifact(request, self.model(target_spec, "target"))
             if isinstance(artifact, CausalLM):
                 artifact.clock = self.clock
+                if self.compile:
+                    artifact = compiled(artifact)
             self.artifacts[key] = artifact
         return self.artifacts[key]
 

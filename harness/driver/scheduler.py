@@ -261,7 +261,8 @@ class Dispatcher:
         threads = self.options["num_cpus"] if self.device == "cpu" else None
         cache_bytes = int(self.sweep.run.cache_memory_gb * 2**30) if self.sweep.run.cache_memory_gb else None
         handle = self.remote_cls.options(**self.options, runtime_env=merged, scheduling_strategy="SPREAD").remote(
-            self.sweep.zoo, self.device, name, threads, self.sweep.plugins, cache_bytes)
+            self.sweep.zoo, self.device, name, threads, self.sweep.plugins, cache_bytes,
+            self.sweep.run.compile and self.device == "cuda")
         slot = WorkerSlot(name=name, handle=handle, env_key=env_key(runtime_env), started=self.clock())
         self.slots[name] = slot
         self.pending[handle.describe.remote()] = ("start", name, None, self.clock())
@@ -584,6 +585,9 @@ def _run_cells(sweep: Sweep, run_dir: Path, log: Callable[[str], None], retry_fa
         log(f"resuming {run_dir}: {outcome.skipped} of {len(cells)} cells already recorded")
     if not todo:
         return outcome
+    if sweep.run.compile and plan[2] != "cuda":
+        log("run.compile: the workers have no GPU, so cells decode eagerly on dynamic KV caches "
+            "(CUDA graphs need CUDA)")
     dispatcher = Dispatcher(sweep, store, log, plan, on_record, clock)
     log(f"running {len(todo)} cells on {dispatcher.count} {dispatcher.device} worker(s); results -> {store.path}")
     progress = Progress(total=len(cells), done=outcome.ok, failed=outcome.failed, log=log, stream=stream)

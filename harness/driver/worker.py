@@ -16,7 +16,7 @@ class Worker:
     """Runs cells in one process, reusing the models it has loaded. Wrapped with ``ray.remote`` by the scheduler."""
 
     def __init__(self, zoo_config: Any, device: str, name: str, threads: int | None = None,
-                 plugins: tuple[str, ...] = (), cache_bytes: int | None = None) -> None:
+                 plugins: tuple[str, ...] = (), cache_bytes: int | None = None, compile: bool = False) -> None:
         import torch
 
 
@@ -25,7 +25,7 @@ class Worker:
         for plugin in plugins:
             import_plugin(plugin)
         self.name = name
-        self.cache = ModelCache(zoo_config, device, max_bytes=cache_bytes)
+        self.cache = ModelCache(zoo_config, device, max_bytes=cache_bytes, compile=compile)
         if device == "cpu" and self.cache.device.type != "cpu":
             raise RuntimeError(f"worker {name}: asked for a CPU worker but got {self.cache.device}")
 
