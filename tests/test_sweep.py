@@ -87,6 +87,22 @@ def test_two_cell_sweep_through_ray(tmp_path, tiny_zoo, ray_local, capsys):
     assert len(list(ResultStore(run_dir).records())) == 3
 
 
+def test_run_compile_on_cpu_workers_says_so_once_and_decodes_the_baselines_tokens(tmp_path, tiny_zoo, ray_local,
+                                                                                   capsys):
+    run = {"max_new_tokens": 12, "warmup_prompts": 1, "workers": 1, "num_cpus": 2, "pairing": "interleaved",
+           "compile": True}
+    path = write_sweep(tmp_path / "sweep.yaml", run=run,
+                       strategies=[{"name": "speculative", "params": {"draft": "small", "gamma": 3}}])
+    results = tmp_path / "results"
+    code = main(["run", str(path), "--results-dir", str(results), "--run-name", "r1"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.count("run.compile: the workers have no GPU") == 1
+    (record,) = ResultStore(results / "tiny" / "r1").records()
+    assert record.ok and record.cell["generation"]["compile"] is True
+    assert all(turn.strategy.tokens == turn.baseline.tokens for prompt in record.prompts for turn in prompt.turns)
+
+
 def test_failing_strategy_is_recorded_and_sweep_goes_on(tmp_path, tiny_zoo, ray_local, capsys):
     """A cell whose draft cannot load is recorded failed with its error; the other cell succeeds; exit code 1.
 
