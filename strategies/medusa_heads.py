@@ -74,18 +74,28 @@ class MedusaHeads(nn.Module):
                 for name, value in head.state_dict().items()}
 
     @torch.no_grad()
-    def measure_rank_accuracy(self, hidden: torch.Tensor, ids: torch.Tensor, ranks: int = 10) -> list[list[float]]:
-        """Per head, the share of positions where the token k + 2 places ahead is the head's r-th most likely, for
-        r < ``ranks`` (Medusa's calibration of its sparse tree); kept in ``rank_accuracy``."""
-        logits = self(hidden.to(self.heads[0][-1].weight.dtype))
-        accuracy = []
-        for k in range(self.num_heads):
-            shift = k + 2
-            top = logits[k, :, :-shift].topk(ranks, dim=-1).indices
-            hits = (top == ids[:, shift:, None]).float().flatten(0, 1)
-            accuracy.append(hits.mean(0).tolist() if len(hits) else [0.0] * ranks)
-        self.rank_accuracy = accuracy
-        return accuracy
+    def measure_rank_accuracy(self, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                              ranks: int = 10, chunk: int = 8) -> list[list[float]]:
+        """Per head, the share of (``mask``ed) positions where the token k + 2 places ahead is the head's r-th most
+        likely, for r < ``ranks`` (Medusa's calibration of its sparse tree), over ``chunk`` windows at a time;
+        kept in ``rank_accuracy``."""
+        weights = torch.ones(ids.shape, device=ids.device) if mask is None else mask.float()
+        hits = torch.zeros(self.num_heads, ranks, dtype=torch.float64)
+        counts = torch.zeros(self.num_heads, dtype=torch.float64)
+        for start in range(0, len(ids), chunk):
+            logits = self(hidden[start:start + chunk].to(self.heads[0][-1].weight.dtype))
+            window_ids, window_weights = ids[start:start + chunk], weights[start:start + chunk]
+            for k in range(self.num_heads):
+                shift = k + 2
+                if window_ids.shape[1] <= shift:
+                    continue
+                top = logits[k, :, :-shift].topk(ranks, dim=-1).indices
+                weight = window_weights[:, shift:, None]
+                hits[k] += ((top == window_ids[:, shift:, None]).float() * weight).sum((0, 1)).double().cpu()
+                counts[k] += float(weight.sum())
+        self.rank_accuracy = [(hits[k] / counts[k]).tolist() if counts[k] else [0.0] * ranks
+                              for k in range(self.num_heads)]
+        return self.rank_accuracy
 
     def own_parameters(self) -> int:
         return sum(parameter.numel() for parameter in self.parameters())

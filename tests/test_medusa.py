@@ -193,3 +193,24 @@ def test_bad_medusa_params_are_one_line_errors(tmp_path, capsys):
     assert main(["run", str(path), "--results-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "strategies[0].choices: path [1, 0]" in err, err
+
+
+def test_chunked_evaluation_equals_one_pass():
+    """The held-out statistics and rank accuracies, read a few windows at a time, equal one pass over them all."""
+    from training.medusa import medusa_eval, medusa_loss
+
+    generator = torch.Generator().manual_seed(0)
+    heads = MedusaHeads(hidden=16, vocab=40, num_heads=3)
+    rows = {"input_ids": torch.randint(0, 40, (7, 9), generator=generator),
+            "hidden": torch.randn(7, 9, 16, generator=generator),
+            "loss_mask": (torch.rand(7, 9, generator=generator) > 0.3).long()}
+    with torch.no_grad():
+        whole = medusa_loss(heads, rows, 0.8)[1]
+    chunked = medusa_eval(heads, rows, 0.8, chunk=3)
+    assert chunked.keys() == whole.keys()
+    assert all(chunked[key] == pytest.approx(whole[key], rel=1e-5) for key in whole)
+    one_pass = heads.measure_rank_accuracy(rows["hidden"], rows["input_ids"], rows["loss_mask"], ranks=5, chunk=7)
+    by_twos = heads.measure_rank_accuracy(rows["hidden"], rows["input_ids"], rows["loss_mask"], ranks=5, chunk=2)
+    assert torch.allclose(torch.tensor(by_twos), torch.tensor(one_pass))
+    unmasked = heads.measure_rank_accuracy(rows["hidden"], rows["input_ids"], ranks=5)
+    assert not torch.allclose(torch.tensor(unmasked), torch.tensor(one_pass))  # the mask decides what counts

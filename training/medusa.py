@@ -55,27 +55,61 @@ def parse_medusa_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_nam
     return config
 
 
+def head_terms(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, k: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Head ``k``'s masked cross-entropy sum, correct top-1 count and weight on one batch (``None`` if the
+    windows are too short for it)."""
+    shift = k + 2
+    if ids.shape[1] <= shift:
+        return None
+    predicted = logits[k, :, :-shift].float()
+    wanted, weight = ids[:, shift:], mask[:, shift:]
+    loss_sum = (F.cross_entropy(predicted.transpose(1, 2), wanted, reduction="none") * weight).sum()
+    correct = ((predicted.argmax(-1) == wanted).float() * weight).sum()
+    return loss_sum, correct, weight.sum()
+
+
 def medusa_loss(heads: MedusaHeads, batch: dict[str, torch.Tensor], decay: float
                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Medusa-1's loss on a batch of (input_ids, hidden, loss_mask), and each head's top-1 accuracy."""
     ids, hidden, mask = batch["input_ids"], batch["hidden"], batch["loss_mask"].float()
-    dtype = heads.heads[0][-1].weight.dtype
-    logits = heads(hidden.to(dtype))  # [heads, batch, seq, vocab]
+    logits = heads(hidden.to(heads.heads[0][-1].weight.dtype))  # [heads, batch, seq, vocab]
     total = torch.zeros((), device=hidden.device)
     stats: dict[str, float] = {}
     for k in range(heads.num_heads):
-        shift = k + 2
-        if ids.shape[1] <= shift:
+        terms = head_terms(logits, ids, mask, k)
+        if terms is None:
             break
-        predicted = logits[k, :, :-shift].float()
-        wanted = ids[:, shift:]
-        weight = mask[:, shift:]
-        denominator = weight.sum().clamp(min=1.0)
-        loss = (F.cross_entropy(predicted.transpose(1, 2), wanted, reduction="none") * weight).sum() / denominator
-        total = total + decay ** k * loss
-        stats[f"top1_head{k}"] = (((predicted.argmax(-1) == wanted).float() * weight).sum() / denominator).item()
+        loss_sum, correct, weight = terms
+        denominator = weight.clamp(min=1.0)
+        total = total + decay ** k * loss_sum / denominator
+        stats[f"top1_head{k}"] = (correct / denominator).item()
     stats["loss"] = total.item()
     return total, stats
+
+
+def medusa_eval(heads: MedusaHeads, rows: dict[str, torch.Tensor], decay: float, chunk: int = 8
+                ) -> dict[str, float]:
+    """``medusa_loss``'s statistics over all of ``rows``, ``chunk`` windows at a time (the heads' logits over every
+    held-out window at once would not fit in memory with a real vocabulary)."""
+    sums = torch.zeros(heads.num_heads, 3, dtype=torch.float64)
+    for start in range(0, len(rows["input_ids"]), chunk):
+        ids, hidden = rows["input_ids"][start:start + chunk], rows["hidden"][start:start + chunk]
+        mask = rows["loss_mask"][start:start + chunk].float()
+        logits = heads(hidden.to(heads.heads[0][-1].weight.dtype))
+        for k in range(heads.num_heads):
+            terms = head_terms(logits, ids, mask, k)
+            if terms is not None:
+                sums[k] += torch.stack([term.double().cpu() for term in terms])
+    stats: dict[str, float] = {}
+    total = 0.0
+    for k in range(min(heads.num_heads, rows["input_ids"].shape[1] - 2)):
+        loss_sum, correct, weight = sums[k].tolist()
+        denominator = max(weight, 1.0)
+        total += decay ** k * loss_sum / denominator
+        stats[f"top1_head{k}"] = correct / denominator
+    stats["loss"] = total
+    return stats
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -97,12 +131,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     fitted = worker.fit(heads, lambda generator: features.draw(generator, config.batch_size),
                         lambda module, batch, generator: medusa_loss(module, batch, config.decay),
                         worker.generator(config.seed * 1000 + rank),
-                        evaluate=lambda module: medusa_loss(module, features.to_device(eval_rows),
-                                                             config.decay)[1],
+                        evaluate=lambda module: medusa_eval(module, features.to_device(eval_rows), config.decay),
                         progress="medusa heads", shown=("loss", "top1_head0"))
     module = fitted.module
     module.eval()
-    module.measure_rank_accuracy(eval_rows["hidden"].to(device), eval_rows["input_ids"].to(device))
+    module.measure_rank_accuracy(eval_rows["hidden"].to(device), eval_rows["input_ids"].to(device),
+                                 eval_rows["loss_mask"].to(device))
     metrics = {"eval_before": fitted.before, "eval_after": fitted.after, "train_loss_first": fitted.loss_first(),
                "train_loss_last": fitted.loss_last(), "steps": config.steps, "train_windows": len(features.train),
                "parameters": module.own_parameters()}
