@@ -25,10 +25,11 @@ def ray_local():
 
 
 def test_a_local_ray_runs_its_workers_at_the_drivers_niceness(ray_local):
-    # Ray's default (15) would starve the cells and training jobs on any machine with other load
+    # Ray's default (15) would starve the cells and training jobs on any machine with other load; the driver
+    # may itself run niced (a CI job started with `nice`), and the workers follow it, not a fixed level
     import os
 
-    assert ray_local.get(ray_local.remote(lambda: os.nice(0)).remote()) == os.nice(0) == 0
+    assert ray_local.get(ray_local.remote(lambda: os.nice(0)).remote()) == os.nice(0)
 
 
 def test_a_local_ray_never_asks_another_clusters_state_api(ray_local):
