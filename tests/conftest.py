@@ -125,3 +125,17 @@ def check_stops_at_the_first_eos(models, prompts: list[list[int]], name: str, pa
         target.eos_token_id = saved
     assert trace.tokens == expected[:stop + 1]
     assert_stopped_in_the_last_step(trace, 40, frozenset({expected[stop]}))
+
+
+@pytest.fixture
+def no_start(monkeypatch):
+    """Fail the test if a sweep starts (Ray, workers, models): bad input must be refused before that."""
+    import transformers
+
+    import harness.driver.scheduler
+
+    def too_early(*args, **kwargs):
+        raise AssertionError("the sweep started before validation finished")
+
+    monkeypatch.setattr(harness.driver.scheduler, "run_sweep", too_early)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", too_early)

@@ -24,20 +24,6 @@ REPO = TESTS.parent
 SPEC_BENCH_LINE = '{"question_id": 1, "category": "writing", "turns": ["Write a haiku."]}\n'
 
 
-@pytest.fixture
-def no_start(monkeypatch):
-    """Fail the test if a sweep starts (Ray, workers, models): bad input must be refused before that."""
-    import transformers
-
-    import harness.driver.scheduler
-
-    def too_early(*args, **kwargs):
-        raise AssertionError("the sweep started before validation finished")
-
-    monkeypatch.setattr(harness.driver.scheduler, "run_sweep", too_early)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", too_early)
-
-
 def run(tmp_path: Path, capsys, *extra: str, sweep: Path | None = None) -> tuple[int, list[str]]:
     """``specsweep run`` of ``sweep`` (default: tmp_path/sweep.yaml) into tmp_path/results; exit code, stderr lines."""
     code = main(["run", str(sweep or tmp_path / "sweep.yaml"), "--results-dir", str(tmp_path / "results"), *extra])

@@ -22,7 +22,7 @@ from harness.driver.cli import main
 from harness.driver.hub_probe import check_hub
 from harness.driver.overrides import apply_overrides
 from tests.conftest import write_sweep
-from tests.test_hardening import no_start, one_line, run  # noqa: F401 - a fixture and helpers shared with the first pass
+from tests.test_hardening import one_line, run
 
 
 def errors_of(lines: list[str]) -> list[str]:
