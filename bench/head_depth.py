@@ -28,7 +28,7 @@ from harness.core.models import ModelSpec, load_model, load_tokenizer
 from harness.core.prompts import PromptSetSpec, conversation_ids, load_prompts
 from harness.core.zoo_spec import ZooConfig
 from strategies import ModelSet, Sampling, build
-from strategies.eagle3_head import feature_layers, load_eagle3_lm
+from strategies.eagle3_head import head_feature_layers, load_eagle3_lm
 from strategies.eagle_head import load_head_lm
 
 HEADS = {"eagle2": "head", "eagle3": "head3"}
@@ -65,7 +65,7 @@ def depth_acceptance(models: ModelSet, name: str, prompts: list[list[int]]) -> l
 def teacher_forced_top1(models: ModelSet, prompts: list[list[int]]) -> dict[str, float]:
     """Each head's top-1 agreement with the baseline's greedy continuation, read from the target's own features."""
     target = models.target.model
-    layers = feature_layers(int(target.config.num_hidden_layers))
+    layers = head_feature_layers(models.artifacts["head3"].model.config, int(target.config.num_hidden_layers))
     baseline = build("autoregressive", {}, models)
     hits, total = {name: 0 for name in HEADS}, 0
     for prompt in prompts:

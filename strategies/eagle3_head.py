@@ -2,11 +2,14 @@
 Training-Time Test", 2025).
 
 The head reads a fusion of low-, middle- and high-layer target features: the target's hidden states entering
-layers 2, L // 2 and L - 3 (``feature_layers``; Hugging Face ``output_hidden_states`` indices), concatenated and
-projected by ``fc`` (3h -> h, no bias). Its one decoder layer takes [norm(embedding of the next token);
-norm(feature)] (2h) into attention, keeps the feature alone on the residual path, and returns a hidden state h
-whose ``lm_head(norm(h))`` drafts the token after next. Drafting deeper, the head feeds itself its own h (already
-h wide, so ``fc`` is skipped), never a predicted target feature: there is no feature regression.
+three of its layers (Hugging Face ``output_hidden_states`` indices), concatenated and projected by ``fc`` (3h -> h,
+no bias). The paper names the three levels, not their indices; by default they are the reference code's, layers 2,
+L // 2 and L - 3 (``feature_layers``), and a head trained on others records them in its ``config.json`` under
+``eagle_aux_hidden_state_layer_ids``, the key vLLM reads (``head_feature_layers``). Its one decoder layer takes
+[norm(embedding of the next token); norm(feature)] (2h) into attention, keeps the feature alone on the residual
+path, and returns a hidden state h whose ``lm_head(norm(h))`` drafts the token after next. Drafting deeper, the head
+feeds itself its own h (already h wide, so ``fc`` is skipped), never a predicted target feature: there is no
+feature regression.
 
 The head has its own ``lm_head`` over a draft vocabulary (the ``draft_vocab`` most frequent tokens of its training
 text, or the whole vocabulary); its logits are spread to the target's vocabulary, -inf elsewhere, so the target
@@ -15,7 +18,8 @@ verifies over its full vocabulary and decoding stays lossless. The embedding is 
 The reference layout loads and saves as is: ``config.json`` (a one-layer Llama config plus ``draft_vocab_size``)
 and ``model.safetensors`` (or ``pytorch_model.bin``) with ``fc.weight``, ``midlayer.self_attn.{q,k,v,o}_proj``,
 ``midlayer.mlp.{gate,up,down}_proj``, ``midlayer.{input_layernorm,hidden_norm,post_attention_layernorm}``,
-``norm.weight``, ``lm_head.weight`` and, for a cut vocabulary, ``d2t`` (target id = draft id + d2t) and ``t2d``.
+``norm.weight``, ``lm_head.weight`` and, for a cut vocabulary, ``d2t`` (target id = draft id + d2t) and ``t2d``;
+``eagle_aux_hidden_state_layer_ids`` in the config, where present, names the fused layers.
 A published config without RoPE settings gets Llama's default base, as the reference's head does.
 
 The forward signature matches a Hugging Face causal LM's (plus ``features``), so
@@ -42,6 +46,7 @@ from strategies.eagle_head import HeadOutput, head_config
 CONFIG = "config.json"
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 METRICS = "metrics.json"
+LAYER_IDS_KEY = "eagle_aux_hidden_state_layer_ids"
 
 
 def feature_layers(layers: int) -> tuple[int, int, int]:
@@ -50,11 +55,39 @@ def feature_layers(layers: int) -> tuple[int, int, int]:
     return min(2, layers), layers // 2, max(layers - 3, 0)
 
 
-def eagle3_config(target_config: Any, draft_vocab: int = 0, intermediate_size: int | None = None) -> LlamaConfig:
+def layer_ids_problem(ids: Any, layers: int | None = None) -> str | None:
+    """Why ``ids`` cannot name the fused low, middle and high features (of an ``layers``-layer target, when
+    given), or None: three increasing layer indices, each below the target's layer count."""
+    if not isinstance(ids, (list, tuple)) or len(ids) != 3 or not all(
+            isinstance(index, int) and not isinstance(index, bool) for index in ids):
+        return f"expected three layer indices (low, middle, high), got {ids!r}"
+    if not 0 <= ids[0] < ids[1] < ids[2]:
+        return f"expected increasing indices from 0, got {list(ids)}"
+    if layers is not None and ids[2] >= layers:
+        return f"the target has {layers} layers, so each index must be below {layers}, got {list(ids)}"
+    return None
+
+
+def head_feature_layers(config: Any, layers: int) -> tuple[int, int, int]:
+    """The fused layers of a head with ``config`` over an ``layers``-layer target: those its config names
+    (``eagle_aux_hidden_state_layer_ids``), else the reference's default (``feature_layers``)."""
+    ids = getattr(config, LAYER_IDS_KEY, None)
+    if not ids:
+        return feature_layers(layers)
+    problem = layer_ids_problem(list(ids), layers)
+    if problem:
+        raise ValueError(f"EAGLE-3 head config {LAYER_IDS_KEY}: {problem}")
+    return tuple(ids)
+
+
+def eagle3_config(target_config: Any, draft_vocab: int = 0, intermediate_size: int | None = None,
+                  layer_ids: tuple[int, ...] = ()) -> LlamaConfig:
     """A one-layer Llama config for a head over ``target_config`` (its RoPE settings copied), with
-    ``draft_vocab_size`` (0: the target's vocabulary)."""
+    ``draft_vocab_size`` (0: the target's vocabulary) and, when given, the fused ``layer_ids``."""
     config = head_config(target_config, intermediate_size)
     config.draft_vocab_size = int(draft_vocab or target_config.vocab_size)
+    if layer_ids:
+        setattr(config, LAYER_IDS_KEY, list(layer_ids))
     return config
 
 
@@ -236,6 +269,7 @@ def load_eagle3(directory: Path, target_model: nn.Module) -> Eagle3Head:
         raise ValueError(f"EAGLE-3 head in {directory} is for hidden size {config.hidden_size} / vocabulary "
                          f"{config.vocab_size}, not this target's {target_model.config.hidden_size} / "
                          f"{target_model.config.vocab_size}")
+    head_feature_layers(config, int(target_model.config.num_hidden_layers))  # refuses ids this target lacks
     draft_ids = None
     if "d2t" in state:
         draft_ids = (state["d2t"] + torch.arange(len(state["d2t"]))).tolist()

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from strategies import Sampling, build
-from strategies.eagle3_head import Eagle3Head, eagle3_config, feature_layers, load_eagle3, save_eagle3
+from harness.core.errors import ConfigError
+from strategies.eagle3_head import (Eagle3Head, eagle3_config, feature_layers, head_feature_layers, load_eagle3,
+                                    save_eagle3)
 
 REFERENCE_KEYS = {"fc.weight", "midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight",
                   "midlayer.self_attn.v_proj.weight", "midlayer.self_attn.o_proj.weight",
@@ -30,9 +32,9 @@ TINY_EAGLE3 = {
 }
 
 
-def random_head(target_model, draft_ids=None, seed: int = 0) -> Eagle3Head:
+def random_head(target_model, draft_ids=None, seed: int = 0, layer_ids: tuple[int, ...] = ()) -> Eagle3Head:
     torch.manual_seed(seed)
-    config = eagle3_config(target_model.config, len(draft_ids or []))
+    config = eagle3_config(target_model.config, len(draft_ids or []), layer_ids=layer_ids)
     head = Eagle3Head(config, target_model.get_input_embeddings(), draft_ids)
     with torch.no_grad():
         for name, parameter in head.named_parameters():
@@ -87,6 +89,66 @@ def test_a_published_checkpoint_without_rope_settings_loads_with_the_default_bas
     assert loaded.rotary.inv_freq[1].item() == pytest.approx(10000.0 ** (-2 / loaded.midlayer.self_attn.head_dim))
     state = loaded.head_state()
     assert all(torch.equal(state[name], tensor) for name, tensor in head.head_state().items())
+
+
+def test_a_head_naming_its_layers_is_fed_those_layers_and_stays_lossless(zoo_models, zoo_prompts, tmp_path):
+    """A head whose config names its fused layers (vLLM's ``eagle_aux_hidden_state_layer_ids``) keeps them through
+    a save and load, and drafting hands it exactly those layers: its first drafted token is the one its own
+    forward over those layers' states ranks first (fails if the target's default layers were fed instead)."""
+    models, _ = zoo_models
+    target = models.target.model
+    layers = int(target.config.num_hidden_layers)
+    named = (0, 1, layers - 1)
+    assert named != feature_layers(layers)
+    save_eagle3(random_head(target, seed=7, layer_ids=named), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["eagle_aux_hidden_state_layer_ids"] == list(named)
+    loaded = load_eagle3(tmp_path, target)
+    assert head_feature_layers(loaded.config, layers) == named
+    strategy = build("eagle3", {"head_dir": str(tmp_path), "depth": 1, "top_k": 1, "total_tokens": 2}, models)
+    baseline = build("autoregressive", {}, models)
+    prompt = zoo_prompts[0]
+    with torch.no_grad():
+        states = target(torch.tensor([prompt]), output_hidden_states=True).hidden_states
+        first = int(target(torch.tensor([prompt])).logits[0, -1].argmax())
+        fused = torch.cat([states[index] for index in named], -1)
+        wanted = int(loaded(torch.tensor([prompt[1:] + [first]]), fused).logits[0, -1].argmax())
+    proposer = strategy.proposer()
+    assert proposer.needs_hidden_states == named
+    proposer.begin(prompt, models.target.prefill(prompt, output_hidden_states=named), prompt + [first])
+    assert proposer.propose(prompt + [first], 4, Sampling()).tokens[1:] == [wanted]
+    assert strategy.generate(prompt, 24, Sampling()).tokens == baseline.generate(prompt, 24, Sampling()).tokens
+
+
+def test_a_head_naming_layers_its_target_lacks_is_refused(zoo_models, tmp_path):
+    models, _ = zoo_models
+    target = models.target.model
+    layers = int(target.config.num_hidden_layers)
+    save_eagle3(random_head(target, layer_ids=(1, 2, layers + 5)), tmp_path)
+    with pytest.raises(ValueError, match=f"eagle_aux_hidden_state_layer_ids: the target has {layers} layers"):
+        load_eagle3(tmp_path, target)
+
+
+@pytest.mark.parametrize("ids, message", [([2, 6], "expected three layer indices"),
+                                          ([6, 2, 11], "expected increasing indices"),
+                                          ([2, 6, True], "expected three layer indices")])
+def test_training_feature_layers_are_checked_before_any_model_loads(ids, message):
+    from pathlib import Path
+
+    from training.eagle3 import parse_eagle3_config
+
+    raw = {key: value for key, value in TINY_EAGLE3.items() if key != "kind"}
+    with pytest.raises(ConfigError, match=f"^train.feature_layers: {message}.*leave it out for 2, L // 2, L - 3"):
+        parse_eagle3_config({**raw, "feature_layers": ids}, "train", Path("."), ("target",))
+    assert "feature_layers" not in parse_eagle3_config(raw, "train", Path("."), ("target",)).identity()
+
+
+def test_training_feature_layers_beyond_the_target_name_the_field():
+    from training.eagle3 import Eagle3TrainConfig, fused_layers
+
+    assert fused_layers(Eagle3TrainConfig(), 12, "train.feature_layers") == (2, 6, 9)
+    assert fused_layers(Eagle3TrainConfig(feature_layers=(2, 6, 11)), 12, "train.feature_layers") == (2, 6, 11)
+    with pytest.raises(ConfigError, match="^train.feature_layers: the target has 12 layers.*name layers below 12"):
+        fused_layers(Eagle3TrainConfig(feature_layers=(2, 6, 12)), 12, "train.feature_layers")
 
 
 def test_training_time_test_unrolls_exactly_what_drafting_computes(zoo_models):

@@ -1,7 +1,9 @@
 """Training an EAGLE-3 head with training-time test, through the trainer skeleton (Ray Train + DeepSpeed).
 
 Data: the EAGLE feature dataset (``training.eagle_data``) with the target's fused features (the hidden states
-entering layers 2, L // 2 and L - 3) beside its last hidden state, on the same sources EAGLE trains on.
+entering layers 2, L // 2 and L - 3, the reference's choice, or the three ``feature_layers`` named) beside its last
+hidden state, on the same sources EAGLE trains on. Named layers are written into the head's ``config.json``
+(``eagle_aux_hidden_state_layer_ids``), so whoever loads the head feeds it the same features.
 
 Training-time test (EAGLE-3, §3): the head is unrolled ``ttt_steps`` times (7) on its own outputs. Step 0 reads
 ``fc`` of the fused feature at position t with the embedding of token t + 1 and is trained towards the target's
@@ -24,14 +26,15 @@ import copy
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from harness.core.errors import ConfigError
 from harness.core.models import ModelSpec, load_model, load_tokenizer
-from strategies.eagle3_head import Eagle3Head, eagle3_config, feature_layers, load_eagle3_lm, save_eagle3
+from strategies.eagle3_head import (Eagle3Head, eagle3_config, feature_layers, layer_ids_problem, load_eagle3_lm,
+                                    save_eagle3)
 from training.artifacts import ArtifactKind
 from training.draft import frequent_tokens
 from training.eagle_data import FeatureDataConfig, features_dir, worker_features
@@ -55,6 +58,28 @@ class Eagle3TrainConfig(OptimSettings):
     warmup_steps: int = 30
     grad_clip: float = 0.5
     eval_fraction: float = 0.05
+    feature_layers: tuple[int, ...] = ()  # the fused layers (low, middle, high); () = 2, L // 2, L - 3
+
+    KEYED_ONLY_WHEN_SET: ClassVar[frozenset[str]] = OptimSettings.KEYED_ONLY_WHEN_SET | {"feature_layers"}
+
+
+def parse_layer_ids(raw: Any, where: str) -> tuple[int, ...]:
+    """``feature_layers``: three increasing layer indices (checked against the target when it loads)."""
+    problem = layer_ids_problem(raw)
+    if problem:
+        raise ConfigError(where, problem, "e.g. [2, 6, 11] for a 12-layer target, or leave it out for 2, L // 2, "
+                                          "L - 3")
+    return tuple(raw)
+
+
+def fused_layers(config: Eagle3TrainConfig, layers: int, where: str) -> tuple[int, ...]:
+    """The layers the head fuses on an ``layers``-layer target: ``config.feature_layers`` or the default."""
+    if not config.feature_layers:
+        return feature_layers(layers)
+    problem = layer_ids_problem(list(config.feature_layers), layers)
+    if problem:
+        raise ConfigError(where, problem, f"name layers below {layers}")
+    return config.feature_layers
 
 
 def parse_eagle3_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_names: tuple[str, ...]
@@ -62,6 +87,7 @@ def parse_eagle3_config(raw: dict[str, Any], where: str, base_dir: Path, zoo_nam
     """Validated EAGLE-3 training settings from a training-config mapping (``kind: eagle3``)."""
     config = parse_settings(Eagle3TrainConfig, raw, where, base_dir, zoo_names, allowed_note="kind", fields={
         "data": lambda value, path: FeatureDataConfig.from_dict(mapping(value, path), path),
+        "feature_layers": parse_layer_ids,
     })
     check_ranges(config, where, {"vocab_subset": 0, "ttt_steps": 1})
     if not 0 < config.step_decay <= 1:
@@ -144,7 +170,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     config: Eagle3TrainConfig = worker.config
     rank, device = worker.rank, worker.device
     target = load_model(replace(config.target, dtype="float32"), worker.zoo, device, "target").model
-    layers = feature_layers(int(target.config.num_hidden_layers))
+    layers = fused_layers(config, int(target.config.num_hidden_layers), "feature_layers")
     features = worker_features(worker, target, load_tokenizer(config.target, worker.zoo), config.data,
                                features_dir(config.target, loop_config["target_key"], config.data, layers),
                                [config.target.as_dict(), loop_config["target_key"]], config.eval_fraction,
@@ -156,7 +182,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         train_ids = features.train.select_columns(["input_ids"])[:]["input_ids"]
         draft_ids = frequent_tokens(torch.as_tensor(train_ids), vocab, config.vocab_subset,
                                     load_tokenizer(config.target, worker.zoo))
-    head = Eagle3Head(eagle3_config(target.config, len(draft_ids or []), config.intermediate_size),
+    head = Eagle3Head(eagle3_config(target.config, len(draft_ids or []), config.intermediate_size,
+                                    config.feature_layers and layers),
                       copy.deepcopy(target.get_input_embeddings()), draft_ids).to(device)
     target_head = target.get_output_embeddings().weight.detach()
 

@@ -4,9 +4,9 @@ that reads the target's fused low-, middle- and high-layer features and feeds it
 The proposer is EAGLE-2's (``strategies.methods.eagle.TreeHeadProposer``): the head keeps one entry per target
 position, rebuilt after each verification from the target's real features of the accepted tokens, and each tree
 level is one head pass. What changes is what the target hands over: every prefill and verification returns the
-concatenated hidden states entering layers 2, L // 2 and L - 3 (``feature_layers``), which the head's ``fc``
-projects; deeper nodes carry the head's own h. The tree is verified by the shared tree verifier, so greedy output
-equals the target's and sampling keeps its distribution.
+concatenated hidden states entering the head's three fused layers (2, L // 2 and L - 3 unless its config names
+others: ``head_feature_layers``), which the head's ``fc`` projects; deeper nodes carry the head's own h. The tree
+is verified by the shared tree verifier, so greedy output equals the target's and sampling keeps its distribution.
 
 At batch size B > 1 the batched tree proposer of EAGLE-2 (``BatchedTreeHeadProposer``) drafts every row's level in
 one head pass over a batched cache, with the batched target handing over the same fused features.
@@ -21,7 +21,7 @@ from pathlib import Path
 from harness.core.batched_lm import BatchedCausalLM
 from harness.core.lm import CausalLM
 from strategies.batched_engine import BatchCapable, BatchProposer
-from strategies.eagle3_head import feature_layers, load_eagle3_lm
+from strategies.eagle3_head import head_feature_layers, load_eagle3_lm
 from strategies.engine import Proposer, ProposerStrategy
 from strategies.methods.eagle import BatchedTreeHeadProposer, Eagle2Params, TreeHeadProposer
 from strategies.registry import register
@@ -65,8 +65,8 @@ class Eagle3(ProposerStrategy, BatchCapable):
         return load_eagle3_lm(Path(self.params.head_dir).expanduser(), self.models.target)
 
     def feature_layers(self) -> tuple[int, ...]:
-        """The target's layers whose entering states the head reads, fused."""
-        return feature_layers(int(self.models.target.model.config.num_hidden_layers))
+        """The target's layers whose entering states the head reads, fused (as the head's config names them)."""
+        return head_feature_layers(self.head.model.config, int(self.models.target.model.config.num_hidden_layers))
 
     def proposer(self) -> Proposer:
         return Eagle3TreeProposer(self.head, self.params, self.feature_layers())
