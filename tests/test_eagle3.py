@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from strategies import Sampling, build
 from harness.core.errors import ConfigError
+from strategies import Sampling, build
 from strategies.eagle3_head import (Eagle3Head, eagle3_config, feature_layers, head_feature_layers, load_eagle3,
                                     save_eagle3)
 

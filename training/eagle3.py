@@ -183,7 +183,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         draft_ids = frequent_tokens(torch.as_tensor(train_ids), vocab, config.vocab_subset,
                                     load_tokenizer(config.target, worker.zoo))
     head = Eagle3Head(eagle3_config(target.config, len(draft_ids or []), config.intermediate_size,
-                                    config.feature_layers and layers),
+                                    config.feature_layers),
                       copy.deepcopy(target.get_input_embeddings()), draft_ids).to(device)
     target_head = target.get_output_embeddings().weight.detach()
 
